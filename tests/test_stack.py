@@ -1,0 +1,65 @@
+"""Self-test of the real stack: the source publishes what the CDC will read, the target is a replica-only one."""
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+from pymilvus import DataType, MilvusClient
+from pymilvus.grpc_gen import common_pb2, milvus_pb2, milvus_pb2_grpc, msg_pb2
+
+
+def test_source_publishes_insert_and_delete_on_kafka(stack, unique_name):
+    source = MilvusClient(uri=stack["source_milvus"])
+    name = unique_name("stack")
+    schema = MilvusClient.create_schema(auto_id=False)
+    schema.add_field("id", DataType.INT64, is_primary=True)
+    schema.add_field("vec", DataType.FLOAT_VECTOR, dim=4)
+    source.create_collection(name, schema=schema, shards_num=1)
+    try:
+        collection_id = source.describe_collection(name)["collection_id"]
+        source.insert(name, [{"id": i, "vec": [float(i)] * 4} for i in range(10)])
+        source.delete(name, ids=[3, 4])
+
+        channel = grpc.insecure_channel(stack["source_milvus"].removeprefix("http://"))
+        described = milvus_pb2_grpc.MilvusServiceStub(channel).DescribeCollection(
+            milvus_pb2.DescribeCollectionRequest(collection_name=name))
+        topic = described.physical_channel_names[0]
+
+        consumer = KafkaConsumer(bootstrap_servers=stack["kafka"], enable_auto_commit=False)
+        partition = TopicPartition(topic, 0)
+        consumer.assign([partition])
+        consumer.seek_to_beginning(partition)
+        inserted, deleted = [], []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (len(inserted) == 10 and len(deleted) == 2):
+            for record in consumer.poll(timeout_ms=500).get(partition, []):
+                header = common_pb2.MsgHeader.FromString(record.value)
+                if header.base.msg_type == common_pb2.Insert:
+                    msg = msg_pb2.InsertRequest.FromString(record.value)
+                    if msg.collectionID == collection_id:
+                        inserted += msg.fields_data[0].scalars.long_data.data
+                elif header.base.msg_type == common_pb2.Delete:
+                    msg = msg_pb2.DeleteRequest.FromString(record.value)
+                    if msg.collectionID == collection_id:
+                        deleted += msg.primary_keys.int_id.data
+        consumer.close()
+        assert sorted(inserted) == list(range(10))
+        assert sorted(deleted) == [3, 4]
+    finally:
+        source.drop_collection(name)
+
+
+def test_target_serves_replicate_message(stack):
+    """ttMsgEnabled=false: ReplicateMessage is served (a ttMsgEnabled=true server answers 1900).
+
+    Nothing is created on the target here: a collection whose channels never get ticks blocks the target's
+    datanode, and a plain drop on a replica-only target retries its denied write forever.
+    """
+    stub = milvus_pb2_grpc.MilvusServiceStub(grpc.insecure_channel(stack["target_milvus"].removeprefix("http://")))
+    answer = stub.ReplicateMessage(milvus_pb2.ReplicateMessageRequest(channel_name="by-dev-replicate-msg"))
+    assert answer.status.code == 0, answer.status
+    source = milvus_pb2_grpc.MilvusServiceStub(grpc.insecure_channel(stack["source_milvus"].removeprefix("http://")))
+    refused = source.ReplicateMessage(milvus_pb2.ReplicateMessageRequest(channel_name="by-dev-replicate-msg"))
+    assert refused.status.code == 1900, refused.status
