@@ -1,0 +1,197 @@
+"""Shared test helpers: a real milvus_cdc.py server process, waiting, and source/target comparison."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from stack import free_ports  # noqa: E402
+
+
+def wait_until(predicate, timeout: float = 60.0, interval: float = 0.5, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last_error = None
+    while time.monotonic() < deadline:
+        try:
+            result = predicate()
+            if result:
+                return result
+        except Exception as exc:  # noqa: BLE001 - keep polling; report the last failure
+            last_error = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_error!r})")
+
+
+def server_config(stack: dict, workdir: Path, store: str = "sqlite", **overrides) -> dict:
+    """A config for a CDC server on a free port, reading the stack's source."""
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    config["address"] = f"127.0.0.1:{free_ports(1)[0]}"
+    config["logLevel"] = "debug" if os.environ.get("CDC_TEST_DEBUG") else "info"
+    meta = config["metaStoreConfig"]
+    meta["storeType"] = store
+    meta["sqlitePath"] = str(workdir / "meta.db")
+    meta["rootPath"] = f"cdc-test-{workdir.name}"
+    if store == "mysql":
+        my = stack["mysql"]
+        meta["mysqlSourceUrl"] = f"{my['user']}:{my['password']}@tcp({my['host']}:{my['port']})/{my['database']}"
+    if store == "etcd":
+        meta["etcd"] = {"address": [f"http://{stack['etcd']}"]}
+    config["sourceConfig"]["etcd"]["address"] = [f"http://{stack['etcd']}"]
+    config["sourceConfig"]["kafka"]["address"] = stack["kafka"]
+    config["replication"]["retryTimeout"] = 30
+    for dotted, value in overrides.items():
+        node = config
+        *path, last = dotted.split(".")
+        for key in path:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return config
+
+
+class CdcServer:
+    """`python milvus_cdc.py -c <config>` as a child process, answering POST /cdc on loopback."""
+
+    def __init__(self, config: dict, workdir: Path):
+        self.config, self.workdir = config, workdir
+        self.config_path = workdir / "config.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = workdir / "server.log"
+        self.url = f"http://{config['address']}/cdc"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> "CdcServer":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "milvus_cdc.py"), "-c", str(self.config_path)],
+                                     stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
+        log.close()
+        wait_until(lambda: self.alive() and self.post({"request_type": "list"})[0] == 200, timeout,
+                   what=f"the CDC server on {self.url} (log: {self.log_text()[-2000:]})")
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 60.0) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def raw(self, body: bytes, method: str = "POST", headers: dict | None = None) -> tuple[int, bytes]:
+        request = urllib.request.Request(self.url, data=body if method not in ("GET", "HEAD") else None,
+                                         method=method, headers=headers or {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+    def post(self, body: dict) -> tuple[int, dict]:
+        status, raw = self.raw(json.dumps(body).encode())
+        return status, json.loads(raw)
+
+    def call(self, request_type: str, **request_data) -> dict:
+        """A request that must succeed; returns its data."""
+        body = {"request_type": request_type}
+        if request_data:
+            body["request_data"] = request_data
+        status, answer = self.post(body)
+        assert status == 200 and answer["code"] == 200, (status, answer)
+        return answer.get("data", {})
+
+    def create_task(self, target_uri: str, collections=("*",), **extra) -> str:
+        data = {"milvus_connect_param": {"uri": target_uri, "token": "root:Milvus", "connect_timeout": 10},
+                "collection_infos": [{"name": n} for n in collections], **extra}
+        return self.call("create", **data)["task_id"]
+
+    def task(self, task_id: str) -> dict:
+        return self.call("get", task_id=task_id)["Task"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Comparing a source collection with its target copy through pymilvus
+# ---------------------------------------------------------------------------------------------------------
+
+def client(uri: str, db_name: str = "default"):
+    from pymilvus import MilvusClient
+    return MilvusClient(uri=uri, db_name=db_name)
+
+
+def schema_of(milvus, name: str) -> dict:
+    described = milvus.describe_collection(name)
+    fields = [{k: f.get(k) for k in ("field_id", "name", "type", "params", "is_primary", "auto_id",
+                                     "is_partition_key", "element_type")} for f in described["fields"]]
+    return {"fields": fields, "num_shards": described["num_shards"], "enable_dynamic_field":
+            described["enable_dynamic_field"], "auto_id": described["auto_id"],
+            "consistency_level": described["consistency_level"], "properties": described.get("properties"),
+            "description": described["description"]}
+
+
+def indexes_of(milvus, name: str) -> dict:
+    found = {}
+    for index_name in milvus.list_indexes(name):
+        described = milvus.describe_index(name, index_name)
+        found[index_name] = {k: v for k, v in described.items()
+                             if k not in ("total_rows", "indexed_rows", "pending_index_rows", "state")}
+    return found
+
+
+def load_state_of(milvus, name: str, partition: str | None = None) -> str:
+    state = milvus.get_load_state(name, partition_name=partition or "")
+    return str(state["state"]).rsplit(".", 1)[-1]
+
+
+def rows_of(milvus, name: str, fields: list[str], pk: str = "id", partition: str | None = None) -> list[dict]:
+    """Every row, sorted by primary key (duplicates kept, so a caller can see them)."""
+    kwargs = {"partition_names": [partition]} if partition else {}
+    rows = milvus.query(name, filter="", output_fields=fields, limit=16384, consistency_level="Strong", **kwargs)
+    return sorted(rows, key=lambda r: r[pk])
+
+
+def count_of(milvus, name: str) -> int:
+    return milvus.query(name, filter="", output_fields=["count(*)"], consistency_level="Strong")[0]["count(*)"]
+
+
+def assert_same_rows(source, target, name: str, fields: list[str], pk: str = "id", timeout: float = 60.0,
+                     partition: str | None = None) -> list[dict]:
+    """Wait until the target holds exactly the source's rows: same keys, same values, no duplicate key."""
+    expected = rows_of(source, name, fields, pk, partition)
+    assert len({r[pk] for r in expected}) == len(expected), "the source itself has duplicate keys"
+
+    def same():
+        got = rows_of(target, name, fields, pk, partition)
+        return got == expected and (partition is not None or count_of(target, name) == len(expected))
+    try:
+        wait_until(same, timeout, what=f"rows of {name} on the target")
+    except AssertionError:
+        got = rows_of(target, name, fields, pk, partition)
+        keys = [r[pk] for r in got]
+        duplicated = sorted({k for k in keys if keys.count(k) > 1})
+        missing = sorted({r[pk] for r in expected} - set(keys))
+        extra = sorted(set(keys) - {r[pk] for r in expected})
+        raise AssertionError(f"{name}: target has {len(got)} rows (count(*) {count_of(target, name)}), source "
+                             f"{len(expected)}; duplicated keys {duplicated[:10]}, missing {missing[:10]}, "
+                             f"extra {extra[:10]}") from None
+    return expected
