@@ -866,10 +866,19 @@ def decode_source_message(channel: str, msg_id: bytes, payload: bytes) -> Source
 
 
 class ChannelReader(ABC):
-    """Reads a changing set of source channels. Used by one thread only (the task's reader thread)."""
+    """Reads a changing set of source channels. Used by one thread at a time (at start-up the applier's, then
+    the task's reader thread)."""
 
     @abstractmethod
-    def add(self, channel: str, start: StartAt) -> None: ...
+    def add(self, channel: str, start: StartAt) -> StartAt:
+        """Start reading a channel; returns the start as a concrete position when the MQ can tell it."""
+
+    @abstractmethod
+    def resolve(self, channel: str, start: StartAt) -> StartAt:
+        """The concrete position ``start`` stands for now, or ``start`` itself when the MQ cannot tell."""
+
+    @abstractmethod
+    def earliest(self, msg_ids: list[bytes]) -> bytes: ...
 
     @abstractmethod
     def remove(self, channel: str) -> None: ...
@@ -901,19 +910,30 @@ class KafkaChannelReader(ChannelReader):
     def offset(msg_id: bytes) -> int:
         return struct.unpack("<q", msg_id[:8].ljust(8, b"\0"))[0]
 
+    def resolve(self, channel, start):
+        from kafka import TopicPartition
+        if start.kind in ("after", "at"):
+            return start
+        partition = TopicPartition(channel, 0)
+        if self.consumer.partitions_for_topic(channel) is None:
+            offset = 0  # the topic does not exist yet: its first record will be offset 0
+        elif start.kind == "latest":
+            offset = self.consumer.end_offsets([partition])[partition]
+        else:
+            offset = self.consumer.beginning_offsets([partition])[partition]
+        return StartAt("at", struct.pack("<q", offset))
+
+    def earliest(self, msg_ids):
+        return min(msg_ids, key=self.offset)
+
     def add(self, channel, start):
         from kafka import TopicPartition
+        start = self.resolve(channel, start)
         partition = TopicPartition(channel, 0)
         self.partitions[channel] = partition
         self.consumer.assign(list(self.partitions.values()))
-        if start.kind in ("after", "at"):
-            self.consumer.seek(partition, self.offset(start.msg_id) + (start.kind == "after"))
-        elif self.consumer.partitions_for_topic(channel) is None:
-            self.consumer.seek(partition, 0)  # the topic does not exist yet: its first record is offset 0
-        elif start.kind == "latest":
-            self.consumer.seek(partition, self.consumer.end_offsets([partition])[partition])
-        else:
-            self.consumer.seek(partition, self.consumer.beginning_offsets([partition])[partition])
+        self.consumer.seek(partition, self.offset(start.msg_id) + (start.kind == "after"))
+        return start
 
     def remove(self, channel):
         if self.partitions.pop(channel, None) is not None:
@@ -952,6 +972,15 @@ class PulsarChannelReader(ChannelReader):
         self.topic_prefix = f"persistent://{settings.get('tenant') or 'public'}/{settings.get('namespace') or 'default'}/"
         self.readers: dict[str, Any] = {}
 
+    def resolve(self, channel, start):
+        return start  # a Pulsar reader cannot name the latest message before it reads one
+
+    def earliest(self, msg_ids):
+        def order(msg_id: bytes):
+            parsed = self.pulsar.MessageId.deserialize(msg_id)
+            return parsed.ledger_id(), parsed.entry_id(), parsed.batch_index()
+        return min(msg_ids, key=order)
+
     def add(self, channel, start):
         self.remove(channel)
         if start.kind == "latest":
@@ -963,6 +992,7 @@ class PulsarChannelReader(ChannelReader):
         self.readers[channel] = self.client.create_reader(self.topic_prefix + channel, message_id,
                                                           start_message_id_inclusive=inclusive,
                                                           receiver_queue_size=1000)
+        return start
 
     def remove(self, channel):
         reader = self.readers.pop(channel, None)
@@ -1398,20 +1428,26 @@ class TargetClock:
 
 @dataclass
 class ChannelProgress:
-    """The applier's view of one source channel: what is buffered and how far it is applied."""
+    """The applier's view of one source channel: what is read but not yet applied, and where to resume.
+
+    A tick T only promises that no message at or below T follows it; a message above T may come before it.
+    So a restart resumes at the first message not yet applied (or after the last one read), and skips what it
+    reads again at or below the durable watermark.
+    """
     name: str
     is_replicate: bool
     skip_until: int = 0                      # messages at or below were applied before a restart
     tick_ts: int | None = None               # latest source time tick read
-    ticks: list[tuple[int, bytes]] = field(default_factory=list)
     pending: list[SourceMessage] = field(default_factory=list)
-    resume: StartAt | None = None            # where a restart would begin reading
+    last_read: StartAt | None = None         # after the last message read, or the start position
     confirmed_ts: int = 0
 
+    def resume(self) -> StartAt | None:
+        return StartAt("at", self.pending[0].msg_id) if self.pending else self.last_read
+
     def checkpoint(self, watermark: int) -> Checkpoint | None:
-        if self.resume is None:
-            return None
-        return Checkpoint(self.name, self.resume.msg_id, watermark, self.resume.kind)
+        resume = self.resume()
+        return Checkpoint(self.name, resume.msg_id, watermark, resume.kind) if resume else None
 
 
 @dataclass(order=True)
@@ -1441,6 +1477,7 @@ class Replicator:
         self.status_lock = threading.Lock()
         self.status: dict[str, Any] = {"channels": {}, "watermark": 0}
         self.threads: list[threading.Thread] = []
+        self.started = threading.Event()  # set once the start positions are pinned in the meta store
         self.failed = False
 
     # -- lifecycle ----------------------------------------------------------------------------------------
@@ -1565,58 +1602,87 @@ class Applier:
         self.durable = self.applied = max((c.timestamp for c in saved.values()), default=0)
         self.r.clock.join(self.tid, self.durable)
         self.r.clock.add_channels(self._target_pchannels())
-        revision = self.meta.current_revision()
-        collections = [c for c in self.meta.collections() if self.filter.matches(c.db_name, c.name)]
-        live = [c for c in collections if not c.dropped]
-        if self.filter.everything and not saved:
-            for db_name in sorted(set(self.meta.databases().values()) - {DEFAULT_DB}):
-                self._create_database(db_name, hybrid_now())
-        for collection in live:
-            self.sources[collection.id] = collection
-            self._schedule(collection.create_time, "collection", collection.id)
-
-        self._add_channel(self.settings.replicate_chan, True,
-                          self._start_for(self.settings.replicate_chan, saved, [], True))
-        for pchannel in sorted({p for c in live for p in c.pchannels}):
-            on_channel = [c for c in live if pchannel in c.pchannels]
-            self._add_channel(pchannel, False, self._start_for(pchannel, saved, on_channel, False))
-        self.log.info("task=%s started: %d collection(s), %d channel(s), resuming at ts %d", self.tid, len(live),
-                      len(self.channels), self.durable)
-
-        self.meta.watch(self._on_meta_change, self._on_watch_error, start_revision=revision + 1)
         reader = open_channel_reader(self.settings)
+        try:
+            revision, starts = self._plan_starts(saved, reader)
+            for name, start in starts.items():
+                self._add_channel(name, name == self.settings.replicate_chan, start, reader)
+        except BaseException:
+            reader.close()
+            raise
+        # Pinned before create answers: what the user does next is replicated, even across a crash.
+        self.checkpoint_dirty = True
+        self._save_checkpoint(force=True)
+        self.log.info("task=%s started: %d collection(s), %d channel(s), resuming at ts %d", self.tid,
+                      len([c for c in self.sources.values() if c]), len(self.channels), self.durable)
+        self.meta.watch(self._on_meta_change, self._on_watch_error, start_revision=revision + 1)
         self.reader_thread = threading.Thread(target=self.r._run_reader, args=(reader,),
                                               name=f"cdc-read-{self.tid[:8]}", daemon=True)
         self.r.threads.append(self.reader_thread)
         self.reader_thread.start()
+        self.r.started.set()
         try:
             self._loop()
         finally:
             if not self.r.failed:
                 self._save_checkpoint(force=True)
 
-    def _start_for(self, channel: str, saved: dict[str, Checkpoint], collections: list[SourceCollection],
-                   is_replicate: bool) -> StartAt:
-        checkpoint = saved.get(channel)
-        if checkpoint is not None:
-            return StartAt(checkpoint.resume, checkpoint.msg_id)
-        if self.task.replay_existing:
-            if is_replicate:
-                return EARLIEST
-            starts = [c.start_positions[channel] for c in collections if channel in c.start_positions]
-            if starts and self.settings.mq_type == "kafka":
-                return StartAt("at", min(starts, key=KafkaChannelReader.offset))
-            if starts:
-                return StartAt("at", starts[0]) if len(starts) == 1 else EARLIEST
-        return LATEST
+    def _live_collections(self) -> list[SourceCollection]:
+        return [c for c in self.meta.collections() if not c.dropped and self.filter.matches(c.db_name, c.name)]
 
-    def _add_channel(self, name: str, is_replicate: bool, start: StartAt) -> None:
+    def _plan_starts(self, saved: dict[str, Checkpoint], reader: ChannelReader) -> tuple[int, dict[str, StartAt]]:
+        """Where each channel starts, and the etcd revision the watch continues from.
+
+        A channel with a checkpoint resumes there. Otherwise a fresh task starts at the latest offsets, pinned
+        before the collections are listed, so that nothing created meanwhile slips between listing and
+        reading; a collection that is new since then (or since the last checkpoint, or any collection when
+        replay_existing is set) starts at its own start position.
+        """
+        replicate = self.settings.replicate_chan
+        before = self._live_collections()
+        pins: dict[str, StartAt] = {}
+        if not saved and not self.task.replay_existing:
+            for channel in {replicate} | {p for c in before for p in c.pchannels}:
+                pins[channel] = reader.resolve(channel, LATEST)
+        if self.filter.everything and not saved:
+            for db_name in sorted(set(self.meta.databases().values()) - {DEFAULT_DB}):
+                self._create_database(db_name, hybrid_now())
+        revision = self.meta.current_revision()
+        live = self._live_collections()
+        old = {c.id for c in before}
+        for collection in live:
+            self.sources[collection.id] = collection
+            self._schedule(collection.create_time, "collection", collection.id)
+
+        def resumed(channel: str) -> StartAt | None:
+            checkpoint = saved.get(channel)
+            return StartAt(checkpoint.resume, checkpoint.msg_id) if checkpoint else None
+
+        starts = {replicate: resumed(replicate) or pins.get(replicate) or EARLIEST}
+        for channel in sorted({p for c in live for p in c.pchannels}):
+            if resumed(channel):
+                starts[channel] = resumed(channel)
+                continue
+            newcomers = [c for c in live if channel in c.pchannels and (saved or self.task.replay_existing
+                                                                        or c.id not in old)]
+            ids = [c.start_positions[channel] for c in newcomers if channel in c.start_positions]
+            if channel in pins and pins[channel].kind == "at":
+                ids.append(pins[channel].msg_id)
+            starts[channel] = StartAt("at", reader.earliest(ids)) if ids else pins.get(channel, LATEST)
+        return revision, starts
+
+    def _add_channel(self, name: str, is_replicate: bool, start: StartAt,
+                     reader: ChannelReader | None = None) -> None:
         progress = ChannelProgress(name, is_replicate, skip_until=self.durable)
+        if reader is not None:
+            start = reader.add(name, start)  # at start-up, before the reader thread owns the reader
+        else:
+            self.r.reader_commands.put(("add", name, start))
         if start.kind in ("after", "at"):
-            progress.resume = start
+            progress.last_read = start
         self.channels[name] = progress
-        self.r.reader_commands.put(("add", name, start))
-        self.log.info("task=%s reading %s from %s", self.tid, name, start.kind)
+        self.log.info("task=%s reading %s from %s", self.tid, name,
+                      start.kind if not start.msg_id else f"{start.kind} {start.msg_id.hex()}")
 
     def _remove_channel(self, name: str) -> None:
         if self.channels.pop(name, None) is not None:
@@ -1653,11 +1719,9 @@ class Applier:
         channel = self.channels.get(message.channel)
         if channel is None:
             return
-        if channel.resume is None:
-            channel.resume = StartAt("at", message.msg_id)
+        channel.last_read = StartAt("after", message.msg_id)
         if message.msg_type == common_pb2.TimeTick:
             channel.tick_ts = message.timestamp
-            channel.ticks.append((message.timestamp, message.msg_id))
         elif message.timestamp > channel.skip_until:
             channel.pending.append(message)
 
@@ -1673,39 +1737,36 @@ class Applier:
         return max([self.applied] + pending)
 
     def _advance(self) -> None:
+        """Apply, in timestamp order, every message and etcd change at or below the watermark."""
         watermark = self._watermark()
         ready: list[tuple[int, int, int, Any]] = []
-        for channel in list(self.channels.values()):
-            keep = []
+        for channel in self.channels.values():
             for message in channel.pending:
                 if message.timestamp <= watermark:
-                    ready.append((message.timestamp, 1 if not channel.is_replicate else 2, len(ready), message))
-                else:
-                    keep.append(message)
-            channel.pending = keep
+                    ready.append((message.timestamp, 2 if channel.is_replicate else 1, len(ready), message))
+        events = []
         while self.events and self.events[0].ts <= watermark:
-            event = heapq.heappop(self.events)
-            ready.append((event.ts, 0, len(ready), event))
+            events.append(heapq.heappop(self.events))
+        ready += [(event.ts, 0, len(ready) + i, event) for i, event in enumerate(events)]
         ready.sort(key=lambda item: item[:3])
-        for _, _, _, item in ready:
-            if self.stop.is_set():
-                raise TaskStopping()
-            if isinstance(item, MetaEvent):
-                self._apply_event(item)
-            else:
-                self._apply_message(item)
-                if self.channels.get(item.channel) and self.channels[item.channel].is_replicate:
-                    self.channels[item.channel].resume = StartAt("after", item.msg_id)
-        self._flush_outbox()
+        try:
+            for _, _, _, item in ready:
+                if self.stop.is_set():
+                    raise TaskStopping()
+                if isinstance(item, MetaEvent):
+                    self._apply_event(item)
+                else:
+                    self._apply_message(item)
+            self._flush_outbox()
+        except BaseException:
+            for event in events:  # a stop between two steps leaves the buffers as they were: nothing is lost
+                heapq.heappush(self.events, event)
+            raise
+        # Only now, with all of them on the target, do the messages leave the buffers.
         if watermark > self.applied or ready:
             for channel in self.channels.values():
-                passed = [t for t in channel.ticks if t[0] <= watermark]
-                if passed:
-                    channel.resume = StartAt("after", passed[-1][1])
-                    channel.confirmed_ts = passed[-1][0]
-                    channel.ticks = [t for t in channel.ticks if t[0] > watermark]
-                elif channel.is_replicate:
-                    channel.confirmed_ts = watermark
+                channel.pending = [m for m in channel.pending if m.timestamp > watermark]
+                channel.confirmed_ts = watermark
             self.applied = watermark
             self.checkpoint_dirty = True
 
@@ -1716,6 +1777,8 @@ class Applier:
         checkpoints = [c.checkpoint(self.applied) for c in self.channels.values()]
         self.r.store.save_checkpoints(self.tid, [c for c in checkpoints if c is not None])
         self.durable, self.checkpoint_dirty, self.last_checkpoint = self.applied, False, time.monotonic()
+        self.log.debug("task=%s checkpoint at ts %d (%.3fs behind)", self.tid, self.durable,
+                       time.time() - ts_seconds(self.durable))
         with self.r.status_lock:
             self.r.status["channels"] = {c.name: c.confirmed_ts for c in self.channels.values()}
             self.r.status["watermark"] = self.durable
@@ -2214,14 +2277,15 @@ class TaskManager:
             raise ApiError(404, f"not found the task, task_id: {task_id}")
         return task
 
-    def _start(self, task: TaskInfo) -> None:
+    def _start(self, task: TaskInfo) -> Replicator:
         clock = self.clocks.setdefault(task.connect.address, TargetClock())
         replicator = Replicator(task, self.config, self.store, clock, self._on_failure)
         self.replicators[task.task_id] = replicator
-        replicator.start()
-        if task.state != TaskState.RUNNING:
+        if task.state != TaskState.RUNNING or task.reason:
             task.state, task.reason = TaskState.RUNNING, ""
             self.store.save_task(task.task_id, task.to_store())
+        replicator.start()
+        return replicator
 
     def _stop(self, task_id: str) -> None:
         replicator = self.replicators.pop(task_id, None)
@@ -2247,7 +2311,12 @@ class TaskManager:
             self._check_room(task)
             self.store.save_task(task.task_id, task.to_store())
             self.tasks[task.task_id] = task
-            self._start(task)
+            replicator = self._start(task)
+        # Answer once the start positions are pinned: everything done on the source from now on is replicated.
+        deadline = time.monotonic() + 60
+        while not replicator.started.wait(0.1) and not replicator.stop_event.is_set() \
+                and time.monotonic() < deadline:
+            pass
         log.info("task=%s created for target %s, collections %s", task.task_id, task.connect.uri,
                  [c["name"] for c in task.collection_infos])
         return task.task_id
@@ -2285,7 +2354,6 @@ class TaskManager:
             task = self._get(task_id)
             if task.state == TaskState.RUNNING:
                 raise ApiError(400, f"task {task_id} is already running")
-            task.state = TaskState.PAUSED  # _start stores the change to Running
             self._start(task)
         log.info("task=%s resumed", task_id)
 

@@ -167,6 +167,13 @@ def rows_of(milvus, name: str, fields: list[str], pk: str = "id", partition: str
     """Every row, sorted by primary key (duplicates kept, so a caller can see them)."""
     kwargs = {"partition_names": [partition]} if partition else {}
     rows = milvus.query(name, filter="", output_fields=fields, limit=16384, consistency_level="Strong", **kwargs)
+    if len(rows) == 16384:  # a query answers at most 16384 rows: page through an iterator
+        iterator = milvus.query_iterator(name, batch_size=4096, filter="", output_fields=fields,
+                                         consistency_level="Strong", **kwargs)
+        rows = []
+        while page := iterator.next():
+            rows += page
+        iterator.close()
     return sorted(rows, key=lambda r: r[pk])
 
 
