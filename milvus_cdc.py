@@ -1004,11 +1004,16 @@ class PulsarChannelReader(ChannelReader):
         messages: list[SourceMessage] = []
         while not messages and time.monotonic() < deadline:
             for channel, reader in list(self.readers.items()):
-                while len(messages) < 2000 and reader.has_message_available():
-                    msg = reader.read_next()
+                # read_next with a short wait, not has_message_available: some brokers refuse the latter on
+                # an empty topic.
+                while len(messages) < 2000:
+                    try:
+                        msg = reader.read_next(timeout_millis=5)
+                    except self.pulsar.Timeout:
+                        break
                     messages.append(decode_source_message(channel, msg.message_id().serialize(), msg.data()))
-            if not messages:
-                time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
+            if not self.readers:
+                time.sleep(max(0.0, deadline - time.monotonic()))
         return messages
 
     def close(self):
@@ -1417,6 +1422,7 @@ class TargetClock:
             self.channels.update(pchannels)
 
     def advance(self, task_id: str, watermark: int, writer: TargetWriter) -> None:
+        """Tick every channel up to the lowest durable watermark of the tasks writing to this target."""
         with self.lock:
             self.watermarks[task_id] = watermark
             tick = min(self.watermarks.values())
@@ -1722,8 +1728,19 @@ class Applier:
         channel.last_read = StartAt("after", message.msg_id)
         if message.msg_type == common_pb2.TimeTick:
             channel.tick_ts = message.timestamp
-        elif message.timestamp > channel.skip_until:
+            return
+        if message.timestamp > channel.skip_until:
             channel.pending.append(message)
+        if message.msg_type == common_pb2.DropCollection and self._last_on_channel(message):
+            # The source stops ticking a channel with no collection left, possibly before a tick passes the
+            # drop; nothing can follow the drop there, so it stands for the channel's final tick.
+            channel.tick_ts = max(channel.tick_ts or 0, message.timestamp)
+
+    def _last_on_channel(self, message: SourceMessage) -> bool:
+        from pymilvus.grpc_gen import msg_pb2
+        dropped = msg_pb2.DropCollectionRequest.FromString(message.payload).collectionID
+        return not any(c.id != dropped and not c.dropped and message.channel in c.pchannels
+                       for c in self.meta.collections())
 
     def _watermark(self) -> int:
         """Every source message at or below the watermark has been read, on every channel."""
@@ -1771,12 +1788,14 @@ class Applier:
             self.checkpoint_dirty = True
 
     def _save_checkpoint(self, force: bool = False) -> None:
-        interval = self.r.config.replication.checkpoint_interval
-        if not self.checkpoint_dirty or (not force and time.monotonic() - self.last_checkpoint < interval):
+        """Persist the checkpoints (at most once per checkpointInterval), then tick the target up to them."""
+        now = time.monotonic()
+        if not self.checkpoint_dirty or (not force and now - self.last_checkpoint < self.r.config.replication
+                                         .checkpoint_interval):
             return
         checkpoints = [c.checkpoint(self.applied) for c in self.channels.values()]
         self.r.store.save_checkpoints(self.tid, [c for c in checkpoints if c is not None])
-        self.durable, self.checkpoint_dirty, self.last_checkpoint = self.applied, False, time.monotonic()
+        self.durable, self.checkpoint_dirty, self.last_checkpoint = self.applied, False, now
         self.log.debug("task=%s checkpoint at ts %d (%.3fs behind)", self.tid, self.durable,
                        time.time() - ts_seconds(self.durable))
         with self.r.status_lock:
@@ -2059,6 +2078,7 @@ class Applier:
         for pchannel in list(self.outbox):
             messages = self.outbox.pop(pchannel)
             self.writer.replicate(pchannel, messages)
+            self.log.debug("task=%s sent %d message(s) to %s", self.tid, len(messages), pchannel)
 
     # -- operations of the replicate channel ------------------------------------------------------------------
 

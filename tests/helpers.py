@@ -163,13 +163,15 @@ def load_state_of(milvus, name: str, partition: str | None = None) -> str:
     return str(state["state"]).rsplit(".", 1)[-1]
 
 
-def rows_of(milvus, name: str, fields: list[str], pk: str = "id", partition: str | None = None) -> list[dict]:
+def rows_of(milvus, name: str, fields: list[str], pk: str = "id", partition: str | None = None,
+            consistency: str = "Strong") -> list[dict]:
     """Every row, sorted by primary key (duplicates kept, so a caller can see them)."""
     kwargs = {"partition_names": [partition]} if partition else {}
-    rows = milvus.query(name, filter="", output_fields=fields, limit=16384, consistency_level="Strong", **kwargs)
+    rows = milvus.query(name, filter="", output_fields=fields, limit=16384, consistency_level=consistency,
+                        timeout=30, **kwargs)
     if len(rows) == 16384:  # a query answers at most 16384 rows: page through an iterator
         iterator = milvus.query_iterator(name, batch_size=4096, filter="", output_fields=fields,
-                                         consistency_level="Strong", **kwargs)
+                                         consistency_level=consistency, timeout=30, **kwargs)
         rows = []
         while page := iterator.next():
             rows += page
@@ -177,28 +179,33 @@ def rows_of(milvus, name: str, fields: list[str], pk: str = "id", partition: str
     return sorted(rows, key=lambda r: r[pk])
 
 
-def count_of(milvus, name: str) -> int:
-    return milvus.query(name, filter="", output_fields=["count(*)"], consistency_level="Strong")[0]["count(*)"]
+def count_of(milvus, name: str, consistency: str = "Strong") -> int:
+    return milvus.query(name, filter="", output_fields=["count(*)"], consistency_level=consistency,
+                        timeout=30)[0]["count(*)"]
 
 
 def assert_same_rows(source, target, name: str, fields: list[str], pk: str = "id", timeout: float = 60.0,
-                     partition: str | None = None) -> list[dict]:
-    """Wait until the target holds exactly the source's rows: same keys, same values, no duplicate key."""
+                     partition: str | None = None, consistency: str = "Strong") -> list[dict]:
+    """Wait until the target holds exactly the source's rows: same keys, same values, no duplicate key.
+
+    ``consistency`` is the target's: Strong needs the target's ticks to reach its present time, which they do
+    while the source is alive; a test replaying old messages reads what is consumed (Eventually)."""
     expected = rows_of(source, name, fields, pk, partition)
     assert len({r[pk] for r in expected}) == len(expected), "the source itself has duplicate keys"
 
     def same():
-        got = rows_of(target, name, fields, pk, partition)
-        return got == expected and (partition is not None or count_of(target, name) == len(expected))
+        got = rows_of(target, name, fields, pk, partition, consistency)
+        return got == expected and (partition is not None or count_of(target, name, consistency) == len(expected))
     try:
         wait_until(same, timeout, what=f"rows of {name} on the target")
     except AssertionError:
-        got = rows_of(target, name, fields, pk, partition)
+        got = rows_of(target, name, fields, pk, partition, consistency)
         keys = [r[pk] for r in got]
         duplicated = sorted({k for k in keys if keys.count(k) > 1})
         missing = sorted({r[pk] for r in expected} - set(keys))
         extra = sorted(set(keys) - {r[pk] for r in expected})
-        raise AssertionError(f"{name}: target has {len(got)} rows (count(*) {count_of(target, name)}), source "
+        counted = count_of(target, name, consistency)
+        raise AssertionError(f"{name}: target has {len(got)} rows (count(*) {counted}), source "
                              f"{len(expected)}; duplicated keys {duplicated[:10]}, missing {missing[:10]}, "
                              f"extra {extra[:10]}") from None
     return expected
