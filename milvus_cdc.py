@@ -637,6 +637,11 @@ def _declare_etcd_messages() -> dict[str, type]:
         "CollectionLoadInfo": [("collectionID", 1, "int64"), ("replica_number", 3, "int32"),
                                ("status", 4, "int32"), ("load_type", 6, "int32")],
         "PartitionLoadInfo": [("collectionID", 1, "int64"), ("partitionID", 2, "int64"), ("status", 4, "int32")],
+        "IndexInfo": [("collectionID", 1, "int64"), ("fieldID", 2, "int64"), ("index_name", 3, "string"),
+                      ("indexID", 4, "int64"), ("index_params", 6, "*.milvus.proto.common.KeyValuePair"),
+                      ("user_index_params", 12, "*.milvus.proto.common.KeyValuePair")],
+        "FieldIndex": [("index_info", 1, ".milvus_cdc.etcd.IndexInfo"), ("deleted", 2, "bool"),
+                       ("create_time", 3, "uint64")],
     }
     pool = descriptor_pool.Default()
     file_name = "milvus_cdc_etcd_meta.proto"
@@ -793,6 +798,20 @@ class SourceMeta:
             found.append(SourcePartition(info.partitionID, info.partitionName, info.collection_id or collection_id,
                                          info.partition_created_timestamp, info.state))
         return found
+
+    def indexes(self, collection: SourceCollection) -> list[tuple[str, str, list[tuple[str, str]], int]]:
+        """(field name, index name, the user's index params, create time) of each live index."""
+        fields = {f.fieldID: f.name for f in collection.schema.fields}
+        found = []
+        for _, value in self._values(f"field-index/{collection.id}/"):
+            index = ETCD_MESSAGES["FieldIndex"].FromString(value)
+            info = index.index_info
+            if index.deleted or info.fieldID not in fields:
+                continue
+            params = info.user_index_params or info.index_params
+            found.append((fields[info.fieldID], info.index_name, [(p.key, p.value) for p in params],
+                          index.create_time))
+        return sorted(found, key=lambda i: i[3])
 
     def load_state(self, collection_id: int) -> tuple[int, set[int]] | None:
         """(load type, loaded partition ids) of a loaded collection, None when it is not loaded."""
@@ -1472,7 +1491,7 @@ class Replicator:
     applier's event queue. The task owns its threads and stops them on pause, delete and shutdown."""
 
     def __init__(self, task: TaskInfo, config: ServerConfig, store: MetaStore, clock: TargetClock,
-                 on_failure: Callable[[str, str], None]):
+                 on_failure: Callable[["Replicator", str], None]):
         self.task, self.config, self.store, self.clock = task, config, store, clock
         self.on_failure = on_failure
         self.log = log
@@ -1517,7 +1536,9 @@ class Replicator:
             self.failed = True
             self.stop_event.set()
             self.log.error("task=%s paused by an error: %s", self.task.task_id, reason)
-            self.on_failure(self.task.task_id, reason)
+            # Recorded from a thread of its own: a pause or delete holding the manager's lock may be joining
+            # this very thread.
+            threading.Thread(target=self.on_failure, args=(self, reason), daemon=True).start()
 
     # -- reader thread ------------------------------------------------------------------------------------
 
@@ -1591,6 +1612,7 @@ class Applier:
         self.drops: dict[tuple, dict[str, bytes]] = defaultdict(dict)
         self.outbox: dict[str, list[bytes]] = defaultdict(list)
         self.load_types: dict[int, int] = {}                     # collection id -> how the source loaded it
+        self.existing: set[int] = set()                          # collections copied as they are at start
         self.applied = 0
         self.durable = 0
         self.last_checkpoint = 0.0
@@ -1656,6 +1678,8 @@ class Applier:
         revision = self.meta.current_revision()
         live = self._live_collections()
         old = {c.id for c in before}
+        if not saved and not self.task.replay_existing:
+            self.existing = old
         for collection in live:
             self.sources[collection.id] = collection
             self._schedule(collection.create_time, "collection", collection.id)
@@ -1871,12 +1895,13 @@ class Applier:
 
     def _source_by_name(self, db_name: str, name: str, ts: int) -> SourceCollection | None:
         """The source collection that had this name at time ``ts``."""
+        if not self.filter.matches(db_name, name):
+            return None
         candidates = [c for c in self.sources.values() if c is not None and c.db_name == db_name
                       and c.name == name and c.create_time <= ts]
         if not candidates:
             for found in self.meta.collections():
-                if found.db_name == db_name and found.name == name and found.create_time <= ts \
-                        and self.filter.matches(db_name, name):
+                if found.db_name == db_name and found.name == name and found.create_time <= ts:
                     self.sources[found.id] = found
                     candidates.append(found)
         return max(candidates, key=lambda c: c.create_time) if candidates else None
@@ -1920,9 +1945,38 @@ class Applier:
                     self._ensure_partition(source, target, partition.name)
             self.log.info("task=%s created collection %s on the target (source id %d, target id %d)", self.tid,
                           source.qualified_name, source.id, target.id)
+            self.targets[source.id] = target
+            self.r.clock.add_channels(target.pchannels)
+            if source.id in self.existing:
+                self._copy_indexes_and_load(source)
         self.targets[source.id] = target
         self.r.clock.add_channels(target.pchannels)
         return target
+
+    def _copy_indexes_and_load(self, source: SourceCollection) -> None:
+        """A collection that existed before the task, whose history the task does not read, comes over as it is
+        now: its indexes, and loaded if the source has it loaded."""
+        from pymilvus.grpc_gen import common_pb2, milvus_pb2
+        for field_name, index_name, params, created in self.meta.indexes(source):
+            self.writer.call(f"create index {index_name} of {source.qualified_name}", "CreateIndex",
+                             milvus_pb2.CreateIndexRequest(
+                                 base=self.writer.base(common_pb2.CreateIndex, created), db_name=source.db_name,
+                                 collection_name=source.name, field_name=field_name, index_name=index_name,
+                                 extra_params=[common_pb2.KeyValuePair(key=k, value=v) for k, v in params]),
+                             source.db_name, ok_if=lambda s: answer_says(s, *ALREADY_EXISTS))
+        state = self.meta.load_state(source.id)
+        if state is None:
+            return
+        self.load_types[source.id] = state[0]
+        if state[0] == LOAD_TYPE_PARTITION:
+            self._sync_partition_load(source.id)
+        else:
+            self.writer.call(f"load collection {source.qualified_name}", "LoadCollection",
+                             milvus_pb2.LoadCollectionRequest(
+                                 base=self.writer.base(common_pb2.LoadCollection, hybrid_now()),
+                                 db_name=source.db_name, collection_name=source.name), source.db_name)
+        self.log.info("task=%s copied the indexes and load state of existing collection %s", self.tid,
+                      source.qualified_name)
 
     @staticmethod
     def _target_schema(source: SourceCollection):
@@ -1971,6 +2025,12 @@ class Applier:
         source = self._source(collection_id)
         if source is None:
             return None
+        if source.dropped and source.id not in self.targets:
+            # Replayed data of a collection dropped since: only worth applying to a copy that still exists.
+            target = self.writer.describe_collection(source.db_name, source.name)
+            if target is None or target.created_ts != source.create_time:
+                return None
+            self.targets[source.id] = target
         return source, self._ensure_target(source)
 
     def _apply_insert(self, message: SourceMessage) -> None:
@@ -2312,12 +2372,13 @@ class TaskManager:
         if replicator is not None:
             replicator.stop()
 
-    def _on_failure(self, task_id: str, reason: str) -> None:
+    def _on_failure(self, replicator: Replicator, reason: str) -> None:
+        task_id = replicator.task.task_id
         with self.lock:
-            task = self.tasks.get(task_id)
-            if task is None or task.state != TaskState.RUNNING:
-                return
-            self.replicators.pop(task_id, None)  # its threads end by themselves; this is one of them
+            if self.replicators.get(task_id) is not replicator:
+                return  # paused, resumed or deleted meanwhile
+            del self.replicators[task_id]  # its threads end by themselves
+            task = self.tasks[task_id]
             task.state, task.reason = TaskState.PAUSED, reason
             self.store.save_task(task_id, task.to_store())
 

@@ -209,3 +209,82 @@ def assert_same_rows(source, target, name: str, fields: list[str], pk: str = "id
                              f"{len(expected)}; duplicated keys {duplicated[:10]}, missing {missing[:10]}, "
                              f"extra {extra[:10]}") from None
     return expected
+
+
+class TcpRelay:
+    """A TCP forwarder in front of a real server that a test can cut and restore: a network outage."""
+
+    def __init__(self, upstream: str):
+        import socket
+        import threading
+        host, port = upstream.removeprefix("http://").rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.port = free_ports(1)[0]
+        self.socket, self.threading = socket, threading
+        self.connections: list = []
+        self.listener = None
+        self.lock = threading.Lock()
+        self.restore()
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def restore(self) -> None:
+        listener = self.socket.socket()
+        listener.setsockopt(self.socket.SOL_SOCKET, self.socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self.listener = listener
+        self.threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        with self.lock:
+            listener, self.listener = self.listener, None
+            connections, self.connections = self.connections, []
+        if listener is not None:
+            try:
+                listener.shutdown(self.socket.SHUT_RDWR)
+            except OSError:
+                pass
+            listener.close()
+        for conn in connections:
+            try:
+                conn.shutdown(self.socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
+
+    def _accept(self, listener) -> None:
+        while True:
+            try:
+                downstream, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = self.socket.create_connection(self.upstream)
+            except OSError:
+                downstream.close()
+                continue
+            with self.lock:
+                if self.listener is not listener:
+                    downstream.close()
+                    upstream.close()
+                    return
+                self.connections += [downstream, upstream]
+            for a, b in ((downstream, upstream), (upstream, downstream)):
+                self.threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                try:
+                    end.close()
+                except OSError:
+                    pass

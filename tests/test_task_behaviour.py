@@ -1,0 +1,141 @@
+"""What a task replicates and how it behaves: named collections, where a new task starts (and the replay
+option), and failures of the target (retried, then a pause with the reason, then a resume that loses nothing)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+from pymilvus import DataType, MilvusClient
+
+from helpers import CdcServer, TcpRelay, assert_same_rows, client, server_config, wait_until
+
+
+@pytest.fixture
+def server(stack, tmp_path):
+    config = server_config(stack, tmp_path, **{"replication.retryTimeout": 8, "replication.retryMaxBackoff": 1})
+    running = CdcServer(config, tmp_path).start()
+    yield running
+    for task in running.call("list")["tasks"]:
+        running.call("delete", task_id=task["task_id"])
+    running.stop()
+
+
+def make_collection(milvus, name: str, shards: int = 1, load: bool = True) -> None:
+    schema = MilvusClient.create_schema(auto_id=False)
+    schema.add_field("id", DataType.INT64, is_primary=True)
+    schema.add_field("s", DataType.VARCHAR, max_length=32)
+    schema.add_field("v", DataType.FLOAT_VECTOR, dim=4)
+    milvus.create_collection(name, schema=schema, shards_num=shards)
+    if load:
+        params = milvus.prepare_index_params()
+        params.add_index("v", index_type="FLAT", metric_type="L2")
+        milvus.create_index(name, params)
+        milvus.load_collection(name)
+
+
+def rows(start: int, count: int) -> list[dict]:
+    return [{"id": i, "s": f"r{i}", "v": [i / 7] * 4} for i in range(start, start + count)]
+
+
+def wait_loaded(target, name: str) -> None:
+    wait_until(lambda: target.has_collection(name) and
+               str(target.get_load_state(name)["state"]).endswith("Loaded"), 90, what=f"{name} loaded on target")
+
+
+def drop_everywhere(source, target, name: str) -> None:
+    source.release_collection(name)
+    source.drop_collection(name)
+    wait_until(lambda: not target.has_collection(name), 60, what=f"{name} dropped on the target")
+
+
+def test_named_collections_are_the_only_ones_replicated(stack, server, unique_name):
+    source, target = client(stack["source_milvus"]), client(stack["target_milvus"])
+    db = unique_name("nameddb")
+    source.create_database(db)
+    source_db = client(stack["source_milvus"], db)
+    named, in_db, other = unique_name("named"), unique_name("indb"), unique_name("other")
+    make_collection(source, named)
+    task_id = server.create_task(stack["target_milvus"], collections=[named, f"{db}.{in_db}"])
+    make_collection(source_db, in_db, shards=2)
+    make_collection(source, other)
+    for milvus, name in ((source, named), (source_db, in_db), (source, other)):
+        milvus.insert(name, rows(0, 100))
+    wait_until(lambda: db in target.list_databases(), 60, what=f"database {db} on the target")
+    target_db = client(stack["target_milvus"], db)
+    wait_loaded(target_db, in_db)
+    assert_same_rows(source_db, target_db, in_db, ["id", "s", "v"])
+    # The collection named in the task existed before it: it comes over as it is, indexed and loaded.
+    wait_loaded(target, named)
+    assert [i for i in target.list_indexes(named)] == ["v"]
+    assert not target.has_collection(other), "a collection the task does not name was replicated"
+    assert [c["name"] for c in server.task(task_id)["collection_infos"]] == [named, f"{db}.{in_db}"]
+    drop_everywhere(source_db, target_db, in_db)
+    source.release_collection(named)
+    source.drop_collection(named)
+    wait_until(lambda: not target.has_collection(named), 60, what="the named collection dropped")
+    source.release_collection(other)
+    source.drop_collection(other)
+    source.drop_database(db)
+    assert not target.has_collection(other)
+
+
+def test_a_new_task_starts_at_the_latest_position_unless_asked_to_replay(stack, server, unique_name):
+    source, target = client(stack["source_milvus"]), client(stack["target_milvus"])
+    latest, replayed = unique_name("latest"), unique_name("replay")
+    for name in (latest, replayed):
+        make_collection(source, name, shards=2)
+        source.insert(name, rows(0, 100))
+
+    # By default (as the Go CDC) old rows are not copied; the collection comes over indexed and loaded.
+    task_id = server.create_task(stack["target_milvus"], collections=[latest])
+    source.insert(latest, rows(1000, 50))
+    wait_loaded(target, latest)
+    copied = target.query(latest, filter="", output_fields=["id"], limit=1000, consistency_level="Strong")
+    wait_until(lambda: sorted(r["id"] for r in target.query(
+        latest, filter="", output_fields=["id"], limit=1000, consistency_level="Strong")) ==
+        list(range(1000, 1050)), 60, what="only the rows written after the task started")
+    server.call("delete", task_id=task_id)
+
+    # replay_existing: the collection is replayed from its start position, index and load included.
+    task_id = server.create_task(stack["target_milvus"], collections=[replayed], replay_existing=True)
+    assert server.task(task_id)["replay_existing"] is True
+    source.insert(replayed, rows(1000, 50))
+    wait_loaded(target, replayed)
+    got = assert_same_rows(source, target, replayed, ["id", "s", "v"])
+    assert len(got) == 150 and len(copied) <= 50
+    drop_everywhere(source, target, replayed)
+    server.call("delete", task_id=task_id)
+    source.release_collection(latest)
+    source.drop_collection(latest)
+
+
+def test_target_outage_is_retried_then_pauses_the_task_with_the_reason(stack, server, unique_name):
+    source, target = client(stack["source_milvus"]), client(stack["target_milvus"])
+    relay = TcpRelay(stack["target_milvus"])
+    name = unique_name("outage")
+    task_id = server.create_task(relay.uri, collections=[name])
+    make_collection(source, name, shards=2)
+    source.insert(name, rows(0, 100))
+    wait_loaded(target, name)
+    assert_same_rows(source, target, name, ["id", "s", "v"])
+
+    relay.cut()  # shorter than retryTimeout (8 s): retried, the task keeps running
+    source.insert(name, rows(100, 100))
+    time.sleep(3)
+    relay.restore()
+    assert_same_rows(source, target, name, ["id", "s", "v"])
+    assert server.task(task_id)["state"] == "Running"
+
+    relay.cut()  # longer than retryTimeout: the task pauses and says why
+    source.insert(name, rows(200, 100))
+    source.delete(name, ids=[0, 1, 2])
+    task = wait_until(lambda: (t := server.task(task_id))["state"] == "Paused" and t, 60, what="the pause")
+    assert "target" in task["reason"] and ("replicate" in task["reason"] or "describe" in task["reason"]), \
+        task["reason"]
+    assert "UNAVAILABLE" in task["reason"] or "unavailable" in task["reason"].lower(), task["reason"]
+    relay.restore()
+    server.call("resume", task_id=task_id)
+    assert_same_rows(source, target, name, ["id", "s", "v"], timeout=90)
+    assert server.task(task_id)["state"] == "Running"
+    drop_everywhere(source, target, name)
+    relay.cut()
