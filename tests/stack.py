@@ -5,6 +5,7 @@ Milvus 2.3.5 on Kafka and a target Milvus 2.3.5 with ``common.ttMsgEnabled=false
 127.0.0.1 on a free port and keeps its files in one temporary directory.
 
     python tests/stack.py up      # start, print the endpoints as JSON, leave it running
+    python tests/stack.py config  # print a milvus_cdc.py config reading the running stack's source
     python tests/stack.py down    # stop exactly the processes `up` started (by pid)
 
 In the tests the same ``Stack`` is a pytest session fixture (tests/conftest.py).
@@ -371,13 +372,21 @@ def prepare_milvus_bin() -> Path:
     return bin_dir
 
 
+def demo_config(endpoints: dict) -> dict:
+    """The repository's config.yaml, reading this stack's source."""
+    config = yaml.safe_load((Path(__file__).resolve().parent.parent / "config.yaml").read_text())
+    config["sourceConfig"]["etcd"]["address"] = [f"http://{endpoints['etcd']}"]
+    config["sourceConfig"]["kafka"]["address"] = endpoints["kafka"]
+    return config
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["up", "down"])
+    parser.add_argument("command", choices=["up", "config", "down"])
     parser.add_argument("--dir", help="working directory for `up` (default: a new temporary one)")
     args = parser.parse_args(argv)
     if args.command == "up":
@@ -398,6 +407,9 @@ def main(argv=None) -> int:
         return 0
     if not STATE_FILE.exists():
         print("no stack is up", file=sys.stderr)
+        return 0 if args.command == "down" else 1
+    if args.command == "config":
+        print(yaml.safe_dump(demo_config(json.loads(STATE_FILE.read_text())["endpoints"]), sort_keys=False), end="")
         return 0
     stack = Stack.from_state(json.loads(STATE_FILE.read_text()))
     stack.down()
