@@ -983,8 +983,7 @@ class PulsarChannelReader(ChannelReader):
     def __init__(self, settings: dict):
         import pulsar
         self.pulsar = pulsar
-        options: dict[str, Any] = {"operation_timeout_seconds": 30,
-                                   "logger": pulsar.ConsoleLogger(pulsar.LoggerLevel.Warn)}
+        options: dict[str, Any] = {"operation_timeout_seconds": 30, "logger": logging.getLogger("pulsar")}
         if settings.get("authPlugin"):
             options["authentication"] = pulsar.Authentication(settings["authPlugin"], settings.get("authParams", ""))
         self.client = pulsar.Client(settings["address"], **options)

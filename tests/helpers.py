@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import uuid
 import urllib.request
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def server_config(stack: dict, workdir: Path, store: str = "sqlite", **overrides
     meta = config["metaStoreConfig"]
     meta["storeType"] = store
     meta["sqlitePath"] = str(workdir / "meta.db")
-    meta["rootPath"] = f"cdc-test-{workdir.name}"
+    meta["rootPath"] = f"cdc-test-{uuid.uuid4().hex[:12]}"  # stores on shared servers outlive a test session
     if store == "mysql":
         my = stack["mysql"]
         meta["mysqlSourceUrl"] = f"{my['user']}:{my['password']}@tcp({my['host']}:{my['port']})/{my['database']}"

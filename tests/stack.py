@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -34,7 +35,8 @@ import yaml
 MILVUS_VERSION = "2.3.5"
 SOURCE_ROOT_PATH = "by-dev"
 TARGET_ROOT_PATH = "target-dev"
-STATE_FILE = Path(tempfile.gettempdir()) / "milvus-cdc-stack" / "current.json"
+STATE_FILE = Path(os.environ.get("MILVUS_CDC_STACK_STATE",
+                                 Path(tempfile.gettempdir()) / "milvus-cdc-stack" / "current.json"))
 BIN_CACHE = Path(os.environ.get("MILVUS_CDC_STACK_CACHE", Path.home() / ".cache" / "milvus-cdc")) / (
     f"milvus-{MILVUS_VERSION}")
 MILVUS_PORT_KEYS = ("etcd_port", "root_coord_port", "proxy_port", "proxy_internal_port", "query_coord_port",
@@ -239,8 +241,9 @@ class Stack:
 
         def healthy():
             import pulsar
-            client = pulsar.Client(f"pulsar://127.0.0.1:{port}", operation_timeout_seconds=3,
-                                   logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Error))
+            quiet = logging.getLogger("stack.pulsar")  # the C++ console logger would write to stdout
+            quiet.setLevel(logging.CRITICAL)
+            client = pulsar.Client(f"pulsar://127.0.0.1:{port}", operation_timeout_seconds=3, logger=quiet)
             try:
                 client.get_topic_partitions("persistent://public/default/stack-health")
                 return True

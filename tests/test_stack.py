@@ -63,3 +63,44 @@ def test_target_serves_replicate_message(stack):
     source = milvus_pb2_grpc.MilvusServiceStub(grpc.insecure_channel(stack["source_milvus"].removeprefix("http://")))
     refused = source.ReplicateMessage(milvus_pb2.ReplicateMessageRequest(channel_name="by-dev-replicate-msg"))
     assert refused.status.code == 1900, refused.status
+
+
+def test_up_then_down_leaves_no_process(tmp_path):
+    """The command line: `up` prints the endpoints and leaves the stack running; `down` stops all of it."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from stack import Part
+    env = {**os.environ, "MILVUS_CDC_STACK_STATE": str(tmp_path / "state.json")}
+    script = str(Path(__file__).resolve().parent / "stack.py")
+    up = subprocess.run([sys.executable, script, "up", "--dir", str(tmp_path / "stack")], env=env,
+                        capture_output=True, text=True, timeout=300)
+    assert up.returncode == 0, up.stderr[-2000:]
+    endpoints = json.loads(up.stdout)
+    assert {"etcd", "kafka", "pulsar", "mysql", "source_milvus", "target_milvus"} <= set(endpoints)
+    parts = [Part(**p) for p in json.loads((tmp_path / "state.json").read_text())["parts"]]
+    assert {p.name for p in parts} >= {"etcd", "kafka", "pulsar", "source-milvus", "target-milvus"}
+    assert all(p.alive() for p in parts)
+    down = subprocess.run([sys.executable, script, "down"], env=env, capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0, down.stderr
+    assert not any(p.alive() for p in parts), [p.name for p in parts if p.alive()]
+    assert not (tmp_path / "state.json").exists() and not (tmp_path / "stack").exists()
+
+
+def test_a_part_that_does_not_come_up_is_named_and_nothing_is_left(tmp_path):
+    from stack import Stack, StackError
+
+    class BrokenBroker(Stack):
+        def _start_kafka(self):
+            part = self._spawn("kafka", ["sh", "-c", "echo 'broker exploded'; exit 3"])
+            from stack import wait_until
+            wait_until(part, lambda: False, 10, "Kafka metadata answer")
+
+    broken = BrokenBroker(tmp_path / "stack", with_pulsar=False)
+    with pytest.raises(StackError) as failure:
+        broken.up()
+    assert "kafka did not come up" in str(failure.value) and "broker exploded" in str(failure.value)
+    assert broken.parts == [] and not (tmp_path / "stack").exists()
