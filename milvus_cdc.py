@@ -586,7 +586,8 @@ class EtcdMetaStore(MetaStore):
     def delete_task(self, task_id):
         ops = self.client.transactions
         self.client.transaction(compare=[], success=[ops.delete(self._key("task_info", task_id)),
-                                                     ops.delete(self._key("task_position", task_id))])
+                                                     ops.delete(self._key("task_position", task_id))],
+                                failure=[])
 
     def _save_positions(self, task_id, document):
         self.client.put(self._key("task_position", task_id), document)

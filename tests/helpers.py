@@ -1,6 +1,7 @@
 """Shared test helpers: a real milvus_cdc.py server process, waiting, and source/target comparison."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -73,6 +74,8 @@ class CdcServer:
 
     def start(self, timeout: float = 30.0) -> "CdcServer":
         log = open(self.log_path, "ab")
+        if self.proc is None:
+            atexit.register(self.kill)  # a failing test must not leave a server replicating into later ones
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "milvus_cdc.py"), "-c", str(self.config_path)],
                                      stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
         log.close()
