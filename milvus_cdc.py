@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import heapq
 import json
 import logging
@@ -426,138 +427,121 @@ class MetaStore(ABC):
         return {c.channel: c for c in map(Checkpoint.from_json, json.loads(document))}
 
 
-class SqliteMetaStore(MetaStore):
+class SqlMetaStore(MetaStore):
+    """The SQL stores: tables ``task_info`` and ``task_position`` keyed by (root_path, task_id). Subclasses give
+    the driver's transaction and dialect."""
+
+    MARK = "%s"                  # the driver's parameter marker
+    REPLACE = "REPLACE INTO"     # insert or overwrite by primary key
+    TEXT = "LONGTEXT"
+    KEY = "VARCHAR(255)"
+
+    @abstractmethod
+    def _transaction(self):
+        """A context manager giving a cursor; commits on success, rolls back on error."""
+
+    def _create_tables(self) -> None:
+        with self._transaction() as cur:
+            cur.execute(f"CREATE TABLE IF NOT EXISTS task_info (root_path {self.KEY} NOT NULL, task_id {self.KEY} "
+                        f"NOT NULL, info {self.TEXT} NOT NULL, PRIMARY KEY (root_path, task_id))")
+            cur.execute(f"CREATE TABLE IF NOT EXISTS task_position (root_path {self.KEY} NOT NULL, task_id "
+                        f"{self.KEY} NOT NULL, positions {self.TEXT} NOT NULL, PRIMARY KEY (root_path, task_id))")
+
+    def _put(self, table: str, task_id: str, document: str) -> None:
+        m = self.MARK
+        with self._transaction() as cur:
+            cur.execute(f"{self.REPLACE} {table} VALUES ({m}, {m}, {m})", (self.root_path, task_id, document))
+
+    def save_task(self, task_id, info):
+        self._put("task_info", task_id, json.dumps(info))
+
+    def _save_positions(self, task_id, document):
+        self._put("task_position", task_id, document)
+
+    def load_tasks(self):
+        with self._transaction() as cur:
+            cur.execute(f"SELECT task_id, info FROM task_info WHERE root_path = {self.MARK}", (self.root_path,))
+            return {task_id: json.loads(info) for task_id, info in cur.fetchall()}
+
+    def _load_positions(self, task_id):
+        m = self.MARK
+        with self._transaction() as cur:
+            cur.execute(f"SELECT positions FROM task_position WHERE root_path = {m} AND task_id = {m}",
+                        (self.root_path, task_id))
+            row = cur.fetchone()
+        return row[0] if row else None
+
+    def delete_task(self, task_id):
+        m = self.MARK
+        with self._transaction() as cur:
+            for table in ("task_info", "task_position"):
+                cur.execute(f"DELETE FROM {table} WHERE root_path = {m} AND task_id = {m}", (self.root_path, task_id))
+
+
+class SqliteMetaStore(SqlMetaStore):
     """The embedded default: one local file, no server to run."""
+
+    MARK, REPLACE, TEXT, KEY = "?", "INSERT OR REPLACE INTO", "TEXT", "TEXT"
 
     def __init__(self, path: str, root_path: str):
         super().__init__(root_path)
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.lock = threading.Lock()
         self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA busy_timeout=10000")
-        with self.lock:
-            self.db.execute("CREATE TABLE IF NOT EXISTS task_info (root_path TEXT NOT NULL, task_id TEXT NOT NULL, "
-                            "info TEXT NOT NULL, PRIMARY KEY (root_path, task_id))")
-            self.db.execute("CREATE TABLE IF NOT EXISTS task_position (root_path TEXT NOT NULL, "
-                            "task_id TEXT NOT NULL, positions TEXT NOT NULL, PRIMARY KEY (root_path, task_id))")
+        self._create_tables()
 
-    def save_task(self, task_id, info):
+    @contextlib.contextmanager
+    def _transaction(self):
         with self.lock:
-            self.db.execute("INSERT OR REPLACE INTO task_info VALUES (?, ?, ?)",
-                            (self.root_path, task_id, json.dumps(info)))
-
-    def load_tasks(self):
-        with self.lock:
-            rows = self.db.execute("SELECT task_id, info FROM task_info WHERE root_path = ?",
-                                   (self.root_path,)).fetchall()
-        return {task_id: json.loads(info) for task_id, info in rows}
-
-    def delete_task(self, task_id):
-        with self.lock:
-            self.db.execute("BEGIN IMMEDIATE")
+            cur = self.db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
             try:
-                for table in ("task_info", "task_position"):
-                    self.db.execute(f"DELETE FROM {table} WHERE root_path = ? AND task_id = ?",
-                                    (self.root_path, task_id))
-                self.db.execute("COMMIT")
+                yield cur
+                cur.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                cur.execute("ROLLBACK")
                 raise
-
-    def _save_positions(self, task_id, document):
-        with self.lock:
-            self.db.execute("INSERT OR REPLACE INTO task_position VALUES (?, ?, ?)",
-                            (self.root_path, task_id, document))
-
-    def _load_positions(self, task_id):
-        with self.lock:
-            row = self.db.execute("SELECT positions FROM task_position WHERE root_path = ? AND task_id = ?",
-                                  (self.root_path, task_id)).fetchone()
-        return row[0] if row else None
+            finally:
+                cur.close()
 
     def close(self):
         with self.lock:
             self.db.close()
 
 
-class MySQLMetaStore(MetaStore):
+class MySQLMetaStore(SqlMetaStore):
     """MySQL or MariaDB through pymysql; creates its database and tables when they are missing."""
 
     def __init__(self, params: dict, root_path: str):
         import pymysql
         super().__init__(root_path)
-        self.pymysql = pymysql
-        self.params = dict(params)
         self.lock = threading.Lock()
-        database = self.params.pop("database")
-        bootstrap = pymysql.connect(**self.params, connect_timeout=10)
+        params = dict(params)
+        database = params.pop("database")
+        bootstrap = pymysql.connect(**params, connect_timeout=10)
         try:
             with bootstrap.cursor() as cur:
                 cur.execute(f"CREATE DATABASE IF NOT EXISTS `{database.replace('`', '``')}`")
         finally:
             bootstrap.close()
-        self.params["database"] = database
-        self.conn = pymysql.connect(**self.params, connect_timeout=10, autocommit=False)
-        with self._cursor() as cur:
-            cur.execute("CREATE TABLE IF NOT EXISTS task_info (root_path VARCHAR(255) NOT NULL, "
-                        "task_id VARCHAR(64) NOT NULL, info LONGTEXT NOT NULL, PRIMARY KEY (root_path, task_id))")
-            cur.execute("CREATE TABLE IF NOT EXISTS task_position (root_path VARCHAR(255) NOT NULL, "
-                        "task_id VARCHAR(64) NOT NULL, positions LONGTEXT NOT NULL, "
-                        "PRIMARY KEY (root_path, task_id))")
+        self.conn = pymysql.connect(**params, database=database, connect_timeout=10, autocommit=False)
+        self._create_tables()
 
-    class _Transaction:
-        def __init__(self, store: "MySQLMetaStore"):
-            self.store = store
-
-        def __enter__(self):
-            self.store.lock.acquire()
+    @contextlib.contextmanager
+    def _transaction(self):
+        with self.lock:
+            self.conn.ping(reconnect=True)
+            cur = self.conn.cursor()
             try:
-                self.store.conn.ping(reconnect=True)
-                self.cursor = self.store.conn.cursor()
+                yield cur
+                self.conn.commit()
             except BaseException:
-                self.store.lock.release()
+                self.conn.rollback()
                 raise
-            return self.cursor
-
-        def __exit__(self, exc_type, *_):
-            try:
-                if exc_type is None:
-                    self.store.conn.commit()
-                else:
-                    self.store.conn.rollback()
             finally:
-                self.cursor.close()
-                self.store.lock.release()
-
-    def _cursor(self):
-        return self._Transaction(self)
-
-    def save_task(self, task_id, info):
-        with self._cursor() as cur:
-            cur.execute("REPLACE INTO task_info VALUES (%s, %s, %s)", (self.root_path, task_id, json.dumps(info)))
-
-    def load_tasks(self):
-        with self._cursor() as cur:
-            cur.execute("SELECT task_id, info FROM task_info WHERE root_path = %s", (self.root_path,))
-            return {task_id: json.loads(info) for task_id, info in cur.fetchall()}
-
-    def delete_task(self, task_id):
-        with self._cursor() as cur:
-            for table in ("task_info", "task_position"):
-                cur.execute(f"DELETE FROM {table} WHERE root_path = %s AND task_id = %s", (self.root_path, task_id))
-
-    def _save_positions(self, task_id, document):
-        with self._cursor() as cur:
-            cur.execute("REPLACE INTO task_position VALUES (%s, %s, %s)", (self.root_path, task_id, document))
-
-    def _load_positions(self, task_id):
-        with self._cursor() as cur:
-            cur.execute("SELECT positions FROM task_position WHERE root_path = %s AND task_id = %s",
-                        (self.root_path, task_id))
-            row = cur.fetchone()
-        return row[0] if row else None
+                cur.close()
 
     def close(self):
         with self.lock:
