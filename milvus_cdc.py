@@ -1499,9 +1499,11 @@ class Replicator:
 
     def stop(self, timeout: float = 60.0) -> None:
         self.stop_event.set()
-        for thread in self.threads:
-            if thread is not threading.current_thread():
+        joined: set[threading.Thread] = set()
+        while unjoined := [t for t in self.threads if t not in joined and t is not threading.current_thread()]:
+            for thread in unjoined:  # the applier may still add the reader thread while it stops
                 thread.join(timeout)
+                joined.add(thread)
 
     def lag(self) -> list[dict]:
         now = time.time()

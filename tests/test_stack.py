@@ -78,13 +78,16 @@ def test_up_then_down_leaves_no_process(tmp_path):
     script = str(Path(__file__).resolve().parent / "stack.py")
     up = subprocess.run([sys.executable, script, "up", "--dir", str(tmp_path / "stack")], env=env,
                         capture_output=True, text=True, timeout=300)
-    assert up.returncode == 0, up.stderr[-2000:]
-    endpoints = json.loads(up.stdout)
-    assert {"etcd", "kafka", "pulsar", "mysql", "source_milvus", "target_milvus"} <= set(endpoints)
-    parts = [Part(**p) for p in json.loads((tmp_path / "state.json").read_text())["parts"]]
-    assert {p.name for p in parts} >= {"etcd", "kafka", "pulsar", "source-milvus", "target-milvus"}
-    assert all(p.alive() for p in parts)
-    down = subprocess.run([sys.executable, script, "down"], env=env, capture_output=True, text=True, timeout=120)
+    try:
+        assert up.returncode == 0, up.stderr[-2000:]
+        endpoints = json.loads(up.stdout)
+        assert {"etcd", "kafka", "pulsar", "mysql", "source_milvus", "target_milvus"} <= set(endpoints)
+        parts = [Part(**p) for p in json.loads((tmp_path / "state.json").read_text())["parts"]]
+        assert {p.name for p in parts} >= {"etcd", "kafka", "pulsar", "source-milvus", "target-milvus"}
+        assert all(p.alive() for p in parts)
+    finally:
+        down = subprocess.run([sys.executable, script, "down"], env=env, capture_output=True, text=True,
+                              timeout=120)
     assert down.returncode == 0, down.stderr
     assert not any(p.alive() for p in parts), [p.name for p in parts if p.alive()]
     assert not (tmp_path / "state.json").exists() and not (tmp_path / "stack").exists()
