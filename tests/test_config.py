@@ -1,0 +1,192 @@
+"""The configuration: the seed's keys load, a wrong value stops start-up with one line naming the key, an unknown
+key is a warning."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import milvus_cdc as m
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The server configuration template of the usage document, with its commented-out parts switched on.
+SEED_TEMPLATE = """
+address: 0.0.0.0:8444
+maxTaskNum: 100
+maxNameLength: 256
+metaStoreConfig:
+  storeType: mysql
+  etcd:
+    address:
+      - http://127.0.0.1:2379
+    enableAuth: false
+    username: root
+    password: root123456
+    enableTLS: false
+    tlsCertPath: deployment/cert/client.pem
+    tlsKeyPath: deployment/cert/client.key
+    tlsCACertPath: deployment/cert/ca.pem
+  mysqlSourceUrl: root:root@tcp(127.0.0.1:3306)/milvus-cdc?charset=utf8
+  rootPath: cdc
+sourceConfig:
+  etcd:
+    address:
+      - http://127.0.0.1:2379
+    rootPath: by-dev
+    metaSubPath: meta
+    enableAuth: true
+    username: root
+    password: root123456
+    enableTLS: false
+    tlsCertPath: deployment/cert/client.pem
+    tlsKeyPath: deployment/cert/client.key
+    tlsCACertPath: deployment/cert/ca.pem
+    tlsMinVersion: 1.3
+  etcdRootPath: by-dev
+  etcdMetaSubPath: meta
+  defaultPartitionName: _default
+  readChanLen: 4
+  replicateChan: by-dev-replicate-msg
+  pulsar:
+    address: pulsar://localhost:6650
+    webAddress: localhost:80
+    maxMessageSize: 5242880
+    tenant: public
+    namespace: default
+    authPlugin: org.apache.pulsar.client.impl.auth.AuthenticationToken
+    authParams: token:xxx
+"""
+
+
+def write(tmp_path, data) -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return str(path)
+
+
+def base() -> dict:
+    return yaml.safe_load((ROOT / "config.yaml").read_text())
+
+
+def test_the_repository_config_loads_without_warnings():
+    config, warnings = m.load_config(str(ROOT / "config.yaml"))
+    assert warnings == []
+    assert (config.host, config.port, config.meta_store.store_type) == ("0.0.0.0", 8444, "sqlite")
+    assert config.source.mq_type == "kafka" and config.source.read_chan_len == 4
+
+
+def test_every_key_of_the_usage_document_loads(tmp_path):
+    config, warnings = m.load_config(write(tmp_path, SEED_TEMPLATE))
+    assert warnings == []
+    assert config.meta_store.store_type == "mysql"
+    assert config.meta_store.mysql == {"host": "127.0.0.1", "port": 3306, "user": "root", "password": "root",
+                                       "database": "milvus-cdc", "charset": "utf8"}
+    assert config.source.mq_type == "pulsar" and config.source.pulsar["authParams"] == "token:xxx"
+    assert (config.source.root_path, config.source.meta_sub_path) == ("by-dev", "meta")
+    assert config.source.etcd.username == "root" and config.source.etcd.password == "root123456"
+    assert config.source.replicate_chan == "by-dev-replicate-msg"
+
+
+def test_an_unknown_key_is_a_warning_naming_it(tmp_path):
+    data = base()
+    data["sourceConfig"]["foo"] = 1
+    data["bar"] = {"baz": 2}
+    _, warnings = m.load_config(write(tmp_path, data))
+    assert sorted(warnings) == ["config: unknown key bar ignored", "config: unknown key sourceConfig.foo ignored"]
+
+
+def set_key(data: dict, dotted: str, value):
+    node = data
+    *path, last = dotted.split(".")
+    for key in path:
+        node = node.setdefault(key, {})
+    if value is DELETE:
+        node.pop(last, None)
+    else:
+        node[last] = value
+
+
+DELETE = object()
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"maxTaskNum": 0}, "maxTaskNum"),
+    ({"maxTaskNum": "x"}, "maxTaskNum"),
+    ({"maxNameLength": -1}, "maxNameLength"),
+    ({"address": "nope:xx"}, "address"),
+    ({"logLevel": "loud"}, "logLevel"),
+    ({"metaStoreConfig.storeType": "redis"}, "metaStoreConfig.storeType"),
+    ({"metaStoreConfig.storeType": "mysql"}, "metaStoreConfig.mysqlSourceUrl"),
+    ({"metaStoreConfig.storeType": "mysql", "metaStoreConfig.mysqlSourceUrl": "root@somewhere"},
+     "metaStoreConfig.mysqlSourceUrl"),
+    ({"sourceConfig.readChanLen": 0}, "sourceConfig.readChanLen"),
+    ({"sourceConfig.pulsar": {"address": "pulsar://h:6650"}}, "sourceConfig"),
+    ({"sourceConfig.kafka": DELETE}, "sourceConfig"),
+    ({"sourceConfig.kafka": DELETE, "sourceConfig.pulsar": {"address": "h:6650"}}, "sourceConfig.pulsar.address"),
+    ({"sourceConfig.etcd.rootPath": "a", "sourceConfig.etcdRootPath": "b"}, "sourceConfig.etcd.rootPath"),
+    ({"sourceConfig.etcd.enableTLS": True, "sourceConfig.etcd.tlsCertPath": "/no/such.pem"},
+     "sourceConfig.etcd.tlsCertPath"),
+    ({"sourceConfig.etcd.address": []}, "sourceConfig.etcd.address"),
+    ({"sourceConfig.etcd.enableAuth": "sometimes"}, "sourceConfig.etcd.enableAuth"),
+    ({"replication.checkpointInterval": 0}, "replication.checkpointInterval"),
+    ({"replication.retryTimeout": -5}, "replication.retryTimeout"),
+])
+def test_a_wrong_value_is_refused_naming_the_key(tmp_path, changes, named):
+    data = base()
+    for dotted, value in changes.items():
+        set_key(data, dotted, value)
+    with pytest.raises(m.ConfigError) as refused:
+        m.load_config(write(tmp_path, data))
+    message = str(refused.value)
+    assert named in message and "\n" not in message, message
+
+
+def test_files_that_cannot_be_read(tmp_path):
+    with pytest.raises(m.ConfigError, match="cannot read"):
+        m.load_config(str(tmp_path / "missing.yaml"))
+    with pytest.raises(m.ConfigError, match="not valid YAML"):
+        m.load_config(write(tmp_path, "address: [unclosed"))
+    with pytest.raises(m.ConfigError, match="must be a mapping"):
+        m.load_config(write(tmp_path, "- a list\n"))
+
+
+def test_the_server_stops_with_one_line_on_a_bad_config(tmp_path):
+    data = base()
+    data["sourceConfig"]["readChanLen"] = "many"
+    result = subprocess.run([sys.executable, str(ROOT / "milvus_cdc.py"), "-c", write(tmp_path, data)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "sourceConfig.readChanLen" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("dsn, expected", [
+    ("root:root@tcp(127.0.0.1:3306)/milvus-cdc?charset=utf8",
+     {"host": "127.0.0.1", "port": 3306, "user": "root", "password": "root", "database": "milvus-cdc",
+      "charset": "utf8"}),
+    ("u:p@ss:w@rd@tcp(db.example:3307)/cdc",
+     {"host": "db.example", "port": 3307, "user": "u", "password": "p@ss:w@rd", "database": "cdc",
+      "charset": "utf8mb4"}),
+    ("root@tcp(h)/x", {"host": "h", "port": 3306, "user": "root", "password": "", "database": "x",
+                       "charset": "utf8mb4"}),
+    ("mysql://a:b%40c@h:3310/d?charset=latin1",
+     {"host": "h", "port": 3310, "user": "a", "password": "b@c", "database": "d", "charset": "latin1"}),
+])
+def test_go_and_url_dsn_forms(dsn, expected):
+    assert m.parse_mysql_dsn(dsn) == expected
+
+
+@pytest.mark.parametrize("dsn", ["", "root:root@tcp(h:1)", "root@unix(/tmp/s)/db", "just text"])
+def test_malformed_dsns(dsn):
+    with pytest.raises(ValueError):
+        m.parse_mysql_dsn(dsn)
+
+
+def test_host_port_forms():
+    assert m.split_host_port("http://127.0.0.1:2379", 1) == ("127.0.0.1", 2379)
+    assert m.split_host_port("localhost", 2379) == ("localhost", 2379)
+    assert m.split_host_port("[::1]:9092", 1) == ("::1", 9092)

@@ -1,0 +1,165 @@
+"""One contract for the three meta stores, run on real servers: sqlite (a temporary file), MySQL (the stack's
+MariaDB, reached through a Go-style DSN) and etcd (the stack's etcd)."""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import uuid
+
+import pymysql
+import pyetcd
+import pytest
+
+import milvus_cdc as m
+
+
+def settings_for(kind: str, stack: dict, tmp_path, root_path: str, database: str | None = None):
+    if kind == "sqlite":
+        return m.MetaStoreSettings("sqlite", root_path, sqlite_path=str(tmp_path / "meta.db"))
+    if kind == "mysql":
+        my = stack["mysql"]
+        dsn = f"{my['user']}:{my['password']}@tcp({my['host']}:{my['port']})/{database or my['database']}?charset=utf8"
+        return m.MetaStoreSettings("mysql", root_path, mysql=m.parse_mysql_dsn(dsn))
+    return m.MetaStoreSettings("etcd", root_path, etcd=m.EtcdSettings(endpoints=(f"http://{stack['etcd']}",)))
+
+
+@pytest.fixture(params=["sqlite", "mysql", "etcd"])
+def opener(request, stack, tmp_path):
+    """Opens stores of one kind; every test gets its own rootPath, so tests never see each other's data."""
+    opened = []
+    root_path = f"cdc-contract-{uuid.uuid4().hex[:10]}"
+
+    def open_store(root: str | None = None, database: str | None = None) -> m.MetaStore:
+        store = m.open_meta_store(settings_for(request.param, stack, tmp_path, root or root_path, database))
+        opened.append(store)
+        return store
+    open_store.kind, open_store.root_path = request.param, root_path
+    yield open_store
+    for store in opened:
+        try:
+            store.close()
+        except Exception:  # noqa: BLE001 - closed by the test already
+            pass
+
+
+def checkpoints(*pairs) -> list[m.Checkpoint]:
+    return [m.Checkpoint(channel, msg_id, ts, resume) for channel, msg_id, ts, resume in pairs]
+
+
+def test_task_document_round_trip_and_overwrite(opener):
+    store = opener()
+    info = {"task_id": "t1", "milvus_connect_param": {"uri": "http://h:19530", "token": "root:Milvus"},
+            "collection_infos": [{"name": "*"}], "state": "Running", "reason": "", "note": "δοκιμή ✓"}
+    store.save_task("t1", info)
+    assert store.load_tasks() == {"t1": info}
+    store.save_task("t1", {**info, "state": "Paused", "reason": "manually pause through http interface"})
+    assert store.load_tasks()["t1"]["state"] == "Paused" and len(store.load_tasks()) == 1
+
+
+def test_checkpoints_round_trip_and_replace_the_whole_set(opener):
+    store = opener()
+    first = checkpoints(("by-dev-rootcoord-dml_0", b"\x00\x00\x01\x00\x00\x00\x00\x00", 470672960302874626, "after"),
+                        ("by-dev-rootcoord-dml_1", b"\x00" * 8, 2 ** 63 - 1, "at"),
+                        ("by-dev-replicate-msg", b"\xff\x00\x7f", 1, "after"))
+    store.save_checkpoints("t1", first)
+    assert store.load_checkpoints("t1") == {c.channel: c for c in first}
+    second = first[:1]
+    store.save_checkpoints("t1", second)
+    assert store.load_checkpoints("t1") == {c.channel: c for c in second}, "a channel left out disappears"
+    assert store.load_checkpoints("unknown") == {}
+
+
+def test_delete_removes_the_task_and_its_checkpoints_together(opener, stack, tmp_path):
+    store = opener()
+    for task_id in ("gone", "kept"):
+        store.save_task(task_id, {"task_id": task_id})
+        store.save_checkpoints(task_id, checkpoints(("ch", b"\x01", 5, "after")))
+    store.delete_task("gone")
+    assert set(store.load_tasks()) == {"kept"} and store.load_checkpoints("gone") == {}
+    assert store.load_checkpoints("kept") != {}
+    assert leftovers(opener.kind, stack, tmp_path, opener.root_path, "gone") == []
+    assert leftovers(opener.kind, stack, tmp_path, opener.root_path, "kept") != []
+
+
+def leftovers(kind: str, stack: dict, tmp_path, root_path: str, task_id: str) -> list:
+    """What the underlying server still holds for a task, read without the store."""
+    if kind == "etcd":
+        host, port = stack["etcd"].split(":")
+        client = pyetcd.client(host=host, port=int(port))
+        return [meta.key for _, meta in client.get_prefix(f"{root_path}/") if meta.key.decode().endswith(task_id)]
+    if kind == "sqlite":
+        db = sqlite3.connect(tmp_path / "meta.db")
+        rows = [r for table in ("task_info", "task_position") for r in db.execute(
+            f"SELECT task_id FROM {table} WHERE root_path = ? AND task_id = ?", (root_path, task_id))]
+        db.close()
+        return rows
+    my = stack["mysql"]
+    conn = pymysql.connect(host=my["host"], port=my["port"], user=my["user"], password=my["password"],
+                           database=my["database"])
+    with conn.cursor() as cur:
+        rows = []
+        for table in ("task_info", "task_position"):
+            cur.execute(f"SELECT task_id FROM {table} WHERE root_path = %s AND task_id = %s", (root_path, task_id))
+            rows += list(cur.fetchall())
+    conn.close()
+    return rows
+
+
+def test_root_paths_separate_tenants_on_one_server(opener):
+    one, other = opener(), opener(root=f"other-{uuid.uuid4().hex[:8]}")
+    one.save_task("t1", {"task_id": "t1"})
+    one.save_checkpoints("t1", checkpoints(("ch", b"\x01", 5, "after")))
+    other.save_task("t2", {"task_id": "t2"})
+    assert set(one.load_tasks()) == {"t1"} and set(other.load_tasks()) == {"t2"}
+    assert other.load_checkpoints("t1") == {}
+    other.delete_task("t1")
+    assert set(one.load_tasks()) == {"t1"}, "a tenant cannot delete another's task"
+
+
+def test_data_survives_closing_and_reopening(opener):
+    store = opener()
+    store.save_task("t1", {"task_id": "t1", "state": "Paused"})
+    store.save_checkpoints("t1", checkpoints(("ch", b"\x02", 9, "at")))
+    store.close()
+    again = opener()
+    assert again.load_tasks() == {"t1": {"task_id": "t1", "state": "Paused"}}
+    assert again.load_checkpoints("t1")["ch"].resume == "at"
+
+
+def test_concurrent_checkpoint_writes_stay_whole(opener):
+    """Each write replaces the set atomically: the result is exactly one of the sets written."""
+    store = opener()
+    sets = [checkpoints(*[(f"ch{c}", bytes([w, c]), w * 100 + c, "after") for c in range(5)]) for w in range(8)]
+    errors = []
+
+    def write(one_set):
+        try:
+            for _ in range(10):
+                store.save_checkpoints("t1", one_set)
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+    threads = [threading.Thread(target=write, args=(s,)) for s in sets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert store.load_checkpoints("t1") in [{c.channel: c for c in s} for s in sets]
+
+
+def test_mysql_store_creates_its_database_and_tables(stack, tmp_path):
+    database = f"cdc_fresh_{uuid.uuid4().hex[:8]}"
+    my = stack["mysql"]
+    store = m.open_meta_store(settings_for("mysql", stack, tmp_path, "fresh", database))
+    try:
+        store.save_task("t1", {"task_id": "t1"})
+        assert store.load_tasks() == {"t1": {"task_id": "t1"}}
+    finally:
+        store.close()
+        conn = pymysql.connect(host=my["host"], port=my["port"], user=my["user"], password=my["password"])
+        with conn.cursor() as cur:
+            cur.execute("SHOW TABLES FROM `%s`" % database)
+            tables = {row[0] for row in cur.fetchall()}
+            cur.execute("DROP DATABASE `%s`" % database)
+        conn.close()
+    assert tables == {"task_info", "task_position"}
