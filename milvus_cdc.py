@@ -1852,17 +1852,11 @@ class Applier:
 
     def _apply_event(self, event: MetaEvent) -> None:
         if event.kind == "collection":
-            source = self._source(event.collection_id, refresh=True)
-            if source is not None and not source.dropped:
-                self._ensure_target(source)
-                for pchannel in source.pchannels:
-                    if pchannel not in self.channels:
-                        start = source.start_positions.get(pchannel)
-                        self._add_channel(pchannel, False, StartAt("at", start) if start else LATEST)
+            self._addressed(event.collection_id, refresh=True)
         elif event.kind == "partition":
-            source = self._source(event.collection_id)
-            target = self._ensure_target(source) if source is not None and not source.dropped else None
-            if target is not None:
+            addressed = self._addressed(event.collection_id)
+            if addressed is not None:
+                source, target = addressed
                 for partition in self.meta.partitions(source.id):
                     if partition.id == event.partition_id and partition.state == PARTITION_CREATED:
                         self._ensure_partition(source, target, partition.name)
@@ -1937,7 +1931,15 @@ class Applier:
                 self._copy_indexes_and_load(source)
         self.targets[source.id] = target
         self.r.clock.add_channels(target.pchannels)
+        self._follow(source)
         return target
+
+    def _follow(self, source: SourceCollection) -> None:
+        """Read the channels of a collection that has a copy on the target, until its drop is applied."""
+        for pchannel in source.pchannels:
+            if pchannel not in self.channels:
+                start = source.start_positions.get(pchannel)
+                self._add_channel(pchannel, False, StartAt("at", start) if start else LATEST)
 
     def _copy_indexes_and_load(self, source: SourceCollection) -> None:
         """A collection that existed before the task, whose history the task does not read, comes over as it is
@@ -2007,16 +2009,20 @@ class Applier:
         if handler is not None:
             handler(message)
 
-    def _addressed(self, collection_id: int) -> tuple[SourceCollection, TargetCollection] | None:
-        source = self._source(collection_id)
+    def _addressed(self, collection_id: int, refresh: bool = False) \
+            -> tuple[SourceCollection, TargetCollection] | None:
+        """The replicated source collection and its target copy (created when missing), or None."""
+        source = self._source(collection_id, refresh)
         if source is None:
             return None
         if source.dropped and source.id not in self.targets:
-            # Replayed data of a collection dropped since: only worth applying to a copy that still exists.
+            # Dropped since (etcd is ahead of the stream): only a copy that already exists still needs what
+            # comes before the drop, the drop included.
             target = self.writer.describe_collection(source.db_name, source.name)
             if target is None or target.created_ts != source.create_time:
                 return None
             self.targets[source.id] = target
+            self._follow(source)
         return source, self._ensure_target(source)
 
     def _apply_insert(self, message: SourceMessage) -> None:
@@ -2046,9 +2052,7 @@ class Applier:
     def _apply_create_collection(self, message: SourceMessage) -> None:
         from pymilvus.grpc_gen import msg_pb2
         msg = msg_pb2.CreateCollectionRequest.FromString(message.payload)
-        source = self._source(msg.collectionID, refresh=msg.collectionID not in self.targets)
-        if source is not None and not source.dropped:
-            self._ensure_target(source)
+        self._addressed(msg.collectionID, refresh=msg.collectionID not in self.targets)
 
     def _shards_on(self, source: SourceCollection, pchannel: str) -> list[int]:
         return [shard_index(v) for v in source.vchannels if pchannel_of(v) == pchannel]
@@ -2214,6 +2218,10 @@ class Applier:
             self.log.info("task=%s released partitions %s of %s", self.tid, sorted(loaded - wanted),
                           source.qualified_name)
 
+
+###############################################################################
+# Task manager: lifecycle and checked requests ################################
+###############################################################################
 
 class ApiError(Exception):
     """A request the server refuses; ``code`` is the HTTP status and the body's code."""

@@ -356,14 +356,14 @@ def test_get_shows_lag_and_position_shows_checkpoints(cdc, unique_name):
     cdc.source.insert(name, make_rows(0, 10))
     wait_collection(cdc.target, name)
 
+    created = cdc.source.describe_collection(name)["created_timestamp"]
+
     def fresh_channels():
         channels = cdc.server.task(cdc.task_id)["channels"]
         dml = [c for c in channels if "rootcoord-dml" in c["channel"]]
-        return dml and all(c["lag_seconds"] is not None and c["lag_seconds"] < 5 for c in dml) and channels
-    channels = wait_until(fresh_channels, 30, what="every channel confirmed within 5 s")
-    described = cdc.source.describe_collection(name)
-    assert all(c["confirmed_ts"] > described["created_timestamp"] for c in channels
-               if "rootcoord-dml" in c["channel"])
+        return dml and all(c["lag_seconds"] is not None and c["lag_seconds"] < 5 and c["confirmed_ts"] > created
+                           for c in dml) and channels
+    channels = wait_until(fresh_channels, 30, what="every channel confirmed past the creation, within 5 s")
     positions = cdc.server.call("position", task_id=cdc.task_id)["positions"]
     assert {p["channel"] for p in positions} >= {c["channel"] for c in channels if c["confirmed_ts"]}
     assert all(p["timestamp"] > 0 and p["msg_id"] for p in positions)
