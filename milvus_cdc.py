@@ -526,13 +526,18 @@ class MySQLMetaStore(SqlMetaStore):
                 cur.execute(f"CREATE DATABASE IF NOT EXISTS `{database.replace('`', '``')}`")
         finally:
             bootstrap.close()
-        self.conn = pymysql.connect(**params, database=database, connect_timeout=10, autocommit=False)
+        self.connect = lambda: pymysql.connect(**params, database=database, connect_timeout=10, autocommit=False)
+        self.conn = self.connect()
         self._create_tables()
 
     @contextlib.contextmanager
     def _transaction(self):
+        import pymysql
         with self.lock:
-            self.conn.ping(reconnect=True)
+            try:
+                self.conn.ping()
+            except pymysql.err.Error:  # the server restarted or dropped an idle connection
+                self.conn = self.connect()
             cur = self.conn.cursor()
             try:
                 yield cur
