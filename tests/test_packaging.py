@@ -38,3 +38,31 @@ def test_kafka_records_are_checked_with_the_native_crc32c():
     import crc32c
     from kafka.record import util
     assert util._crc32c is crc32c.crc32c
+
+
+def test_the_readme_run_command_serves_list_on_the_default_config(tmp_path):
+    """`python milvus_cdc.py -c config.yaml` with the repository's config, nothing else running for it."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    shutil.copy(ROOT / "config.yaml", tmp_path / "config.yaml")
+    server = subprocess.Popen([sys.executable, str(ROOT / "milvus_cdc.py"), "-c", "config.yaml"], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        answer, deadline = None, time.monotonic() + 30
+        while answer is None and time.monotonic() < deadline and server.poll() is None:
+            try:
+                request = urllib.request.Request("http://127.0.0.1:8444/cdc", data=b'{"request_type":"list"}',
+                                                 method="POST")
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    answer = (response.status, json.loads(response.read()))
+            except OSError:
+                time.sleep(0.2)
+        assert answer == (200, {"code": 200, "message": "", "data": {"tasks": []}}), server.poll()
+        assert (tmp_path / "cdc_meta.db").exists(), "the embedded sqlite store is the default"
+    finally:
+        server.terminate()
+        server.wait(30)
