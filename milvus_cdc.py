@@ -436,9 +436,28 @@ class SqlMetaStore(MetaStore):
     TEXT = "LONGTEXT"
     KEY = "VARCHAR(255)"
 
+    lock: threading.Lock
+
     @abstractmethod
+    def _begin(self):
+        """A cursor inside a new transaction (reconnecting first when the driver needs to)."""
+
+    @abstractmethod
+    def _end(self, cursor, commit: bool) -> None: ...
+
+    @contextlib.contextmanager
     def _transaction(self):
-        """A context manager giving a cursor; commits on success, rolls back on error."""
+        """A cursor whose statements commit together on success and roll back on error."""
+        with self.lock:
+            cursor = self._begin()
+            try:
+                yield cursor
+                self._end(cursor, commit=True)
+            except BaseException:
+                self._end(cursor, commit=False)
+                raise
+            finally:
+                cursor.close()
 
     def _create_tables(self) -> None:
         with self._transaction() as cur:
@@ -492,19 +511,13 @@ class SqliteMetaStore(SqlMetaStore):
         self.db.execute("PRAGMA busy_timeout=10000")
         self._create_tables()
 
-    @contextlib.contextmanager
-    def _transaction(self):
-        with self.lock:
-            cur = self.db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                yield cur
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-            finally:
-                cur.close()
+    def _begin(self):
+        cursor = self.db.cursor()
+        cursor.execute("BEGIN IMMEDIATE")
+        return cursor
+
+    def _end(self, cursor, commit):
+        cursor.execute("COMMIT" if commit else "ROLLBACK")
 
     def close(self):
         with self.lock:
@@ -530,23 +543,19 @@ class MySQLMetaStore(SqlMetaStore):
         self.conn = self.connect()
         self._create_tables()
 
-    @contextlib.contextmanager
-    def _transaction(self):
+    def _begin(self):
         import pymysql
-        with self.lock:
-            try:
-                self.conn.ping()
-            except pymysql.err.Error:  # the server restarted or dropped an idle connection
-                self.conn = self.connect()
-            cur = self.conn.cursor()
-            try:
-                yield cur
-                self.conn.commit()
-            except BaseException:
-                self.conn.rollback()
-                raise
-            finally:
-                cur.close()
+        try:
+            self.conn.ping()
+        except pymysql.err.Error:  # the server restarted or dropped an idle connection
+            self.conn = self.connect()
+        return self.conn.cursor()
+
+    def _end(self, cursor, commit):
+        if commit:
+            self.conn.commit()
+        else:
+            self.conn.rollback()
 
     def close(self):
         with self.lock:
