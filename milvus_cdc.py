@@ -31,7 +31,7 @@ import urllib.parse
 import uuid
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import yaml
@@ -413,8 +413,8 @@ class MetaStore(ABC):
     @abstractmethod
     def _load_positions(self, task_id: str) -> str | None: ...
 
-    def close(self) -> None:
-        pass
+    @abstractmethod
+    def close(self) -> None: ...
 
     def save_checkpoints(self, task_id: str, checkpoints: Iterable[Checkpoint]) -> None:
         """Replace the task's whole set of checkpoints in one write."""
@@ -755,12 +755,9 @@ class SourceMeta:
 
     def collections(self) -> list[SourceCollection]:
         databases = self.databases()
-        found = []
-        for key, value in self._values("root-coord/database/collection-info/") + \
-                self._values("root-coord/collection/"):
-            info = ETCD_MESSAGES["CollectionInfo"].FromString(value)
-            found.append(self._collection(info, databases))
-        return found
+        return [self._collection(ETCD_MESSAGES["CollectionInfo"].FromString(value), databases)
+                for _, value in self._values("root-coord/database/collection-info/")
+                + self._values("root-coord/collection/")]
 
     def collection(self, collection_id: int) -> SourceCollection | None:
         databases = None
@@ -986,7 +983,8 @@ class PulsarChannelReader(ChannelReader):
         if settings.get("authPlugin"):
             options["authentication"] = pulsar.Authentication(settings["authPlugin"], settings.get("authParams", ""))
         self.client = pulsar.Client(settings["address"], **options)
-        self.topic_prefix = f"persistent://{settings.get('tenant') or 'public'}/{settings.get('namespace') or 'default'}/"
+        tenant, namespace = settings.get("tenant") or "public", settings.get("namespace") or "default"
+        self.topic_prefix = f"persistent://{tenant}/{namespace}/"
         self.readers: dict[str, Any] = {}
 
     def resolve(self, channel, start):
@@ -1258,7 +1256,7 @@ class TargetWriter:
         return TargetCollection(
             id=response.collectionID, db_name=db_name, name=name, created_ts=response.created_timestamp,
             vchannels=vchannels, fields={f.name: f.fieldID for f in response.schema.fields},
-            partitions=dict(zip(partitions.partition_names, partitions.partitionIDs)))
+            partitions=dict(zip(partitions.partition_names, partitions.partitionIDs, strict=True)))
 
     def databases(self) -> list[str]:
         from pymilvus.grpc_gen import milvus_pb2
@@ -1498,7 +1496,7 @@ class Replicator:
         self.reader_commands: queue.SimpleQueue = queue.SimpleQueue()
         self.meta_changes: queue.SimpleQueue = queue.SimpleQueue()
         self.status_lock = threading.Lock()
-        self.status: dict[str, Any] = {"channels": {}, "watermark": 0}
+        self.status: dict[str, Any] = {"channels": {}}
         self.threads: list[threading.Thread] = []
         self.started = threading.Event()  # set once the start positions are pinned in the meta store
         self.failed = False
@@ -1824,7 +1822,6 @@ class Applier:
                        time.time() - ts_seconds(self.durable))
         with self.r.status_lock:
             self.r.status["channels"] = {c.name: c.confirmed_ts for c in self.channels.values()}
-            self.r.status["watermark"] = self.durable
         if not force:
             self.r.clock.advance(self.tid, self.durable, self.writer)
 

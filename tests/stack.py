@@ -268,7 +268,7 @@ class Stack:
     def _launch_milvus(self, name: str, milvus_bin: Path, etcd_port: int, settings: dict) -> tuple[Part, int]:
         import milvus
         data_dir = self.workdir / name
-        ports = dict(zip(MILVUS_PORT_KEYS, free_ports(len(MILVUS_PORT_KEYS) + 1)))
+        ports = dict(zip(MILVUS_PORT_KEYS, free_ports(len(MILVUS_PORT_KEYS)), strict=True))
         metrics_port = free_ports(1)[0]
         while metrics_port in ports.values():
             metrics_port = free_ports(1)[0]

@@ -11,7 +11,7 @@ import pytest
 from pymilvus import DataType, MilvusClient
 from pymilvus.grpc_gen import milvus_pb2, milvus_pb2_grpc
 
-from helpers import (CdcServer, assert_same_rows, client, count_of, indexes_of, load_state_of, schema_of,
+from helpers import (CdcServer, assert_same_rows, client, indexes_of, load_state_of, schema_of,
                      server_config, wait_until)
 
 ALL_SCALARS = ["id", "b", "i8", "i16", "i32", "f", "d", "s", "j"]
