@@ -759,6 +759,16 @@ class SourceMeta:
                 for _, value in self._values("root-coord/database/collection-info/")
                 + self._values("root-coord/collection/")]
 
+    def live_pchannels(self, excluding: int = 0) -> set[str]:
+        """The pchannels of every collection not dropped (read from the collection infos alone)."""
+        channels: set[str] = set()
+        for _, value in self._values("root-coord/database/collection-info/") + \
+                self._values("root-coord/collection/"):
+            info = ETCD_MESSAGES["CollectionInfo"].FromString(value)
+            if info.ID != excluding and info.state not in (COLLECTION_DROPPING, COLLECTION_DROPPED):
+                channels.update(info.physical_channel_names)
+        return channels
+
     def collection(self, collection_id: int) -> SourceCollection | None:
         databases = None
         for key, value in self._values("root-coord/database/collection-info/") + \
@@ -1342,6 +1352,14 @@ def ts_seconds(ts: int) -> float:
     return (ts >> TS_LOGICAL_BITS) / 1000.0
 
 
+def channel_lag(channel: str, confirmed_ts: int, now: float) -> dict:
+    """How far a source channel is confirmed on the target, as `get` shows it."""
+    return {"channel": channel, "confirmed_ts": confirmed_ts,
+            "confirmed_time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts_seconds(confirmed_ts)))
+            if confirmed_ts else None,
+            "lag_seconds": round(max(0.0, now - ts_seconds(confirmed_ts)), 3) if confirmed_ts else None}
+
+
 class TaskState:
     INITIAL, RUNNING, PAUSED = "Initial", "Running", "Paused"
 
@@ -1518,16 +1536,10 @@ class Replicator:
                 joined.add(thread)
 
     def lag(self) -> list[dict]:
-        now = time.time()
         with self.status_lock:
             channels = dict(self.status["channels"])
-        shown = []
-        for name, ts in sorted(channels.items()):
-            shown.append({"channel": name, "confirmed_ts": ts,
-                          "confirmed_time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts_seconds(ts)))
-                          if ts else None,
-                          "lag_seconds": round(max(0.0, now - ts_seconds(ts)), 3) if ts else None})
-        return shown
+        now = time.time()
+        return [channel_lag(name, ts, now) for name, ts in sorted(channels.items())]
 
     def _fail(self, reason: str) -> None:
         if not self.stop_event.is_set():
@@ -1761,8 +1773,7 @@ class Applier:
     def _last_on_channel(self, message: SourceMessage) -> bool:
         from pymilvus.grpc_gen import msg_pb2
         dropped = msg_pb2.DropCollectionRequest.FromString(message.payload).collectionID
-        return not any(c.id != dropped and not c.dropped and message.channel in c.pchannels
-                       for c in self.meta.collections())
+        return message.channel not in self.meta.live_pchannels(excluding=dropped)
 
     def _watermark(self) -> int:
         """Every source message at or below the watermark has been read, on every channel."""
@@ -2453,9 +2464,7 @@ class TaskManager:
 
     def _stored_lag(self, task_id: str) -> list[dict]:
         now = time.time()
-        return [{"channel": c.channel, "confirmed_ts": c.timestamp,
-                 "lag_seconds": round(max(0.0, now - ts_seconds(c.timestamp)), 3) if c.timestamp else None}
-                for c in sorted(self.store.load_checkpoints(task_id).values())]
+        return [channel_lag(c.channel, c.timestamp, now) for c in sorted(self.store.load_checkpoints(task_id).values())]
 
     def list(self) -> list[dict]:
         with self.lock:
