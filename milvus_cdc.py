@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import heapq
+import enum
 import json
 import logging
 import os
@@ -721,75 +721,100 @@ def pchannel_of(vchannel: str) -> str:
     return vchannel.rsplit("_", 1)[0]
 
 
-class SourceMeta:
-    """Reads databases, collections, partitions and load state from the source's etcd, and watches them."""
+@dataclass(frozen=True)
+class SourceIndex:
+    field_name: str
+    index_name: str
+    params: tuple[tuple[str, str], ...]  # the user's index parameters
+    create_time: int
 
-    WATCHED = ("root-coord/database/collection-info/", "root-coord/collection/", "root-coord/partitions/",
-               "querycoord-partition-loadinfo/", "querycoord-collection-loadinfo/")
+
+@dataclass(frozen=True)
+class SourceLoad:
+    """How the source has a collection loaded."""
+    load_type: int                 # LOAD_TYPE_PARTITION or LOAD_TYPE_COLLECTION
+    replicas: int
+    partition_ids: frozenset[int]  # the partitions loaded
+class SourceMeta:
+    """Reads databases, collections, partitions, indexes and load state from the source's etcd."""
+
+    COLLECTION_PREFIXES = ("root-coord/database/collection-info/", "root-coord/collection/")
+    LOAD_PREFIXES = ("querycoord-collection-loadinfo/", "querycoord-partition-loadinfo/")
 
     def __init__(self, settings: SourceSettings):
         self.settings = settings
         self.prefix = f"{settings.root_path}/{settings.meta_sub_path}/"
         self.client = settings.etcd.client()
-        self.watch_ids: list[int] = []
+        self.lock = threading.Lock()
+        self.db_names: dict[int, str] = {}
 
     def close(self) -> None:
-        for watch_id in self.watch_ids:
-            try:
-                self.client.cancel_watch(watch_id)
-            except Exception:  # noqa: BLE001 - closing anyway
-                pass
         self.client.close()
 
-    def _values(self, sub: str) -> list[tuple[str, bytes]]:
-        return [(meta.key.decode(), value) for value, meta in self.client.get_prefix(self.prefix + sub)
+    def _entries(self, sub: str, **kwargs) -> list[tuple[str, bytes]]:
+        return [(meta.key.decode(), value) for value, meta in self.client.get_prefix(self.prefix + sub, **kwargs)
                 if value and value != ETCD_TOMBSTONE]
 
-    def databases(self) -> dict[int, str]:
+    def revision(self) -> int:
+        return self.client.get_response(self.prefix, keys_only=True, limit=1).header.revision
+
+    def databases(self, revision: int | None = None) -> dict[int, str]:
+        """The live databases by id."""
         names = {1: DEFAULT_DB}
-        for _, value in self._values("root-coord/database/db-info/"):
+        for _, value in self._entries("root-coord/database/db-info/", revision=revision):
             info = ETCD_MESSAGES["DatabaseInfo"].FromString(value)
             if info.state in (0, 1, 2):  # unknown, created, creating
                 names[info.id] = info.name
+        with self.lock:
+            self.db_names.update(names)
         return names
 
-    def collections(self) -> list[SourceCollection]:
-        databases = self.databases()
-        return [self._collection(ETCD_MESSAGES["CollectionInfo"].FromString(value), databases)
-                for _, value in self._values("root-coord/database/collection-info/")
-                + self._values("root-coord/collection/")]
+    def database_name(self, db_id: int) -> str:
+        """A database's name, also once it is dropped (its key is gone then): the dropped collections of a
+        database are still named by it. One dropped before this process saw it gets a name no database has."""
+        with self.lock:
+            known = self.db_names.get(db_id)
+        if known is None:
+            known = self.databases().get(db_id, f"#{db_id}")
+        return known
+
+    def collections(self, revision: int | None = None, since: int = 0) -> list[SourceCollection]:
+        """Every collection (dropped ones too, until etcd forgets them), or those changed after ``since``."""
+        self.databases(revision)
+        kwargs = {"revision": revision, "min_mod_revision": since + 1 if since else None}
+        return [self._collection(ETCD_MESSAGES["CollectionInfo"].FromString(value))
+                for prefix in self.COLLECTION_PREFIXES for _, value in self._entries(prefix, **kwargs)]
+
+    def collection(self, collection_id: int) -> SourceCollection | None:
+        for prefix in self.COLLECTION_PREFIXES:
+            for _, value in self._entries(prefix):
+                info = ETCD_MESSAGES["CollectionInfo"].FromString(value)
+                if info.ID == collection_id:
+                    return self._collection(info)
+        return None
 
     def live_pchannels(self, excluding: int = 0) -> set[str]:
         """The pchannels of every collection not dropped (read from the collection infos alone)."""
         channels: set[str] = set()
-        for _, value in self._values("root-coord/database/collection-info/") + \
-                self._values("root-coord/collection/"):
-            info = ETCD_MESSAGES["CollectionInfo"].FromString(value)
-            if info.ID != excluding and info.state not in (COLLECTION_DROPPING, COLLECTION_DROPPED):
-                channels.update(info.physical_channel_names)
+        for prefix in self.COLLECTION_PREFIXES:
+            for _, value in self._entries(prefix):
+                info = ETCD_MESSAGES["CollectionInfo"].FromString(value)
+                if info.ID != excluding and info.state not in (COLLECTION_DROPPING, COLLECTION_DROPPED):
+                    channels.update(info.physical_channel_names)
         return channels
 
-    def collection(self, collection_id: int) -> SourceCollection | None:
-        databases = None
-        for key, value in self._values("root-coord/database/collection-info/") + \
-                self._values("root-coord/collection/"):
-            if key.endswith(f"/{collection_id}"):
-                databases = databases or self.databases()
-                return self._collection(ETCD_MESSAGES["CollectionInfo"].FromString(value), databases)
-        return None
-
-    def _collection(self, info, databases: dict[int, str]) -> SourceCollection:
+    def _collection(self, info) -> SourceCollection:
         from pymilvus.grpc_gen import schema_pb2
         schema = schema_pb2.CollectionSchema()
         schema.CopyFrom(info.schema)
-        fields = [schema_pb2.FieldSchema.FromString(v) for _, v in self._values(f"root-coord/fields/{info.ID}/")]
+        fields = [schema_pb2.FieldSchema.FromString(v) for _, v in self._entries(f"root-coord/fields/{info.ID}/")]
         if not fields:
             fields = list(info.schema.fields)  # collections from before fields had their own keys
         del schema.fields[:]
         schema.fields.extend(sorted((f for f in fields if f.fieldID >= 100), key=lambda f: f.fieldID))
         db_id = info.db_id or 1
         return SourceCollection(
-            id=info.ID, name=info.schema.name, db_id=db_id, db_name=databases.get(db_id, DEFAULT_DB),
+            id=info.ID, name=info.schema.name, db_id=db_id, db_name=self.database_name(db_id),
             schema=schema, shards_num=info.shards_num or len(info.virtual_channel_names),
             consistency_level=info.consistency_level,
             properties=[(p.key, p.value) for p in info.properties],
@@ -797,61 +822,96 @@ class SourceMeta:
             start_positions={p.key: p.data for p in info.start_positions},
             create_time=info.create_time, state=info.state)
 
-    def partitions(self, collection_id: int) -> list[SourcePartition]:
+    def partitions(self, collection_id: int | None = None, revision: int | None = None,
+                   since: int = 0) -> list[SourcePartition]:
+        """The partitions of one collection, or of every collection changed after ``since``."""
         found = []
-        for _, value in self._values(f"root-coord/partitions/{collection_id}/"):
+        sub = f"root-coord/partitions/{collection_id}/" if collection_id is not None else "root-coord/partitions/"
+        for key, value in self._entries(sub, revision=revision, min_mod_revision=since + 1 if since else None):
             info = ETCD_MESSAGES["PartitionInfo"].FromString(value)
-            found.append(SourcePartition(info.partitionID, info.partitionName, info.collection_id or collection_id,
+            owner = info.collection_id or int(key.rstrip("/").rsplit("/", 2)[-2])
+            found.append(SourcePartition(info.partitionID, info.partitionName, owner,
                                          info.partition_created_timestamp, info.state))
         return found
 
-    def indexes(self, collection: SourceCollection) -> list[tuple[str, str, list[tuple[str, str]], int]]:
-        """(field name, index name, the user's index params, create time) of each live index."""
+    def indexes(self, collection: SourceCollection) -> list[SourceIndex]:
+        """The live indexes of a collection, oldest first."""
         fields = {f.fieldID: f.name for f in collection.schema.fields}
         found = []
-        for _, value in self._values(f"field-index/{collection.id}/"):
+        for _, value in self._entries(f"field-index/{collection.id}/"):
             index = ETCD_MESSAGES["FieldIndex"].FromString(value)
             info = index.index_info
             if index.deleted or info.fieldID not in fields:
                 continue
             params = info.user_index_params or info.index_params
-            found.append((fields[info.fieldID], info.index_name, [(p.key, p.value) for p in params],
-                          index.create_time))
-        return sorted(found, key=lambda i: i[3])
+            found.append(SourceIndex(fields[info.fieldID], info.index_name,
+                                     tuple((p.key, p.value) for p in params), index.create_time))
+        return sorted(found, key=lambda i: i.create_time)
 
-    def load_state(self, collection_id: int) -> tuple[int, set[int]] | None:
-        """(load type, loaded partition ids) of a loaded collection, None when it is not loaded."""
+    def load_state(self, collection_id: int) -> SourceLoad | None:
+        """How the source has a collection loaded, None when it is not loaded."""
         value, _ = self.client.get(f"{self.prefix}querycoord-collection-loadinfo/{collection_id}")
         if not value or value == ETCD_TOMBSTONE:
             return None
         info = ETCD_MESSAGES["CollectionLoadInfo"].FromString(value)
-        partitions = {ETCD_MESSAGES["PartitionLoadInfo"].FromString(v).partitionID
-                      for _, v in self._values(f"querycoord-partition-loadinfo/{collection_id}/")}
-        return info.load_type, partitions
+        partitions = frozenset(ETCD_MESSAGES["PartitionLoadInfo"].FromString(v).partitionID
+                               for _, v in self._entries(f"querycoord-partition-loadinfo/{collection_id}/"))
+        return SourceLoad(info.load_type, max(1, info.replica_number), partitions)
 
-    def watch(self, on_change: Callable[[str, str, bytes | None], None],
-              on_error: Callable[[Exception], None], start_revision: int | None = None) -> None:
-        """Call ``on_change(kind, key, value)`` for every change under the watched prefixes (value None on
-        delete); ``kind`` is the watched prefix. Errors (the watch stream broke) go to ``on_error``."""
-        import pyetcd.events
+    def load_keys(self, revision: int | None = None) -> dict[str, bytes]:
+        """Every load-state key and value: small (one per loaded collection and partition)."""
+        return {key: value for prefix in self.LOAD_PREFIXES for key, value in self._entries(prefix, revision=revision)}
 
-        def callback(kind: str, response) -> None:
-            if isinstance(response, Exception):
-                on_error(response)
-                return
-            for event in response.events:
-                deleted = isinstance(event, pyetcd.events.DeleteEvent)
-                value = None if deleted or event.value == ETCD_TOMBSTONE else event.value
-                on_change(kind, event.key.decode(), value)
 
-        for kind in self.WATCHED:
-            kwargs = {"start_revision": start_revision} if start_revision else {}
-            self.watch_ids.append(self.client.add_watch_prefix_callback(
-                self.prefix + kind, lambda response, kind=kind: callback(kind, response), **kwargs))
+class CatalogChangeKind(enum.Enum):
+    COLLECTION = "collection"  # created, or its info changed
+    PARTITION = "partition"    # created
+    LOAD = "load"              # the load state of a collection changed (no source time: Milvus 2.3 keeps none)
 
-    def current_revision(self) -> int:
-        return self.client.get_prefix_response(self.prefix + "root-coord/database/db-info/",
-                                               keys_only=True).header.revision
+
+@dataclass(frozen=True)
+class CatalogChange:
+    kind: CatalogChangeKind
+    collection_id: int
+    ts: int = 0                                # the source time of a creation
+    collection: SourceCollection | None = None
+    partition: SourcePartition | None = None
+
+
+class CatalogPoller:
+    """What changed in the source's catalog since the last poll, each poll read at one etcd revision.
+
+    Polled rather than watched: a poll that starts after a source time tick T was read sees every catalog write
+    made before T was issued, which is the promise the ordering needs (a watch cannot say that it is caught up).
+    Collection and partition infos are read by modification revision; load-state keys, which Milvus deletes on
+    release, are compared with the previous poll's.
+    """
+
+    def __init__(self, meta: SourceMeta, revision: int):
+        self.meta, self.revision = meta, revision
+        self.load_keys = meta.load_keys(revision)
+
+    def poll(self) -> list[CatalogChange]:
+        revision = self.meta.revision()
+        if revision == self.revision:
+            return []
+        changes = [CatalogChange(CatalogChangeKind.COLLECTION, c.id, c.create_time, collection=c)
+                   for c in self.meta.collections(revision, since=self.revision)]
+        changes += [CatalogChange(CatalogChangeKind.PARTITION, p.collection_id, p.created_ts, partition=p)
+                    for p in self.meta.partitions(revision=revision, since=self.revision)]
+        load_keys = self.meta.load_keys(revision)
+        touched = {key for key in load_keys.keys() | self.load_keys.keys()
+                   if load_keys.get(key) != self.load_keys.get(key)}
+        changes += [CatalogChange(CatalogChangeKind.LOAD, collection_id)
+                    for collection_id in sorted({load_key_collection(key) for key in touched})]
+        self.revision, self.load_keys = revision, load_keys
+        return changes
+
+
+def load_key_collection(key: str) -> int:
+    """The collection id in ``.../querycoord-collection-loadinfo/{id}`` or ``...-partition-loadinfo/{id}/{part}``."""
+    tail = key.split("-loadinfo/", 1)[1]
+    return int(tail.split("/", 1)[0])
 
 
 ###############################################################################
@@ -910,6 +970,10 @@ class ChannelReader(ABC):
 
     @abstractmethod
     def read(self, timeout: float) -> list[SourceMessage]: ...
+
+    @abstractmethod
+    def at_end(self, channel: str) -> bool:
+        """Has every message of the channel that exists now been returned by ``read``?"""
 
     @abstractmethod
     def close(self) -> None: ...
@@ -978,6 +1042,13 @@ class KafkaChannelReader(ChannelReader):
                                                       record.value))
         return messages
 
+    def at_end(self, channel):
+        partition = self.partitions.get(channel)
+        if partition is None:
+            return False
+        end = self.consumer.end_offsets([partition])[partition]
+        return self.consumer.position(partition) >= end
+
     def close(self):
         self.consumer.close()
 
@@ -996,6 +1067,7 @@ class PulsarChannelReader(ChannelReader):
         tenant, namespace = settings.get("tenant") or "public", settings.get("namespace") or "default"
         self.topic_prefix = f"persistent://{tenant}/{namespace}/"
         self.readers: dict[str, Any] = {}
+        self.stash: list[SourceMessage] = []  # read by at_end, returned by the next read
 
     def resolve(self, channel, start):
         return start  # a Pulsar reader cannot name the latest message before it reads one
@@ -1026,7 +1098,7 @@ class PulsarChannelReader(ChannelReader):
 
     def read(self, timeout):
         deadline = time.monotonic() + timeout
-        messages: list[SourceMessage] = []
+        messages, self.stash = self.stash, []
         while not messages and time.monotonic() < deadline:
             for channel, reader in list(self.readers.items()):
                 # read_next with a short wait, not has_message_available: some brokers refuse the latter on
@@ -1040,6 +1112,17 @@ class PulsarChannelReader(ChannelReader):
             if not self.readers:
                 time.sleep(max(0.0, deadline - time.monotonic()))
         return messages
+
+    def at_end(self, channel):
+        reader = self.readers.get(channel)
+        if reader is None:
+            return False
+        try:
+            msg = reader.read_next(timeout_millis=5)
+        except self.pulsar.Timeout:
+            return True
+        self.stash.append(decode_source_message(channel, msg.message_id().serialize(), msg.data()))
+        return False
 
     def close(self):
         for channel in list(self.readers):
@@ -1072,6 +1155,10 @@ class TargetCollection:
     def pchannels(self) -> list[str]:
         return [pchannel_of(v) for v in self.vchannels]
 
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.db_name}.{self.name}"
+
 
 class MessageRewriter:
     """Turns source DML messages into the target's: its collection id, partition id (by name), vchannel and field
@@ -1103,15 +1190,24 @@ class MessageRewriter:
         msg.partitionID = partition_id
         return msg.SerializeToString()
 
-    @classmethod
-    def drop_collection(cls, msg, target: TargetCollection) -> bytes:
-        msg.collectionID, msg.db_name, msg.dbID = target.id, target.db_name, 0
-        return msg.SerializeToString()
+    @staticmethod
+    def drop_collection(target: TargetCollection, ts: int, msg_id: int) -> list[tuple[str, bytes]]:
+        """The drop message for each shard of a target collection, by target pchannel: the target writes none
+        of its own for a replicated drop, and its shards stop only on one."""
+        from pymilvus.grpc_gen import common_pb2, msg_pb2
+        message = msg_pb2.DropCollectionRequest(
+            base=common_pb2.MsgBase(msg_type=common_pb2.DropCollection, timestamp=ts, msgID=msg_id),
+            db_name=target.db_name, collectionName=target.name, collectionID=target.id).SerializeToString()
+        return [(pchannel, message) for pchannel in target.pchannels]
 
-    @classmethod
-    def drop_partition(cls, msg, target: TargetCollection, partition_id: int) -> bytes:
-        msg.collectionID, msg.partitionID, msg.db_name, msg.dbID = target.id, partition_id, target.db_name, 0
-        return msg.SerializeToString()
+    @staticmethod
+    def drop_partition(target: TargetCollection, name: str, ts: int, msg_id: int) -> list[tuple[str, bytes]]:
+        from pymilvus.grpc_gen import common_pb2, msg_pb2
+        message = msg_pb2.DropPartitionRequest(
+            base=common_pb2.MsgBase(msg_type=common_pb2.DropPartition, timestamp=ts, msgID=msg_id),
+            db_name=target.db_name, collection_name=target.name, partition_name=name,
+            collectionID=target.id, partitionID=target.partitions[name]).SerializeToString()
+        return [(pchannel, message) for pchannel in target.pchannels]
 
     @staticmethod
     def time_tick(timestamp: int) -> bytes:
@@ -1125,7 +1221,26 @@ class MessageRewriter:
 ###############################################################################
 
 class TargetError(Exception):
-    """A write to the target failed for good; the message names the operation and the target's answer."""
+    """A call to the target failed for good; the message names the operation, the object and the target's answer."""
+
+
+class TargetRefusal(TargetError):
+    """The target answered and refused: the same call again cannot help, only a repair can."""
+
+    def __init__(self, op: str, status):
+        super().__init__(f"{op}: {status_text(status)}")
+        self.op, self.status = op, status
+
+    def says(self, *needles: str) -> bool:
+        return answer_says(self.status, *needles)
+
+
+class TaskStopping(Exception):
+    """The task is being paused, deleted or shut down while a call waited; not an error."""
+
+
+class TaskHalt(Exception):
+    """Something the CDC cannot repair: the task pauses at once with this reason."""
 
 
 @dataclass(frozen=True)
@@ -1196,11 +1311,47 @@ NOT_FOUND = ("not found", "not exist", "doesn't exist", "does not exist")
 ALREADY_EXISTS = ("already exist", "duplicate")
 
 
-class TargetWriter:
-    """All calls to the target Milvus, over pymilvus's gRPC stubs, each retried with backoff.
+def _transient_codes() -> tuple[frozenset[int], frozenset[int]]:
+    """Answers that say "not now" rather than "no": retried with backoff. Milvus 2.3 gives them either as
+    ``code`` (its merr service errors: not ready 1, unavailable 2, memory 3, request limit 4, internal 5, disk 7,
+    rate limit 8, force deny 9) or, from older paths, as the legacy ``error_code``."""
+    from pymilvus.exceptions import ErrorCode
+    from pymilvus.grpc_gen import common_pb2
+    codes = frozenset({1, 2, 3, 4, 5, 7, ErrorCode.RATE_LIMIT, ErrorCode.FORCE_DENY})
+    legacy = frozenset({common_pb2.RateLimit, common_pb2.ForceDeny, common_pb2.NotReadyServe,
+                        common_pb2.NotReadyCoordActivating, common_pb2.MemoryQuotaExhausted,
+                        common_pb2.DiskQuotaExhausted, common_pb2.TimeTickLongDelay, common_pb2.DDRequestRace})
+    return codes, legacy
 
-    A call whose failure persists past the retry budget raises TargetError; the task then pauses with it as the
-    reason. ``ok_if`` tells for each operation which refusals mean the work is already done (a replay).
+
+TRANSIENT_CODES, TRANSIENT_ERROR_CODES = _transient_codes()
+TRANSIENT_GRPC = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "INTERNAL",
+                            "UNKNOWN", "CANCELLED"})
+
+
+class _Transient(Exception):
+    """One failed try that may succeed later (network, target not ready, rate limit)."""
+
+
+@dataclass(frozen=True)
+class RetryState:
+    """A call being retried, as ``get`` shows it."""
+    operation: str
+    since: float
+    tries: int
+    last_error: str
+
+    def public(self) -> dict:
+        return {"operation": self.operation, "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since)),
+                "tries": self.tries, "last_error": self.last_error}
+
+
+class TargetWriter:
+    """Every call to the target Milvus, over pymilvus's gRPC stubs.
+
+    Errors are classified: a transient one (unreachable, deadline, not ready, rate limit) is retried with backoff
+    for up to ``retryTimeout`` and then raises TargetError; a refusal raises TargetRefusal at once, for the caller
+    to repair or to stop on. ``ok_if`` tells which refusals mean the work is already done (a replay).
     """
 
     def __init__(self, param: ConnectParam, settings: ReplicationSettings, stop: threading.Event, task_id: str):
@@ -1209,11 +1360,14 @@ class TargetWriter:
         self.grpc_channel = param.channel()
         self.stub = milvus_pb2_grpc.MilvusServiceStub(self.grpc_channel)
         self.call_timeout = max(30.0, param.connect_timeout)
+        self.retry_lock = threading.Lock()
+        self.retrying: RetryState | None = None
 
     def close(self) -> None:
         self.grpc_channel.close()
 
-    def call(self, op: str, method: str, request, db_name: str = "", ok_if: Callable[[Any], bool] | None = None):
+    def call(self, op: str, method: str, request, db_name: str = "", ok_if: Callable[[Any], bool] | None = None,
+             transient_if: Callable[[Any], bool] | None = None):
         import grpc
         import tenacity
 
@@ -1224,22 +1378,41 @@ class TargetWriter:
                 response = getattr(self.stub, method)(request, timeout=self.call_timeout,
                                                       metadata=self.param.metadata(db_name))
             except grpc.RpcError as exc:
+                if exc.code().name in TRANSIENT_GRPC:
+                    raise _Transient(f"{exc.code().name}: {exc.details()}") from None
                 raise TargetError(f"{op}: {exc.code().name}: {exc.details()}") from None
             status = status_of(response)
             if status_ok(status) or (ok_if is not None and ok_if(status)):
                 return response
-            raise TargetError(f"{op}: {status_text(status)}")
+            if status.code in TRANSIENT_CODES or status.error_code in TRANSIENT_ERROR_CODES or \
+                    (transient_if is not None and transient_if(status)):
+                raise _Transient(status_text(status))
+            raise TargetRefusal(op, status)
 
-        def log_retry(state):
-            log.warning("task=%s retrying %s (attempt %d): %s", self.task_id, op, state.attempt_number,
+        started = time.time()
+
+        def note_retry(state):
+            with self.retry_lock:
+                self.retrying = RetryState(op, started, state.attempt_number, str(state.outcome.exception()))
+            log.warning("task=%s retrying %s (try %d): %s", self.task_id, op, state.attempt_number,
                         state.outcome.exception())
 
         retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(TargetError),
+            retry=tenacity.retry_if_exception_type(_Transient),
             stop=tenacity.stop_after_delay(self.settings.retry_timeout),
             wait=tenacity.wait_exponential(multiplier=0.5, min=0.2, max=self.settings.retry_max_backoff),
-            sleep=self._sleep, before_sleep=log_retry, reraise=True)
-        return retrying(attempt)
+            sleep=self._sleep, before_sleep=note_retry, reraise=True)
+        try:
+            return retrying(attempt)
+        except _Transient as exc:
+            raise TargetError(f"{op}: {exc} (retried for {time.time() - started:.0f}s)") from None
+        finally:
+            with self.retry_lock:
+                self.retrying = None
+
+    def retry_state(self) -> RetryState | None:
+        with self.retry_lock:
+            return self.retrying
 
     def _sleep(self, seconds: float) -> None:
         if self.stop.wait(seconds):
@@ -1250,42 +1423,6 @@ class TargetWriter:
         from pymilvus.grpc_gen import common_pb2
         return common_pb2.MsgBase(msg_type=msg_type, replicateInfo=common_pb2.ReplicateInfo(
             isReplicate=True, msgTimestamp=timestamp))
-
-    # -- reads --------------------------------------------------------------------------------------------
-
-    def describe_collection(self, db_name: str, name: str) -> TargetCollection | None:
-        from pymilvus.grpc_gen import milvus_pb2
-        response = self.call(f"describe collection {db_name}.{name}", "DescribeCollection",
-                             milvus_pb2.DescribeCollectionRequest(db_name=db_name, collection_name=name),
-                             db_name, ok_if=lambda s: answer_says(s, *NOT_FOUND) or s.code == 100)
-        if not status_ok(response.status):
-            return None
-        partitions = self.call(f"show partitions of {db_name}.{name}", "ShowPartitions",
-                               milvus_pb2.ShowPartitionsRequest(db_name=db_name, collection_name=name), db_name)
-        vchannels = sorted(response.virtual_channel_names, key=shard_index)
-        return TargetCollection(
-            id=response.collectionID, db_name=db_name, name=name, created_ts=response.created_timestamp,
-            vchannels=vchannels, fields={f.name: f.fieldID for f in response.schema.fields},
-            partitions=dict(zip(partitions.partition_names, partitions.partitionIDs, strict=True)))
-
-    def databases(self) -> list[str]:
-        from pymilvus.grpc_gen import milvus_pb2
-        return list(self.call("list databases", "ListDatabases", milvus_pb2.ListDatabasesRequest()).db_names)
-
-    def collection_names(self, db_name: str) -> list[str]:
-        from pymilvus.grpc_gen import milvus_pb2
-        return list(self.call(f"list collections of {db_name}", "ShowCollections",
-                              milvus_pb2.ShowCollectionsRequest(db_name=db_name), db_name).collection_names)
-
-    def loaded_partitions(self, db_name: str, name: str) -> set[str]:
-        from pymilvus.grpc_gen import milvus_pb2
-        response = self.call(f"show loaded partitions of {db_name}.{name}", "ShowPartitions",
-                             milvus_pb2.ShowPartitionsRequest(db_name=db_name, collection_name=name,
-                                                              type=milvus_pb2.InMemory),
-                             db_name, ok_if=lambda s: answer_says(s, "not loaded", *NOT_FOUND))
-        return set(response.partition_names) if status_ok(response.status) else set()
-
-    # -- writes -------------------------------------------------------------------------------------------
 
     def replicate(self, pchannel: str, messages: list[bytes]) -> None:
         from pymilvus.grpc_gen import milvus_pb2
@@ -1300,10 +1437,6 @@ class TargetWriter:
             if message is not None:
                 chunk.append(message)
                 size += len(message)
-
-
-class TaskStopping(Exception):
-    """The task is being paused, deleted or shut down while a call waited; not an error."""
 
 
 def probe_target(param: ConnectParam) -> str | None:
@@ -1338,18 +1471,463 @@ def probe_target(param: ConnectParam) -> str | None:
 
 
 ###############################################################################
+# Target mirror ################################################################
+###############################################################################
+
+@dataclass(frozen=True)
+class Repair:
+    """What to do first when the target refuses a call for a state reason the source's history explains."""
+    applies: Callable[[TargetRefusal], bool]
+    fix: Callable[[], None]
+    why: str
+
+
+@dataclass(frozen=True)
+class WantedLoad:
+    """The load state to bring a target collection to: loaded as a whole or partition by partition."""
+    whole: bool
+    replicas: int
+    partitions: frozenset[str]  # loaded partition names (for a whole load: those not released since)
+    partition_key: bool = False  # partitions managed by Milvus: only whole loads and releases
+
+
+class TargetMirror:
+    """The target's catalog as one task sees it, and the calls that bring it to the source's state.
+
+    Every change goes through ``apply``: when the target refuses it for a reason the source's own history
+    explains (a partition still loaded when the source, which refuses the same, must have released it first),
+    the matching repair runs and the call is tried again; a refusal nothing explains stops the task at once with
+    the operation, the object and the target's answer.
+    """
+
+    def __init__(self, writer: TargetWriter, task_id: str):
+        self.writer, self.task_id = writer, task_id
+        self.collections: dict[tuple[str, str], TargetCollection] = {}   # described, by (database, name)
+        self.load_kinds: dict[int, bool] = {}   # target collection id -> loaded as a whole (True) by this mirror
+
+    # -- one checked call --------------------------------------------------------------------------------------
+
+    def apply(self, op: str, method: str, request, db_name: str = "", ok_if: tuple[str, ...] = (),
+              repairs: Iterable[Repair] = (), transient_if: Callable[[Any], bool] | None = None):
+        pending = list(repairs)
+        while True:
+            try:
+                return self.writer.call(op, method, request, db_name,
+                                        ok_if=(lambda s: answer_says(s, *ok_if)) if ok_if else None,
+                                        transient_if=transient_if)
+            except TargetRefusal as refusal:
+                repair = next((r for r in pending if r.applies(refusal)), None)
+                if repair is None:
+                    raise TaskHalt(str(refusal)) from None
+                pending.remove(repair)
+                log.info("task=%s %s was refused (%s): %s first", self.task_id, op, status_text(refusal.status),
+                         repair.why)
+                repair.fix()
+
+    def base(self, msg_type: int, ts: int):
+        return self.writer.base(msg_type, ts)
+
+    # -- reads -------------------------------------------------------------------------------------------------
+
+    def collection(self, db_name: str, name: str, fresh: bool = False) -> TargetCollection | None:
+        key = (db_name, name)
+        if fresh or key not in self.collections:
+            described = self._describe(db_name, name)
+            if described is None:
+                self.collections.pop(key, None)
+                return None
+            self.collections[key] = described
+        return self.collections[key]
+
+    def _describe(self, db_name: str, name: str) -> TargetCollection | None:
+        from pymilvus.grpc_gen import milvus_pb2
+        response = self.writer.call(f"describe collection {db_name}.{name}", "DescribeCollection",
+                                    milvus_pb2.DescribeCollectionRequest(db_name=db_name, collection_name=name),
+                                    db_name, ok_if=lambda s: answer_says(s, *NOT_FOUND) or s.code == 100)
+        if not status_ok(response.status):
+            return None
+        partitions = self.writer.call(f"show partitions of {db_name}.{name}", "ShowPartitions",
+                                      milvus_pb2.ShowPartitionsRequest(db_name=db_name, collection_name=name),
+                                      db_name)
+        return TargetCollection(
+            id=response.collectionID, db_name=db_name, name=name, created_ts=response.created_timestamp,
+            vchannels=sorted(response.virtual_channel_names, key=shard_index),
+            fields={f.name: f.fieldID for f in response.schema.fields},
+            partitions=dict(zip(partitions.partition_names, partitions.partitionIDs, strict=True)))
+
+    def databases(self) -> list[str]:
+        from pymilvus.grpc_gen import milvus_pb2
+        return list(self.writer.call("list databases", "ListDatabases", milvus_pb2.ListDatabasesRequest()).db_names)
+
+    def collection_names(self, db_name: str) -> list[str]:
+        from pymilvus.grpc_gen import milvus_pb2
+        return list(self.writer.call(f"list collections of {db_name}", "ShowCollections",
+                                     milvus_pb2.ShowCollectionsRequest(db_name=db_name), db_name).collection_names)
+
+    def pchannels(self) -> set[str]:
+        """Every pchannel of every collection on the target: all of them need ticks."""
+        found = set()
+        for db_name in self.databases():
+            for name in self.collection_names(db_name):
+                described = self.collection(db_name, name, fresh=True)
+                if described is not None:
+                    found.update(described.pchannels)
+        return found
+
+    def loaded(self, target: TargetCollection) -> tuple[bool, set[str]]:
+        """(loaded at all, the loaded partitions) of a target collection."""
+        from pymilvus.grpc_gen import milvus_pb2
+        response = self.writer.call(f"show loaded partitions of {target.qualified_name}", "ShowPartitions",
+                                    milvus_pb2.ShowPartitionsRequest(db_name=target.db_name,
+                                                                     collection_name=target.name,
+                                                                     type=milvus_pb2.InMemory),
+                                    target.db_name, ok_if=lambda s: answer_says(s, "not loaded", *NOT_FOUND))
+        partitions = set(response.partition_names) if status_ok(response.status) else set()
+        return bool(partitions), partitions
+
+    def indexes(self, target: TargetCollection) -> dict[str, tuple[str, dict[str, str]]]:
+        """index name -> (field name, params) of a target collection."""
+        from pymilvus.grpc_gen import milvus_pb2
+        response = self.writer.call(f"describe indexes of {target.qualified_name}", "DescribeIndex",
+                                    milvus_pb2.DescribeIndexRequest(db_name=target.db_name,
+                                                                    collection_name=target.name),
+                                    target.db_name, ok_if=lambda s: answer_says(s, *NOT_FOUND) or s.code == 700)
+        return {d.index_name: (d.field_name, {p.key: p.value for p in d.params})
+                for d in response.index_descriptions}
+
+    # -- databases ---------------------------------------------------------------------------------------------
+
+    def create_database(self, db_name: str, ts: int) -> None:
+        from pymilvus.grpc_gen import common_pb2, milvus_pb2
+        self.apply(f"create database {db_name}", "CreateDatabase",
+                   milvus_pb2.CreateDatabaseRequest(base=self.base(common_pb2.CreateDatabase, ts), db_name=db_name),
+                   ok_if=ALREADY_EXISTS)
+
+    def drop_database(self, db_name: str, ts: int, drop_leftover: Callable[[TargetCollection, int], bool]) -> None:
+        """Drop a database; its collections go first when ``drop_leftover`` finds them dropped on the source (which
+        refuses to drop a database that is not empty)."""
+        from pymilvus.grpc_gen import common_pb2, milvus_pb2
+
+        def drop_leftovers():
+            for name in self.collection_names(db_name):
+                target = self.collection(db_name, name, fresh=True)
+                if target is not None:
+                    drop_leftover(target, ts)
+        self.apply(f"drop database {db_name}", "DropDatabase",
+                   milvus_pb2.DropDatabaseRequest(base=self.base(common_pb2.DropDatabase, ts), db_name=db_name),
+                   ok_if=NOT_FOUND, repairs=[Repair(lambda r: r.says("not empty"), drop_leftovers,
+                                                    "dropping the collections the source dropped before")])
+
+    # -- collections and partitions ----------------------------------------------------------------------------
+
+    def create_collection(self, request) -> TargetCollection:
+        op = f"create collection {request.db_name}.{request.collection_name}"
+        self.apply(op, "CreateCollection", request, request.db_name)
+        created = self.collection(request.db_name, request.collection_name, fresh=True)
+        if created is None:
+            raise TargetError(f"{op}: missing on the target right after its creation")
+        return created
+
+    def drop_collection(self, target: TargetCollection, ts: int, messages: Iterable[tuple[str, bytes]],
+                        outbox: "Outbox | None" = None) -> None:
+        """Drop a collection: its drop messages first through the channels (so its shards stop), then the call."""
+        from pymilvus.grpc_gen import common_pb2, milvus_pb2
+        if outbox is not None:
+            for pchannel, message in messages:
+                outbox.add(pchannel, message)
+            outbox.flush()
+        self.apply(f"drop collection {target.qualified_name}", "DropCollection",
+                   milvus_pb2.DropCollectionRequest(base=self.base(common_pb2.DropCollection, ts),
+                                                    db_name=target.db_name, collection_name=target.name),
+                   target.db_name, ok_if=NOT_FOUND)
+        self.collections.pop((target.db_name, target.name), None)
+
+    def ensure_partition(self, target: TargetCollection, name: str, ts: int) -> int:
+        from pymilvus.grpc_gen import common_pb2, milvus_pb2
+        if name in target.partitions:
+            return target.partitions[name]
+        self.apply(f"create partition {target.qualified_name}/{name}", "CreatePartition",
+                   milvus_pb2.CreatePartitionRequest(base=self.base(common_pb2.CreatePartition, ts),
+                                                     db_name=target.db_name, collection_name=target.name,
+                                                     partition_name=name),
+                   target.db_name, ok_if=ALREADY_EXISTS,
+                   # a collection made at a source time ahead of the target's clock is not there yet
+                   transient_if=lambda s: answer_says(s, "key not found", "no value found"))
+        refreshed = self.collection(target.db_name, target.name, fresh=True)
+        if refreshed is None or name not in refreshed.partitions:
+            raise TargetError(f"create partition {target.qualified_name}/{name}: missing on the target right "
+                              f"after its creation")
+        target.partitions = refreshed.partitions
+        return target.partitions[name]
+
+    def drop_partition(self, target: TargetCollection, name: str, ts: int, outbox: "Outbox",
+                       messages: Iterable[tuple[str, bytes]]) -> None:
+        """Drop a partition; a loaded one is released first (the source refuses to drop a loaded partition, so it
+        released it before)."""
+        from pymilvus.grpc_gen import common_pb2, milvus_pb2
+        for pchannel, message in messages:
+            outbox.add(pchannel, message)
+        outbox.flush()
+        self.apply(f"drop partition {target.qualified_name}/{name}", "DropPartition",
+                   milvus_pb2.DropPartitionRequest(base=self.base(common_pb2.DropPartition, ts),
+                                                   db_name=target.db_name, collection_name=target.name,
+                                                   partition_name=name),
+                   target.db_name, ok_if=NOT_FOUND,
+                   repairs=[Repair(lambda r: r.says("loaded", "release"),
+                                   lambda: self.release_partitions(target, [name], ts), "releasing it")])
+        target.partitions.pop(name, None)
+
+    # -- indexes -----------------------------------------------------------------------------------------------
+
+    def create_index(self, target: TargetCollection, field_name: str, index_name: str,
+                     params: Iterable[tuple[str, str]], ts: int, unwanted: Callable[[str], bool]) -> None:
+        """Create an index; an index of the same field that ``unwanted`` says the source dropped is dropped
+        first (Milvus keeps one index per field)."""
+        from pymilvus.grpc_gen import common_pb2, milvus_pb2
+
+        def drop_unwanted():
+            for name, (field_name_, _) in self.indexes(target).items():
+                if field_name_ == field_name and name != index_name and unwanted(name):
+                    self.drop_index(target, field_name, name, ts)
+        self.apply(f"create index {index_name or field_name} of {target.qualified_name}", "CreateIndex",
+                   milvus_pb2.CreateIndexRequest(base=self.base(common_pb2.CreateIndex, ts), db_name=target.db_name,
+                                                 collection_name=target.name, field_name=field_name,
+                                                 index_name=index_name,
+                                                 extra_params=[common_pb2.KeyValuePair(key=k, value=v)
+                                                               for k, v in params]),
+                   target.db_name,
+                   repairs=[Repair(lambda r: r.says("at most one distinct index", "multiple indexes on same field"),
+                                   drop_unwanted, "dropping the index the source dropped before")])
+
+    def drop_index(self, target: TargetCollection, field_name: str, index_name: str, ts: int) -> None:
+        """Drop an index; the collection is released first when loaded (the source refuses the same)."""
+        from pymilvus.grpc_gen import common_pb2, milvus_pb2
+        self.apply(f"drop index {index_name or field_name} of {target.qualified_name}", "DropIndex",
+                   milvus_pb2.DropIndexRequest(base=self.base(common_pb2.DropIndex, ts), db_name=target.db_name,
+                                               collection_name=target.name, field_name=field_name,
+                                               index_name=index_name),
+                   target.db_name, ok_if=NOT_FOUND + ("index not exist",),
+                   repairs=[Repair(lambda r: r.says("loaded", "release"),
+                                   lambda: self.release_collection(target, ts), "releasing the collection")])
+
+    # -- load state --------------------------------------------------------------------------------------------
+
+    def release_collection(self, target: TargetCollection, ts: int) -> None:
+        from pymilvus.grpc_gen import common_pb2, milvus_pb2
+        self.apply(f"release collection {target.qualified_name}", "ReleaseCollection",
+                   milvus_pb2.ReleaseCollectionRequest(base=self.base(common_pb2.ReleaseCollection, ts),
+                                                       db_name=target.db_name, collection_name=target.name),
+                   target.db_name, ok_if=NOT_FOUND + ("not loaded",))
+        self.load_kinds.pop(target.id, None)
+
+    def release_partitions(self, target: TargetCollection, names: Iterable[str], ts: int) -> None:
+        from pymilvus.grpc_gen import common_pb2, milvus_pb2
+        names = sorted(names)
+        self.apply(f"release partitions {names} of {target.qualified_name}", "ReleasePartitions",
+                   milvus_pb2.ReleasePartitionsRequest(base=self.base(common_pb2.ReleasePartitions, ts),
+                                                       db_name=target.db_name, collection_name=target.name,
+                                                       partition_names=names),
+                   target.db_name, ok_if=NOT_FOUND + ("not loaded",))
+
+    def set_load(self, target: TargetCollection, wanted: WantedLoad | None, ts: int,
+                 create_indexes: Callable[[], None]) -> None:
+        """Bring a collection's load state on the target to ``wanted`` (None: released).
+
+        Milvus 2.3 loads a whole collection over a partial load and partitions over a whole one, and a partition
+        created in a collection loaded as a whole is loaded with it; so the load kind matters, and the mirror
+        remembers the one it made (a load made before this task's run is taken to be the source's kind).
+        """
+        loaded, partitions = self.loaded(target)
+        if wanted is None or not loaded:
+            if loaded:
+                self.release_collection(target, ts)
+            if wanted is None:
+                return
+            partitions = set()
+        if loaded and self.load_kinds.get(target.id, wanted.whole) != wanted.whole:
+            self.release_collection(target, ts)  # the other kind: start over
+            partitions = set()
+        if wanted.whole:
+            if not partitions or wanted.partitions - partitions:
+                self._load(target, "LoadCollection", [], wanted.replicas, ts, create_indexes)
+                partitions = set(target.partitions)
+        else:
+            self._load(target, "LoadPartitions", sorted(wanted.partitions - partitions), wanted.replicas, ts,
+                       create_indexes)
+            partitions |= wanted.partitions
+        self.load_kinds[target.id] = wanted.whole
+        if partitions - wanted.partitions and not wanted.partition_key:
+            self.release_partitions(target, partitions - wanted.partitions, ts)
+
+    def _load(self, target: TargetCollection, method: str, partitions: list[str], replicas: int, ts: int,
+              create_indexes: Callable[[], None]) -> None:
+        from pymilvus.grpc_gen import common_pb2, milvus_pb2
+        if method == "LoadPartitions" and not partitions:
+            return
+        request = (milvus_pb2.LoadCollectionRequest(base=self.base(common_pb2.LoadCollection, ts))
+                   if method == "LoadCollection" else
+                   milvus_pb2.LoadPartitionsRequest(base=self.base(common_pb2.LoadPartitions, ts),
+                                                    partition_names=partitions))
+        request.db_name, request.collection_name, request.replica_number = target.db_name, target.name, replicas
+        self.apply(f"{'load collection' if not partitions else f'load partitions {partitions} of'} "
+                   f"{target.qualified_name}", method, request, target.db_name, repairs=[
+                       Repair(lambda r: r.says("index not found", "no vector index"), create_indexes,
+                              "creating the source's indexes"),
+                       Repair(lambda r: r.says("replica number"), lambda: self.release_collection(target, ts),
+                              "releasing the collection (its replica number changed)")])
+
+    def flush(self, db_name: str, names: list[str], ts: int) -> None:
+        from pymilvus.grpc_gen import common_pb2, milvus_pb2
+        self.apply(f"flush {db_name}.{','.join(names)}", "Flush",
+                   milvus_pb2.FlushRequest(base=self.base(common_pb2.Flush, ts), db_name=db_name,
+                                           collection_names=names),
+                   db_name, ok_if=NOT_FOUND,
+                   # the target's datanode watches a channel only after its first tick
+                   transient_if=lambda s: answer_says(s, "channel not found"))
+
+
+###############################################################################
+# Ordering: one timestamp order over every input ###############################
+###############################################################################
+
+class InputKind(enum.IntEnum):
+    """What an input of a task carries. At equal timestamps the lower kind is applied first: a collection seen in
+    the catalog before its first data, data before an operation of the replicate channel."""
+    CATALOG = 0     # changes derived from the source's etcd
+    DATA = 1        # a DML channel
+    OPERATIONS = 2  # the replicate channel
+
+
+@dataclass(frozen=True, order=True)
+class Change:
+    """One change read from an input: a source message or a catalog change, at its source timestamp."""
+    ts: int
+    kind: InputKind
+    seq: int
+    input: str = field(compare=False)
+    item: Any = field(compare=False)
+    position: bytes = field(compare=False, default=b"")  # the MQ id of a message, to resume at
+
+
+@dataclass
+class _Input:
+    name: str
+    kind: InputKind
+    skip_until: int                      # changes at or below were applied before a restart
+    promised: int | None = None          # nothing at or below this can still arrive
+    pending: list[Change] = field(default_factory=list)   # in arrival order
+    last: StartAt | None = None          # after the last position read, or where reading started
+
+
+class ChangeOrder:
+    """The order in which a task applies changes, and the rule that makes it the source's order.
+
+    The rule: every input (each DML channel, the replicate channel, the source's catalog in etcd) promises a
+    timestamp below which it has delivered everything (a channel's time tick; the replicate channel's read
+    position reaching the end observed after that tick was read; an etcd poll started after it was read). The
+    watermark is the lowest promise of all inputs, and only changes at or below it are applied, in (timestamp,
+    input kind, arrival) order. So a change that the source completed before another one was issued is applied
+    first, whichever inputs carry them. An input that has promised nothing yet (a channel just added) holds the
+    watermark where it is. A change that arrives at or below what is already applied (an operation whose write
+    lagged its own timestamp) is applied at once.
+
+    Pure bookkeeping, no I/O: the applier offers changes and promises, takes what is ready, and commits what it
+    applied.
+    """
+
+    def __init__(self, applied: int = 0):
+        self.applied = applied
+        self.inputs: dict[str, _Input] = {}
+        self.seq = 0
+        self.added = False  # an input was added since the last take(): the watermark must be recomputed
+
+    def add_input(self, name: str, kind: InputKind, start: StartAt | None = None, skip_until: int = 0) -> None:
+        if name not in self.inputs:
+            self.inputs[name] = _Input(name, kind, skip_until, last=start if start and start.msg_id else None)
+            self.added = True
+
+    def remove_input(self, name: str) -> None:
+        self.inputs.pop(name, None)
+
+    def has_input(self, name: str) -> bool:
+        return name in self.inputs
+
+    def offer(self, name: str, ts: int, item: Any, position: bytes = b"") -> None:
+        source = self.inputs.get(name)
+        if source is None:
+            return  # read before its input was removed
+        if position:
+            source.last = StartAt("after", position)
+        if ts <= source.skip_until:
+            return
+        self.seq += 1
+        source.pending.append(Change(ts, source.kind, self.seq, name, item, position))
+
+    def promise(self, name: str, ts: int, position: bytes = b"") -> None:
+        source = self.inputs.get(name)
+        if source is None:
+            return
+        if position:
+            source.last = StartAt("after", position)
+        source.promised = ts if source.promised is None else max(source.promised, ts)
+
+    def watermark(self) -> int:
+        promises = [source.promised for source in self.inputs.values()]
+        if not promises or any(p is None for p in promises):
+            return self.applied
+        return max(self.applied, min(promises))
+
+    def take(self) -> tuple[list[Change], int]:
+        """The changes ready to apply, in order, and the watermark they were taken at."""
+        self.added = False
+        watermark = self.watermark()
+        ready = sorted(c for source in self.inputs.values() for c in source.pending if c.ts <= watermark)
+        return ready, watermark
+
+    def commit(self, done: list[Change], upto: int) -> None:
+        """``done`` are applied, and so is everything of the inputs at or below ``upto``."""
+        applied = {(c.input, c.seq) for c in done}
+        for source in self.inputs.values():
+            source.pending = [c for c in source.pending if (c.input, c.seq) not in applied]
+        self.applied = max(self.applied, upto)
+
+    def resume(self, name: str) -> StartAt | None:
+        """Where to read an input again after a restart: at its first change not applied, else after the last
+        position read (ticks included)."""
+        source = self.inputs[name]
+        for change in source.pending:
+            if change.position:
+                return StartAt("at", change.position)
+        return source.last
+
+    def holding(self) -> list[str]:
+        """The inputs that hold back a change waiting above the watermark: those that promised nothing yet, else
+        those with the lowest promise. Empty when nothing waits."""
+        watermark = self.watermark()
+        if not any(c.ts > watermark for source in self.inputs.values() for c in source.pending):
+            return []
+        silent = [n for n, s in self.inputs.items() if s.promised is None]
+        if silent:
+            return sorted(silent)
+        lowest = min(s.promised for s in self.inputs.values())
+        return sorted(n for n, s in self.inputs.items() if s.promised == lowest)
+
+    def names(self, kind: InputKind | None = None) -> list[str]:
+        return sorted(n for n, s in self.inputs.items() if kind is None or s.kind == kind)
+
+
+###############################################################################
 # Replication task #############################################################
 ###############################################################################
 
-TS_LOGICAL_BITS = 18
-
-
 def hybrid_now() -> int:
-    return int(time.time() * 1000) << TS_LOGICAL_BITS
+    from pymilvus.client.utils import mkts_from_unixtime
+    return mkts_from_unixtime(time.time())
 
 
 def ts_seconds(ts: int) -> float:
-    return (ts >> TS_LOGICAL_BITS) / 1000.0
+    from pymilvus.client.utils import hybridts_to_unixtime
+    return hybridts_to_unixtime(ts)
 
 
 def channel_lag(channel: str, confirmed_ts: int, now: float) -> dict:
@@ -1360,8 +1938,10 @@ def channel_lag(channel: str, confirmed_ts: int, now: float) -> dict:
             "lag_seconds": round(max(0.0, now - ts_seconds(confirmed_ts)), 3) if confirmed_ts else None}
 
 
-class TaskState:
-    INITIAL, RUNNING, PAUSED = "Initial", "Running", "Paused"
+class TaskState(str, enum.Enum):
+    INITIAL = "Initial"
+    RUNNING = "Running"
+    PAUSED = "Paused"
 
 
 class CollectionFilter:
@@ -1385,7 +1965,7 @@ class TaskInfo:
     task_id: str
     connect: ConnectParam
     collection_infos: list[dict]
-    state: str = TaskState.INITIAL
+    state: TaskState = TaskState.INITIAL
     reason: str = ""
     replay_existing: bool = False
     created_at: float = field(default_factory=time.time)
@@ -1396,7 +1976,7 @@ class TaskInfo:
 
     def to_store(self) -> dict:
         return {"task_id": self.task_id, "milvus_connect_param": self.connect_json(secrets=True),
-                "collection_infos": self.collection_infos, "state": self.state, "reason": self.reason,
+                "collection_infos": self.collection_infos, "state": self.state.value, "reason": self.reason,
                 "replay_existing": self.replay_existing, "created_at": self.created_at}
 
     @classmethod
@@ -1406,7 +1986,7 @@ class TaskInfo:
                                connect_timeout=float(param.get("connect_timeout", 10)),
                                dial_config=tuple(sorted((param.get("dial_config") or {}).items())))
         return cls(task_id=data["task_id"], connect=connect, collection_infos=data["collection_infos"],
-                   state=data.get("state", TaskState.INITIAL), reason=data.get("reason", ""),
+                   state=TaskState(data.get("state", TaskState.INITIAL.value)), reason=data.get("reason", ""),
                    replay_existing=bool(data.get("replay_existing")), created_at=data.get("created_at", 0))
 
     def connect_json(self, secrets: bool = False) -> dict:
@@ -1419,7 +1999,7 @@ class TaskInfo:
 
     def public(self) -> dict:
         shown = {"task_id": self.task_id, "milvus_connect_param": self.connect_json(),
-                 "collection_infos": self.collection_infos, "state": self.state}
+                 "collection_infos": self.collection_infos, "state": self.state.value}
         if self.reason:
             shown["reason"] = self.reason
         if self.replay_existing:
@@ -1465,56 +2045,60 @@ class TargetClock:
                     self.sent[pchannel] = tick
 
 
-@dataclass
-class ChannelProgress:
-    """The applier's view of one source channel: what is read but not yet applied, and where to resume.
+class SourceClock:
+    """The latest source time a task has evidence of: the highest time tick read on any of its channels. The
+    reader thread writes it; the catalog thread and the replicate channel's promise read it.
 
-    A tick T only promises that no message at or below T follows it; a message above T may come before it.
-    So a restart resumes at the first message not yet applied (or after the last one read), and skips what it
-    reads again at or below the durable watermark.
+    With no tick for a while (no collection on the channels read, or none at all) the local clock, held back by
+    a margin, stands in: then nothing but the replicate channel and the catalog is ordered by it.
     """
-    name: str
-    is_replicate: bool
-    skip_until: int = 0                      # messages at or below were applied before a restart
-    tick_ts: int | None = None               # latest source time tick read
-    pending: list[SourceMessage] = field(default_factory=list)
-    last_read: StartAt | None = None         # after the last message read, or the start position
-    confirmed_ts: int = 0
 
-    def resume(self) -> StartAt | None:
-        return StartAt("at", self.pending[0].msg_id) if self.pending else self.last_read
+    FALLBACK_AFTER = 1.0
 
-    def checkpoint(self, watermark: int) -> Checkpoint | None:
-        resume = self.resume()
-        return Checkpoint(self.name, resume.msg_id, watermark, resume.kind) if resume else None
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.tick, self.tick_at = 0, 0.0
 
+    def saw_tick(self, ts: int) -> None:
+        with self.lock:
+            if ts > self.tick:
+                self.tick, self.tick_at = ts, time.monotonic()
 
-@dataclass(order=True)
-class MetaEvent:
-    """A change seen in the source's etcd, ordered among the MQ messages by a source timestamp."""
-    ts: int
-    seq: int
-    kind: str = field(compare=False)
-    collection_id: int = field(compare=False, default=0)
-    partition_id: int = field(compare=False, default=0)
+    def now(self) -> int:
+        from pymilvus.client.utils import mkts_from_unixtime
+        with self.lock:
+            tick, tick_at = self.tick, self.tick_at
+        if time.monotonic() - tick_at > self.FALLBACK_AFTER:
+            return max(tick, mkts_from_unixtime(time.time() - self.FALLBACK_AFTER))
+        return tick
 
 
 class Replicator:
-    """One running task: a reader thread feeds a bounded queue (``readChanLen`` batches), an applier thread
-    merges the source channels in timestamp order and writes to the target; etcd watch callbacks feed the
-    applier's event queue. The task owns its threads and stops them on pause, delete and shutdown."""
+    """One running task, three threads:
+
+    - the reader reads the source channels into a bounded queue (``readChanLen`` batches) and, after each read,
+      promises how far the replicate channel is read (see ChangeOrder);
+    - the catalog thread polls the source's etcd for catalog changes;
+    - the applier merges both in the source's order and writes to the target.
+
+    The task owns its threads and stops them on pause, delete and shutdown.
+    """
+
+    FENCE_INTERVAL = 0.1         # seconds between two promises of the replicate channel
+    CATALOG_INTERVAL = 0.1       # seconds between two polls of the source's catalog
 
     def __init__(self, task: TaskInfo, config: ServerConfig, store: MetaStore, clock: TargetClock,
                  on_failure: Callable[["Replicator", str], None]):
         self.task, self.config, self.store, self.clock = task, config, store, clock
         self.on_failure = on_failure
-        self.log = log
         self.stop_event = threading.Event()
         self.read_queue: queue.Queue = queue.Queue(maxsize=config.source.read_chan_len)
+        self.catalog_queue: queue.Queue = queue.Queue(maxsize=config.source.read_chan_len)
         self.reader_commands: queue.SimpleQueue = queue.SimpleQueue()
-        self.meta_changes: queue.SimpleQueue = queue.SimpleQueue()
+        self.source_clock = SourceClock()
         self.status_lock = threading.Lock()
         self.status: dict[str, Any] = {"channels": {}}
+        self.writer: TargetWriter | None = None
         self.threads: list[threading.Thread] = []
         self.started = threading.Event()  # set once the start positions are pinned in the meta store
         self.failed = False
@@ -1522,16 +2106,18 @@ class Replicator:
     # -- lifecycle ----------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        applier = threading.Thread(target=self._run_applier, name=f"cdc-apply-{self.task.task_id[:8]}",
-                                   daemon=True)
-        self.threads.append(applier)
-        applier.start()
+        self._spawn("apply", self._run_applier)
+
+    def _spawn(self, role: str, target: Callable, *args) -> None:
+        thread = threading.Thread(target=target, args=args, name=f"cdc-{role}-{self.task.task_id[:8]}", daemon=True)
+        self.threads.append(thread)
+        thread.start()
 
     def stop(self, timeout: float = 60.0) -> None:
         self.stop_event.set()
         joined: set[threading.Thread] = set()
         while unjoined := [t for t in self.threads if t not in joined and t is not threading.current_thread()]:
-            for thread in unjoined:  # the applier may still add the reader thread while it stops
+            for thread in unjoined:  # the applier may still add threads while it stops
                 thread.join(timeout)
                 joined.add(thread)
 
@@ -1541,18 +2127,45 @@ class Replicator:
         now = time.time()
         return [channel_lag(name, ts, now) for name, ts in sorted(channels.items())]
 
+    def progress(self) -> dict:
+        """What `get` shows of a running task: lag per channel, and what it waits on, if anything."""
+        shown: dict[str, Any] = {"channels": self.lag()}
+        retrying = self.writer.retry_state() if self.writer is not None else None
+        if retrying is not None:
+            shown["retrying"] = retrying.public()
+        with self.status_lock:
+            if self.status.get("waiting_for"):
+                shown["waiting_for"] = self.status["waiting_for"]
+        return shown
+
+    def publish(self, channels: dict[str, int], waiting_for: list[str]) -> None:
+        with self.status_lock:
+            self.status = {"channels": channels, "waiting_for": waiting_for}
+
     def _fail(self, reason: str) -> None:
         if not self.stop_event.is_set():
             self.failed = True
             self.stop_event.set()
-            self.log.error("task=%s paused by an error: %s", self.task.task_id, reason)
+            log.error("task=%s paused by an error: %s", self.task.task_id, reason)
             # Recorded from a thread of its own: a pause or delete holding the manager's lock may be joining
             # this very thread.
             threading.Thread(target=self.on_failure, args=(self, reason), daemon=True).start()
 
+    def _hand_over(self, target: queue.Queue, item) -> None:
+        """Put into a bounded queue, waiting while it is full, until the task stops."""
+        while not self.stop_event.is_set():
+            try:
+                target.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
     # -- reader thread ------------------------------------------------------------------------------------
 
     def _run_reader(self, reader: ChannelReader) -> None:
+        from pymilvus.grpc_gen import common_pb2
+        replicate = self.config.source.replicate_chan
+        last_fence = 0.0
         try:
             while not self.stop_event.is_set():
                 while True:
@@ -1565,12 +2178,18 @@ class Replicator:
                     else:
                         reader.remove(channel)
                 messages = reader.read(0.1)
-                while messages and not self.stop_event.is_set():
-                    try:
-                        self.read_queue.put(messages, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                for message in messages:
+                    if message.msg_type == common_pb2.TimeTick and message.channel != replicate:
+                        self.source_clock.saw_tick(message.timestamp)
+                if time.monotonic() - last_fence >= self.FENCE_INTERVAL:
+                    last_fence = time.monotonic()
+                    before = self.source_clock.now()
+                    if reader.at_end(replicate):
+                        # Read to the end observed after `before` was read: every operation the source
+                        # completed before issuing `before` is read.
+                        messages.append(SourceMessage(replicate, b"", common_pb2.TimeTick, before, b""))
+                if messages:
+                    self._hand_over(self.read_queue, messages)
         except Exception as exc:  # noqa: BLE001 - any reader failure pauses the task with its text
             self._fail(f"reading the source MQ: {type(exc).__name__}: {exc}")
         finally:
@@ -1579,6 +2198,19 @@ class Replicator:
             except Exception:  # noqa: BLE001
                 pass
 
+    # -- catalog thread -----------------------------------------------------------------------------------
+
+    def _run_catalog(self, poller: CatalogPoller) -> None:
+        try:
+            while not self.stop_event.wait(self.CATALOG_INTERVAL):
+                before = self.source_clock.now()
+                changes = poller.poll()
+                # Started after `before` was read: every catalog write made before it was issued is here.
+                self._hand_over(self.catalog_queue, (before, changes))
+        except Exception as exc:  # noqa: BLE001
+            log.exception("task=%s reading the source etcd failed", self.task.task_id)
+            self._fail(f"reading the source etcd: {type(exc).__name__}: {exc}")
+
     # -- applier thread -----------------------------------------------------------------------------------
 
     def _run_applier(self) -> None:
@@ -1586,15 +2218,17 @@ class Replicator:
         meta = writer = None
         try:
             meta = SourceMeta(self.config.source)
-            writer = TargetWriter(self.task.connect, self.config.replication, self.stop_event, task_id)
-            apply = Applier(self, meta, writer)
-            apply.run()
+            writer = self.writer = TargetWriter(self.task.connect, self.config.replication, self.stop_event,
+                                                task_id)
+            Applier(self, meta, writer).run()
         except TaskStopping:
             pass
+        except TaskHalt as exc:
+            self._fail(str(exc))
         except TargetError as exc:
             self._fail(f"writing to the target: {exc}")
         except Exception as exc:  # noqa: BLE001 - the reason is shown to the user, the trace goes to the log
-            self.log.exception("task=%s applier failed", task_id)
+            log.exception("task=%s applier failed", task_id)
             self._fail(f"{type(exc).__name__}: {exc}")
         finally:
             self.clock.leave(task_id)
@@ -1606,58 +2240,123 @@ class Replicator:
                         pass
 
 
+CATALOG_INPUT = "source catalog (etcd)"
+
+
+class SourceCatalog:
+    """What the applier knows of the source's collections: every incarnation it has seen, live or dropped, and
+    whether the task replicates it."""
+
+    def __init__(self, meta: SourceMeta, wanted: CollectionFilter):
+        self.meta, self.wanted = meta, wanted
+        self.known: dict[int, SourceCollection | None] = {}
+
+    def learn(self, collection: SourceCollection) -> None:
+        self.known[collection.id] = collection
+
+    def get(self, collection_id: int) -> SourceCollection | None:
+        """A replicated collection by id (None for one the task leaves out)."""
+        if collection_id not in self.known:
+            self.known[collection_id] = self.meta.collection(collection_id)
+        found = self.known[collection_id]
+        return found if found is not None and self.wanted.matches(found.db_name, found.name) else None
+
+    def named(self, db_name: str, name: str, ts: int) -> SourceCollection | None:
+        """The replicated incarnation that had this name at time ``ts``."""
+        if not self.wanted.matches(db_name, name):
+            return None
+        candidates = [c for c in self.known.values() if c is not None and c.db_name == db_name and c.name == name
+                      and c.create_time <= ts]
+        return max(candidates, key=lambda c: c.create_time) if candidates else None
+
+    def created_at(self, db_name: str, name: str, ts: int) -> SourceCollection | None:
+        return next((c for c in self.known.values() if c is not None and c.db_name == db_name and c.name == name
+                     and c.create_time == ts), None)
+
+
+class Outbox:
+    """Rewritten messages by target pchannel, sent before any call that must come after them."""
+
+    def __init__(self, writer: TargetWriter, task_id: str):
+        self.writer, self.task_id = writer, task_id
+        self.messages: dict[str, list[bytes]] = defaultdict(list)
+
+    def add(self, pchannel: str, message: bytes) -> None:
+        self.messages[pchannel].append(message)
+
+    def flush(self) -> None:
+        for pchannel in list(self.messages):
+            messages = self.messages.pop(pchannel)
+            self.writer.replicate(pchannel, messages)
+            log.debug("task=%s sent %d message(s) to %s", self.task_id, len(messages), pchannel)
+
+
 class Applier:
-    """The applier thread's state and steps (see Replicator). Everything here runs on that one thread."""
+    """The applier thread: takes the task's changes in ChangeOrder's order and applies each with its handler.
+
+    It owns the order, what it knows of the source (SourceCatalog), which source collection has which copy on
+    the target, the channels it follows, and the checkpoint. The target's side is TargetMirror's.
+    """
 
     def __init__(self, replicator: Replicator, meta: SourceMeta, writer: TargetWriter):
+        from pymilvus.grpc_gen import common_pb2
         self.r, self.meta, self.writer = replicator, meta, writer
-        self.task, self.log, self.stop = replicator.task, replicator.log, replicator.stop_event
+        self.task, self.stop = replicator.task, replicator.stop_event
+        self.tid = self.task.task_id
         self.filter = self.task.filter
         self.settings = replicator.config.source
-        self.channels: dict[str, ChannelProgress] = {}
-        self.events: list[MetaEvent] = []
-        self.event_seq = 0
-        self.sources: dict[int, SourceCollection | None] = {}   # source collection id -> replicated one, or None
-        self.targets: dict[int, TargetCollection] = {}          # source collection id -> its target copy
-        self.drops: dict[tuple, dict[str, bytes]] = defaultdict(dict)
-        self.outbox: dict[str, list[bytes]] = defaultdict(list)
-        self.load_types: dict[int, int] = {}                     # collection id -> how the source loaded it
-        self.existing: set[int] = set()                          # collections copied as they are at start
-        self.applied = 0
+        self.replicate_chan = self.settings.replicate_chan
+        self.catalog = SourceCatalog(meta, self.filter)
+        self.mirror = TargetMirror(writer, self.tid)
+        self.outbox = Outbox(writer, self.tid)
+        self.order = ChangeOrder()
+        self.copies: dict[int, TargetCollection] = {}          # source collection id -> its copy on the target
+        self.followed: dict[int, SourceCollection] = {}        # collections whose channels are read
+        self.gone: set[int] = set()                            # collections whose drop is applied (or moot)
+        self.existing: set[int] = set()                        # collections copied as they are at start
+        # (target collection id, partition name) -> the source partition id it copies, where known
+        self.partition_copies: dict[tuple[int, str], int] = {}
+        self.catalog_fence = 0
         self.durable = 0
         self.last_checkpoint = 0.0
         self.checkpoint_dirty = False
-        self.reader_thread: threading.Thread | None = None
-
-    @property
-    def tid(self) -> str:
-        return self.task.task_id
+        self.data_handlers = {
+            common_pb2.Insert: self.on_insert, common_pb2.Delete: self.on_delete,
+            common_pb2.CreateCollection: self.on_create_collection,
+            common_pb2.DropCollection: self.on_drop_collection, common_pb2.DropPartition: self.on_drop_partition}
+        self.operation_handlers = {
+            common_pb2.CreateDatabase: self.on_create_database, common_pb2.DropDatabase: self.on_drop_database,
+            common_pb2.CreateIndex: self.on_create_index, common_pb2.DropIndex: self.on_drop_index,
+            common_pb2.LoadCollection: self.on_load, common_pb2.ReleaseCollection: self.on_load,
+            common_pb2.LoadPartitions: self.on_load, common_pb2.ReleasePartitions: self.on_load,
+            common_pb2.Flush: self.on_flush}
+        self.catalog_handlers = {
+            CatalogChangeKind.COLLECTION: self.on_collection_seen, CatalogChangeKind.PARTITION: self.on_partition_seen,
+            CatalogChangeKind.LOAD: self.on_load_changed}
 
     # -- start ----------------------------------------------------------------------------------------------
 
     def run(self) -> None:
         saved = self.r.store.load_checkpoints(self.tid)
-        self.durable = self.applied = max((c.timestamp for c in saved.values()), default=0)
+        self.durable = max((c.timestamp for c in saved.values()), default=0)
+        self.order.applied = self.catalog_fence = self.durable
         self.r.clock.join(self.tid, self.durable)
-        self.r.clock.add_channels(self._target_pchannels())
+        self.r.clock.add_channels(self.mirror.pchannels())
         reader = open_channel_reader(self.settings)
         try:
-            revision, starts = self._plan_starts(saved, reader)
+            poller, starts = self._plan_starts(saved, reader)
             for name, start in starts.items():
-                self._add_channel(name, name == self.settings.replicate_chan, start, reader)
+                self._read(name, start, reader)
         except BaseException:
             reader.close()
             raise
         # Pinned before create answers: what the user does next is replicated, even across a crash.
         self.checkpoint_dirty = True
         self._save_checkpoint(force=True)
-        self.log.info("task=%s started: %d collection(s), %d channel(s), resuming at ts %d", self.tid,
-                      len([c for c in self.sources.values() if c]), len(self.channels), self.durable)
-        self.meta.watch(self._on_meta_change, self._on_watch_error, start_revision=revision + 1)
-        self.reader_thread = threading.Thread(target=self.r._run_reader, args=(reader,),
-                                              name=f"cdc-read-{self.tid[:8]}", daemon=True)
-        self.r.threads.append(self.reader_thread)
-        self.reader_thread.start()
+        log.info("task=%s started: %d collection(s), %d channel(s), resuming at ts %d", self.tid,
+                 len(self.followed), len(self.order.names()) - 1, self.durable)
+        self.r._spawn("read", self.r._run_reader, reader)
+        self.r._spawn("catalog", self.r._run_catalog, poller)
         self.r.started.set()
         try:
             self._loop()
@@ -1665,159 +2364,157 @@ class Applier:
             if not self.r.failed:
                 self._save_checkpoint(force=True)
 
-    def _live_collections(self) -> list[SourceCollection]:
-        return [c for c in self.meta.collections() if not c.dropped and self.filter.matches(c.db_name, c.name)]
-
-    def _plan_starts(self, saved: dict[str, Checkpoint], reader: ChannelReader) -> tuple[int, dict[str, StartAt]]:
-        """Where each channel starts, and the etcd revision the watch continues from.
+    def _plan_starts(self, saved: dict[str, Checkpoint], reader: ChannelReader) \
+            -> tuple[CatalogPoller, dict[str, StartAt]]:
+        """Where each channel starts, and the catalog poller that continues from the listing.
 
         A channel with a checkpoint resumes there. Otherwise a fresh task starts at the latest offsets, pinned
         before the collections are listed, so that nothing created meanwhile slips between listing and
         reading; a collection that is new since then (or since the last checkpoint, or any collection when
         replay_existing is set) starts at its own start position.
         """
-        replicate = self.settings.replicate_chan
-        before = self._live_collections()
+        fresh = not saved and not self.task.replay_existing
+        before = [c for c in self.meta.collections() if not c.dropped and self.filter.matches(c.db_name, c.name)]
         pins: dict[str, StartAt] = {}
-        if not saved and not self.task.replay_existing:
-            for channel in {replicate} | {p for c in before for p in c.pchannels}:
+        if fresh:
+            for channel in {self.replicate_chan} | {p for c in before for p in c.pchannels}:
                 pins[channel] = reader.resolve(channel, LATEST)
         if self.filter.everything and not saved:
             for db_name in sorted(set(self.meta.databases().values()) - {DEFAULT_DB}):
-                self._create_database(db_name, hybrid_now())
-        revision = self.meta.current_revision()
-        live = self._live_collections()
+                self.mirror.create_database(db_name, hybrid_now())
+        revision = self.meta.revision()
+        listed = self.meta.collections(revision)
+        for collection in listed:
+            self.catalog.learn(collection)
+        live = [c for c in listed if not c.dropped and self.filter.matches(c.db_name, c.name)]
         old = {c.id for c in before}
-        if not saved and not self.task.replay_existing:
+        if fresh:
             self.existing = old
+        self.order.add_input(CATALOG_INPUT, InputKind.CATALOG)
         for collection in live:
-            self.sources[collection.id] = collection
-            self._schedule(collection.create_time, "collection", collection.id)
+            self.order.offer(CATALOG_INPUT, collection.create_time,
+                             CatalogChange(CatalogChangeKind.COLLECTION, collection.id, collection.create_time,
+                                           collection=collection))
+            if saved:  # a load change may have been pending when the task stopped
+                self.order.offer(CATALOG_INPUT, self.durable + 1,
+                                 CatalogChange(CatalogChangeKind.LOAD, collection.id))
 
         def resumed(channel: str) -> StartAt | None:
             checkpoint = saved.get(channel)
             return StartAt(checkpoint.resume, checkpoint.msg_id) if checkpoint else None
 
-        starts = {replicate: resumed(replicate) or pins.get(replicate) or EARLIEST}
+        starts = {self.replicate_chan: resumed(self.replicate_chan) or pins.get(self.replicate_chan) or EARLIEST}
         for channel in sorted({p for c in live for p in c.pchannels}):
             if resumed(channel):
                 starts[channel] = resumed(channel)
                 continue
-            newcomers = [c for c in live if channel in c.pchannels and (saved or self.task.replay_existing
-                                                                        or c.id not in old)]
+            newcomers = [c for c in live if channel in c.pchannels and (not fresh or c.id not in old)]
             ids = [c.start_positions[channel] for c in newcomers if channel in c.start_positions]
             if channel in pins and pins[channel].kind == "at":
                 ids.append(pins[channel].msg_id)
             starts[channel] = StartAt("at", reader.earliest(ids)) if ids else pins.get(channel, LATEST)
-        return revision, starts
+        for collection in live:
+            self.followed[collection.id] = collection
+        return CatalogPoller(self.meta, revision), starts
 
-    def _add_channel(self, name: str, is_replicate: bool, start: StartAt,
-                     reader: ChannelReader | None = None) -> None:
-        progress = ChannelProgress(name, is_replicate, skip_until=self.durable)
+    def _read(self, channel: str, start: StartAt, reader: ChannelReader | None = None) -> None:
+        """Start reading a channel as one more input of the order."""
         if reader is not None:
-            start = reader.add(name, start)  # at start-up, before the reader thread owns the reader
+            start = reader.add(channel, start)  # at start-up, before the reader thread owns the reader
         else:
-            self.r.reader_commands.put(("add", name, start))
-        if start.kind in ("after", "at"):
-            progress.last_read = start
-        self.channels[name] = progress
-        self.log.info("task=%s reading %s from %s", self.tid, name,
-                      start.kind if not start.msg_id else f"{start.kind} {start.msg_id.hex()}")
+            self.r.reader_commands.put(("add", channel, start))
+        kind = InputKind.OPERATIONS if channel == self.replicate_chan else InputKind.DATA
+        self.order.add_input(channel, kind, start if start.kind in ("after", "at") else None,
+                             skip_until=self.durable)
+        log.info("task=%s reading %s from %s", self.tid, channel,
+                 start.kind if not start.msg_id else f"{start.kind} {start.msg_id.hex()}")
 
-    def _remove_channel(self, name: str) -> None:
-        if self.channels.pop(name, None) is not None:
-            self.r.reader_commands.put(("remove", name, None))
-            self.log.info("task=%s stopped reading %s: no replicated collection left on it", self.tid, name)
-
-    def _target_pchannels(self) -> set[str]:
-        """Every pchannel of every collection on the target: all of them need ticks."""
-        found = set()
-        for db_name in self.writer.databases():
-            for name in self.writer.collection_names(db_name):
-                described = self.writer.describe_collection(db_name, name)
-                if described is not None:
-                    found.update(described.pchannels)
-        return found
+    def _unread(self, channel: str) -> None:
+        if self.order.has_input(channel):
+            self.order.remove_input(channel)
+            self.r.reader_commands.put(("remove", channel, None))
+            log.info("task=%s stopped reading %s: no replicated collection left on it", self.tid, channel)
 
     # -- main loop ------------------------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        interval = self.r.config.replication.checkpoint_interval
         while not self.stop.is_set():
-            try:
-                batch = self.r.read_queue.get(timeout=min(0.05, interval))
-            except queue.Empty:
-                batch = []
-            for message in batch:
-                self._accept(message)
-            self._drain_meta_changes()
-            self._advance()
+            self._receive()
+            self._round()
             self._save_checkpoint()
 
-    def _accept(self, message: SourceMessage) -> None:
+    def _receive(self) -> None:
         from pymilvus.grpc_gen import common_pb2
-        channel = self.channels.get(message.channel)
-        if channel is None:
-            return
-        channel.last_read = StartAt("after", message.msg_id)
-        if message.msg_type == common_pb2.TimeTick:
-            channel.tick_ts = message.timestamp
-            return
-        if message.timestamp > channel.skip_until:
-            channel.pending.append(message)
-        if message.msg_type == common_pb2.DropCollection and self._last_on_channel(message):
-            # The source stops ticking a channel with no collection left, possibly before a tick passes the
-            # drop; nothing can follow the drop there, so it stands for the channel's final tick.
-            channel.tick_ts = max(channel.tick_ts or 0, message.timestamp)
+        try:
+            batch = self.r.read_queue.get(timeout=0.05)
+        except queue.Empty:
+            batch = []
+        for message in batch:
+            if message.msg_type == common_pb2.TimeTick:
+                self.order.promise(message.channel, message.timestamp, message.msg_id)
+                continue
+            self.order.offer(message.channel, message.timestamp, message, message.msg_id)
+            if message.msg_type == common_pb2.DropCollection and self.order.has_input(message.channel) and \
+                    self._last_on_channel(message):
+                # The source stops ticking a channel with no collection left, possibly before a tick passes the
+                # drop; nothing can follow the drop there, so it stands for the channel's final tick.
+                self.order.promise(message.channel, message.timestamp)
+        while True:
+            try:
+                fence, changes = self.r.catalog_queue.get_nowait()
+            except queue.Empty:
+                return
+            for change in changes:
+                self._accept_catalog(change)
+            self.catalog_fence = fence
+            self.order.promise(CATALOG_INPUT, fence)
 
     def _last_on_channel(self, message: SourceMessage) -> bool:
         from pymilvus.grpc_gen import msg_pb2
         dropped = msg_pb2.DropCollectionRequest.FromString(message.payload).collectionID
         return message.channel not in self.meta.live_pchannels(excluding=dropped)
 
-    def _watermark(self) -> int:
-        """Every source message at or below the watermark has been read, on every channel."""
-        dml = [c for c in self.channels.values() if not c.is_replicate]
-        if dml:
-            if any(c.tick_ts is None for c in dml):
-                return self.applied
-            return max(self.applied, min(c.tick_ts for c in dml))
-        # With no data channel, nothing orders the replicate channel's operations but their own times.
-        pending = [m.timestamp for c in self.channels.values() for m in c.pending] + [e.ts for e in self.events]
-        return max([self.applied] + pending)
+    def _accept_catalog(self, change: CatalogChange) -> None:
+        if change.kind == CatalogChangeKind.COLLECTION:
+            collection = change.collection
+            self.catalog.learn(collection)  # what it is now; its creation is applied in order
+            if collection.state in (COLLECTION_CREATED, COLLECTION_CREATING) and \
+                    self.filter.matches(collection.db_name, collection.name):
+                self.order.offer(CATALOG_INPUT, collection.create_time, change)
+        elif change.kind == CatalogChangeKind.PARTITION:
+            if change.partition.state == PARTITION_CREATED and self.catalog.get(change.collection_id):
+                self.order.offer(CATALOG_INPUT, change.ts, change)
+        elif self.catalog.get(change.collection_id):
+            # Load state has no source time: it changed after the previous poll's fence was read, so it goes
+            # right after that fence, before anything the source did after the change.
+            self.order.offer(CATALOG_INPUT, self.catalog_fence + 1, change)
 
-    def _advance(self) -> None:
-        """Apply, in timestamp order, every message and etcd change at or below the watermark."""
-        watermark = self._watermark()
-        ready: list[tuple[int, int, int, Any]] = []
-        for channel in self.channels.values():
-            for message in channel.pending:
-                if message.timestamp <= watermark:
-                    ready.append((message.timestamp, 2 if channel.is_replicate else 1, len(ready), message))
-        events = []
-        while self.events and self.events[0].ts <= watermark:
-            events.append(heapq.heappop(self.events))
-        ready += [(event.ts, 0, len(ready) + i, event) for i, event in enumerate(events)]
-        ready.sort(key=lambda item: item[:3])
-        try:
-            for _, _, _, item in ready:
-                if self.stop.is_set():
-                    raise TaskStopping()
-                if isinstance(item, MetaEvent):
-                    self._apply_event(item)
-                else:
-                    self._apply_message(item)
-            self._flush_outbox()
-        except BaseException:
-            for event in events:  # a stop between two steps leaves the buffers as they were: nothing is lost
-                heapq.heappush(self.events, event)
-            raise
-        # Only now, with all of them on the target, do the messages leave the buffers.
-        if watermark > self.applied or ready:
-            for channel in self.channels.values():
-                channel.pending = [m for m in channel.pending if m.timestamp > watermark]
-                channel.confirmed_ts = watermark
-            self.applied = watermark
+    def _round(self) -> None:
+        """Apply what is ready, in order; commit it once the outbox is on the target."""
+        from pymilvus.grpc_gen import common_pb2
+        ready, watermark = self.order.take()
+        done: list[Change] = []
+        for change in ready:
+            if self.stop.is_set():
+                raise TaskStopping()
+            if change.kind == InputKind.CATALOG:
+                self.catalog_handlers[change.item.kind](change.item, change.ts)
+            else:
+                handlers = self.data_handlers if change.kind == InputKind.DATA else self.operation_handlers
+                handler = handlers.get(change.item.msg_type)
+                if handler is not None:
+                    handler(change.item)
+                elif change.item.msg_type != common_pb2.TimeTick:
+                    log.debug("task=%s skipped message type %d of %s", self.tid, change.item.msg_type,
+                              change.input)
+            done.append(change)
+            if self.order.added:
+                break  # a channel was added: what is still ready must wait for its promise
+        self.outbox.flush()
+        # Broken off after a channel was added: only below the change that added it is everything applied.
+        upto = watermark if len(done) == len(ready) else done[-1].ts - 1
+        if done or upto > self.order.applied:
+            self.order.commit(done, upto)
             self.checkpoint_dirty = True
 
     def _save_checkpoint(self, force: bool = False) -> None:
@@ -1826,167 +2523,184 @@ class Applier:
         if not self.checkpoint_dirty or (not force and now - self.last_checkpoint < self.r.config.replication
                                          .checkpoint_interval):
             return
-        checkpoints = [c.checkpoint(self.applied) for c in self.channels.values()]
-        self.r.store.save_checkpoints(self.tid, [c for c in checkpoints if c is not None])
-        self.durable, self.checkpoint_dirty, self.last_checkpoint = self.applied, False, now
-        self.log.debug("task=%s checkpoint at ts %d (%.3fs behind)", self.tid, self.durable,
-                       time.time() - ts_seconds(self.durable))
-        with self.r.status_lock:
-            self.r.status["channels"] = {c.name: c.confirmed_ts for c in self.channels.values()}
+        applied = self.order.applied
+        checkpoints = []
+        for name in self.order.names():
+            resume = self.order.resume(name) if name != CATALOG_INPUT else None
+            if resume is not None:
+                checkpoints.append(Checkpoint(name, resume.msg_id, applied, resume.kind))
+        self.r.store.save_checkpoints(self.tid, checkpoints)
+        self.durable, self.checkpoint_dirty, self.last_checkpoint = applied, False, now
+        log.debug("task=%s checkpoint at ts %d (%.3fs behind)", self.tid, self.durable,
+                  time.time() - ts_seconds(self.durable))
+        self.r.publish({name: applied for name in self.order.names() if name != CATALOG_INPUT},
+                       self.order.holding())
         if not force:
             self.r.clock.advance(self.tid, self.durable, self.writer)
 
-    # -- etcd changes -----------------------------------------------------------------------------------------
+    # -- source collections and their copies ------------------------------------------------------------------
 
-    def _on_meta_change(self, kind: str, key: str, value: bytes | None) -> None:
-        self.r.meta_changes.put((kind, key, value))
-
-    def _on_watch_error(self, error: Exception) -> None:
-        self.r.meta_changes.put(("error", repr(error), None))
-
-    def _schedule(self, ts: int, kind: str, collection_id: int, partition_id: int = 0) -> None:
-        self.event_seq += 1
-        heapq.heappush(self.events, MetaEvent(ts, self.event_seq, kind, collection_id, partition_id))
-
-    def _drain_meta_changes(self) -> None:
-        while True:
-            try:
-                kind, key, value = self.r.meta_changes.get_nowait()
-            except queue.Empty:
-                return
-            if kind == "error":
-                raise RuntimeError(f"the source etcd watch broke: {key}")
-            ids = [int(part) for part in key.rsplit("/", 2)[-2:] if part.isdigit()]
-            if kind in ("root-coord/database/collection-info/", "root-coord/collection/") and value:
-                info = ETCD_MESSAGES["CollectionInfo"].FromString(value)
-                if info.state == COLLECTION_CREATED:
-                    self.sources.pop(info.ID, None)
-                    self._schedule(info.create_time, "collection", info.ID)
-            elif kind == "root-coord/partitions/" and value:
-                info = ETCD_MESSAGES["PartitionInfo"].FromString(value)
-                if info.state == PARTITION_CREATED:
-                    self._schedule(info.partition_created_timestamp, "partition", info.collection_id or ids[0],
-                                   info.partitionID)
-            elif kind.startswith("querycoord-") and ids:
-                collection_id = ids[0] if kind == "querycoord-partition-loadinfo/" else ids[-1]
-                # Load state carries no source time: order it by the clock, after what the source did before.
-                self._schedule(hybrid_now(), "load", collection_id)
-
-    def _apply_event(self, event: MetaEvent) -> None:
-        if event.kind == "collection":
-            self._addressed(event.collection_id, refresh=True)
-        elif event.kind == "partition":
-            addressed = self._addressed(event.collection_id)
-            if addressed is not None:
-                source, target = addressed
-                for partition in self.meta.partitions(source.id):
-                    if partition.id == event.partition_id and partition.state == PARTITION_CREATED:
-                        self._ensure_partition(source, target, partition.name)
-        elif event.kind == "load":
-            self._sync_partition_load(event.collection_id)
-
-    # -- source and target collections ------------------------------------------------------------------------
-
-    def _source(self, collection_id: int, refresh: bool = False) -> SourceCollection | None:
-        if refresh or collection_id not in self.sources:
-            found = self.meta.collection(collection_id)
-            if found is not None and not self.filter.matches(found.db_name, found.name):
-                found = None
-            self.sources[collection_id] = found
-        return self.sources[collection_id]
-
-    def _source_by_name(self, db_name: str, name: str, ts: int) -> SourceCollection | None:
-        """The source collection that had this name at time ``ts``."""
-        if not self.filter.matches(db_name, name):
+    def copy_of(self, collection_id: int) -> tuple[SourceCollection, TargetCollection] | None:
+        """A replicated source collection and its copy on the target (made when missing), or None when the task
+        leaves it out or its drop is applied."""
+        source = self.catalog.get(collection_id)
+        if source is None or source.id in self.gone:
             return None
-        candidates = [c for c in self.sources.values() if c is not None and c.db_name == db_name
-                      and c.name == name and c.create_time <= ts]
-        if not candidates:
-            for found in self.meta.collections():
-                if found.db_name == db_name and found.name == name and found.create_time <= ts:
-                    self.sources[found.id] = found
-                    candidates.append(found)
-        return max(candidates, key=lambda c: c.create_time) if candidates else None
+        target = self.copies.get(source.id)
+        if target is not None:
+            return source, target
+        if source.dropped:
+            # Dropped since (the catalog is ahead of the stream): only a copy that exists already still needs
+            # what comes before the drop, the drop included.
+            target = self.mirror.collection(source.db_name, source.name, fresh=True)
+            if target is None or target.created_ts != source.create_time:
+                return None
+            self._adopt(source, target)
+            return source, target
+        return source, self._make_copy(source)
 
-    def _create_database(self, db_name: str, ts: int) -> None:
+    def _make_copy(self, source: SourceCollection) -> TargetCollection:
         from pymilvus.grpc_gen import common_pb2, milvus_pb2
-        self.writer.call(f"create database {db_name}", "CreateDatabase", milvus_pb2.CreateDatabaseRequest(
-            base=self.writer.base(common_pb2.CreateDatabase, ts), db_name=db_name),
-            ok_if=lambda s: answer_says(s, *ALREADY_EXISTS))
-
-    def _ensure_target(self, source: SourceCollection) -> TargetCollection:
-        from pymilvus.grpc_gen import common_pb2, milvus_pb2
-        known = self.targets.get(source.id)
-        if known is not None:
-            return known
-        target = self.writer.describe_collection(source.db_name, source.name)
+        target = self.mirror.collection(source.db_name, source.name, fresh=True)
         if target is not None and target.created_ts != source.create_time:
-            raise TargetError(f"the target already has collection {source.qualified_name} (created at ts "
-                              f"{target.created_ts}), but not as a copy of the source's (created at ts "
-                              f"{source.create_time}); drop it on the target or leave it out of the task")
-        if target is None:
+            older = self.catalog.created_at(source.db_name, source.name, target.created_ts)
+            if older is not None and older.create_time < source.create_time:
+                # The copy of an older incarnation, whose drop the source made before creating this one.
+                log.info("task=%s %s on the target is the copy of an older incarnation: dropping it first",
+                         self.tid, source.qualified_name)
+                self._drop_copy(older, target, source.create_time)
+                target = None
+            elif target.created_ts > source.create_time:
+                raise TaskHalt(f"create collection {source.qualified_name}: the target has a newer collection of "
+                               f"that name (created at ts {target.created_ts}) than this source incarnation "
+                               f"(ts {source.create_time})")
+        if target is None or target.created_ts != source.create_time:
             if source.db_name != DEFAULT_DB:
-                self._create_database(source.db_name, source.create_time)
+                self.mirror.create_database(source.db_name, source.create_time)
+            partitions = [p for p in self.meta.partitions(source.id) if p.state == PARTITION_CREATED]
             request = milvus_pb2.CreateCollectionRequest(
-                base=self.writer.base(common_pb2.CreateCollection, source.create_time),
+                base=self.mirror.base(common_pb2.CreateCollection, source.create_time),
                 db_name=source.db_name, collection_name=source.name,
                 schema=self._target_schema(source).SerializeToString(), shards_num=source.shards_num,
                 consistency_level=source.consistency_level,
                 properties=[common_pb2.KeyValuePair(key=k, value=v) for k, v in source.properties])
-            partitions = [p for p in self.meta.partitions(source.id) if p.state == PARTITION_CREATED]
             if source.has_partition_key():
                 request.num_partitions = len(partitions)
-            self.writer.call(f"create collection {source.qualified_name}", "CreateCollection", request,
-                             source.db_name)
-            target = self.writer.describe_collection(source.db_name, source.name)
-            if target is None:
-                raise TargetError(f"collection {source.qualified_name} is missing on the target right after "
-                                  f"its creation")
+            created = self.mirror.create_collection(request)
+            if created.created_ts != source.create_time:
+                raise TaskHalt(f"create collection {source.qualified_name}: the target already has a collection "
+                               f"of that name that is not a copy of the source's (created at ts "
+                               f"{created.created_ts}, the source's at ts {source.create_time}); drop it on the "
+                               f"target or leave it out of the task")
+            target = created
             if not source.has_partition_key():
                 for partition in partitions:
-                    self._ensure_partition(source, target, partition.name)
-            self.log.info("task=%s created collection %s on the target (source id %d, target id %d)", self.tid,
-                          source.qualified_name, source.id, target.id)
-            self.targets[source.id] = target
-            self.r.clock.add_channels(target.pchannels)
+                    self._partition(target, partition.name, partition.id, partition.created_ts)
+            log.info("task=%s created collection %s on the target (source id %d, target id %d)", self.tid,
+                     source.qualified_name, source.id, target.id)
+            self._adopt(source, target)
             if source.id in self.existing:
-                self._copy_indexes_and_load(source)
-        self.targets[source.id] = target
+                self._copy_indexes_and_load(source, target)
+            return target
+        self._adopt(source, target)
+        return target
+
+    def _adopt(self, source: SourceCollection, target: TargetCollection) -> None:
+        self.copies[source.id] = target
         self.r.clock.add_channels(target.pchannels)
         self._follow(source)
-        return target
 
     def _follow(self, source: SourceCollection) -> None:
         """Read the channels of a collection that has a copy on the target, until its drop is applied."""
+        self.followed[source.id] = source
         for pchannel in source.pchannels:
-            if pchannel not in self.channels:
+            if not self.order.has_input(pchannel):
                 start = source.start_positions.get(pchannel)
-                self._add_channel(pchannel, False, StartAt("at", start) if start else LATEST)
+                self._read(pchannel, StartAt("at", start) if start else LATEST)
 
-    def _copy_indexes_and_load(self, source: SourceCollection) -> None:
+    def _drop_copy(self, source: SourceCollection, target: TargetCollection, ts: int, msg_id: int = 0) -> None:
+        self.mirror.drop_collection(target, ts, MessageRewriter.drop_collection(target, ts, msg_id or ts),
+                                    self.outbox)
+        log.info("task=%s dropped collection %s on the target", self.tid, source.qualified_name)
+        self._forget(source)
+
+    def _forget(self, source: SourceCollection) -> None:
+        target = self.copies.pop(source.id, None)
+        if target is not None:
+            self.partition_copies = {k: v for k, v in self.partition_copies.items() if k[0] != target.id}
+        self.followed.pop(source.id, None)
+        self.gone.add(source.id)
+        needed = {p for c in self.followed.values() for p in c.pchannels}
+        for pchannel in source.pchannels:
+            if pchannel not in needed:
+                self._unread(pchannel)
+
+    def _drop_leftover(self, target: TargetCollection, ts: int) -> bool:
+        """Drop a target collection that copies a source collection dropped since; False for anything else.
+
+        Milvus writes a collection's drop message to its channels after the drop call returns, so a database
+        dropped right after its last collection is dropped comes before that message."""
+        source = self.catalog.created_at(target.db_name, target.name, target.created_ts)
+        if source is None:
+            return False
+        now = self.meta.collection(source.id)
+        if now is not None and not now.dropped:
+            return False
+        self._drop_copy(source, target, ts)
+        return True
+
+    def _copy_indexes_and_load(self, source: SourceCollection, target: TargetCollection) -> None:
         """A collection that existed before the task, whose history the task does not read, comes over as it is
-        now: its indexes, and loaded if the source has it loaded."""
-        from pymilvus.grpc_gen import common_pb2, milvus_pb2
-        for field_name, index_name, params, created in self.meta.indexes(source):
-            self.writer.call(f"create index {index_name} of {source.qualified_name}", "CreateIndex",
-                             milvus_pb2.CreateIndexRequest(
-                                 base=self.writer.base(common_pb2.CreateIndex, created), db_name=source.db_name,
-                                 collection_name=source.name, field_name=field_name, index_name=index_name,
-                                 extra_params=[common_pb2.KeyValuePair(key=k, value=v) for k, v in params]),
-                             source.db_name, ok_if=lambda s: answer_says(s, *ALREADY_EXISTS))
+        now: its indexes, and its load state."""
+        self._create_indexes(source, target)
+        self._sync_load(source, target, hybrid_now())
+        log.info("task=%s copied the indexes and load state of existing collection %s", self.tid,
+                 source.qualified_name)
+
+    def _create_indexes(self, source: SourceCollection, target: TargetCollection) -> None:
+        for index in self.meta.indexes(source):
+            self.mirror.create_index(target, index.field_name, index.index_name, index.params, index.create_time,
+                                     unwanted=self._index_dropped(source))
+
+    def _index_dropped(self, source: SourceCollection) -> Callable[[str], bool]:
+        return lambda name: name not in {i.index_name for i in self.meta.indexes(source)}
+
+    def _sync_load(self, source: SourceCollection, target: TargetCollection, ts: int) -> None:
+        """Bring the copy's load state to the source's, as it is now."""
         state = self.meta.load_state(source.id)
-        if state is None:
-            return
-        self.load_types[source.id] = state[0]
-        if state[0] == LOAD_TYPE_PARTITION:
-            self._sync_partition_load(source.id)
-        else:
-            self.writer.call(f"load collection {source.qualified_name}", "LoadCollection",
-                             milvus_pb2.LoadCollectionRequest(
-                                 base=self.writer.base(common_pb2.LoadCollection, hybrid_now()),
-                                 db_name=source.db_name, collection_name=source.name), source.db_name)
-        self.log.info("task=%s copied the indexes and load state of existing collection %s", self.tid,
-                      source.qualified_name)
+        wanted = None
+        if state is not None:
+            names = {p.id: p.name for p in self.meta.partitions(source.id) if p.state == PARTITION_CREATED}
+            loaded = frozenset(names[p] for p in state.partition_ids if p in names)
+            ids = {name: pid for pid, name in names.items()}
+            for name in loaded:
+                self._partition(target, name, ids[name], ts)
+            wanted = WantedLoad(state.load_type == LOAD_TYPE_COLLECTION, state.replicas, loaded,
+                                source.has_partition_key())
+        self.mirror.set_load(target, wanted, ts, create_indexes=lambda: self._create_indexes(source, target))
+
+    def _partition(self, target: TargetCollection, name: str, source_id: int, ts: int) -> int:
+        """The target partition that copies source partition ``source_id`` named ``name``, made when missing.
+
+        A partition's drop message, like a collection's, is written after the drop call returns: a partition
+        made again under the same name right away may come first. The target's partition of that name is then
+        the copy of the dropped one, and goes first."""
+        key = (target.id, name)
+        if name in target.partitions:
+            copied = self.partition_copies.setdefault(key, source_id)
+            if copied == source_id or name == self.settings.default_partition_name:
+                return target.partitions[name]
+            log.info("task=%s partition %s/%s on the target is the copy of a dropped one: dropping it first",
+                     self.tid, target.qualified_name, name)
+            self._drop_partition_copy(target, name, ts, ts)
+        self.partition_copies[key] = source_id
+        return self.mirror.ensure_partition(target, name, ts)
+
+    def _drop_partition_copy(self, target: TargetCollection, name: str, ts: int, msg_id: int) -> None:
+        self.mirror.drop_partition(target, name, ts, self.outbox,
+                                   MessageRewriter.drop_partition(target, name, ts, msg_id))
+        self.partition_copies.pop((target.id, name), None)
+        log.info("task=%s dropped partition %s/%s on the target", self.tid, target.qualified_name, name)
 
     @staticmethod
     def _target_schema(source: SourceCollection):
@@ -1997,248 +2711,153 @@ class Applier:
         schema.fields.extend(f for f in source.schema.fields if not f.is_dynamic)
         return schema
 
-    def _ensure_partition(self, source: SourceCollection, target: TargetCollection, name: str) -> int:
-        from pymilvus.grpc_gen import common_pb2, milvus_pb2
-        if name in target.partitions:
-            return target.partitions[name]
-        created = {p.name: p for p in self.meta.partitions(source.id)}.get(name)
-        self.writer.call(f"create partition {source.qualified_name}/{name}", "CreatePartition",
-                         milvus_pb2.CreatePartitionRequest(
-                             base=self.writer.base(common_pb2.CreatePartition,
-                                                   created.created_ts if created else hybrid_now()),
-                             db_name=source.db_name, collection_name=source.name, partition_name=name),
-                         source.db_name, ok_if=lambda s: answer_says(s, *ALREADY_EXISTS))
-        refreshed = self.writer.describe_collection(source.db_name, source.name)
-        if refreshed is None or name not in refreshed.partitions:
-            raise TargetError(f"partition {name} of {source.qualified_name} is missing on the target after its "
-                              f"creation")
-        target.partitions = refreshed.partitions
-        return target.partitions[name]
+    # -- data channel handlers --------------------------------------------------------------------------------
 
-    # -- messages ---------------------------------------------------------------------------------------------
-
-    def _apply_message(self, message: SourceMessage) -> None:
-        from pymilvus.grpc_gen import common_pb2
-        channel = self.channels.get(message.channel)
-        if channel is None:
-            return  # read before its channel was dropped from the task
-        handler = self._apply_operation if channel.is_replicate else {
-            common_pb2.Insert: self._apply_insert, common_pb2.Delete: self._apply_delete,
-            common_pb2.CreateCollection: self._apply_create_collection,
-            common_pb2.DropCollection: self._apply_drop_collection,
-            common_pb2.DropPartition: self._apply_drop_partition,
-        }.get(message.msg_type)
-        if handler is not None:
-            handler(message)
-
-    def _addressed(self, collection_id: int, refresh: bool = False) \
-            -> tuple[SourceCollection, TargetCollection] | None:
-        """The replicated source collection and its target copy (created when missing), or None."""
-        source = self._source(collection_id, refresh)
-        if source is None:
-            return None
-        if source.dropped and source.id not in self.targets:
-            # Dropped since (etcd is ahead of the stream): only a copy that already exists still needs what
-            # comes before the drop, the drop included.
-            target = self.writer.describe_collection(source.db_name, source.name)
-            if target is None or target.created_ts != source.create_time:
-                return None
-            self.targets[source.id] = target
-            self._follow(source)
-        return source, self._ensure_target(source)
-
-    def _apply_insert(self, message: SourceMessage) -> None:
+    def on_insert(self, message: SourceMessage) -> None:
         from pymilvus.grpc_gen import msg_pb2
         msg = msg_pb2.InsertRequest.FromString(message.payload)
-        addressed = self._addressed(msg.collectionID)
-        if addressed is None:
+        copy = self.copy_of(msg.collectionID)
+        if copy is None:
             return
-        source, target = addressed
-        partition_id = self._ensure_partition(source, target, msg.partition_name)
+        _, target = copy
+        partition_id = self._partition(target, msg.partition_name, msg.partitionID, message.timestamp)
         shard = shard_index(msg.shardName)
-        self.outbox[target.pchannels[shard]].append(MessageRewriter.insert(msg, target, partition_id, shard))
+        self.outbox.add(target.pchannels[shard], MessageRewriter.insert(msg, target, partition_id, shard))
 
-    def _apply_delete(self, message: SourceMessage) -> None:
+    def on_delete(self, message: SourceMessage) -> None:
         from pymilvus.grpc_gen import msg_pb2
         msg = msg_pb2.DeleteRequest.FromString(message.payload)
-        addressed = self._addressed(msg.collectionID)
-        if addressed is None:
+        copy = self.copy_of(msg.collectionID)
+        if copy is None:
             return
-        source, target = addressed
+        _, target = copy
         partition_id = -1
         if msg.partitionID not in (0, -1) and msg.partition_name:
-            partition_id = self._ensure_partition(source, target, msg.partition_name)
+            partition_id = self._partition(target, msg.partition_name, msg.partitionID, message.timestamp)
         shard = shard_index(msg.shardName)
-        self.outbox[target.pchannels[shard]].append(MessageRewriter.delete(msg, target, partition_id, shard))
+        self.outbox.add(target.pchannels[shard], MessageRewriter.delete(msg, target, partition_id, shard))
 
-    def _apply_create_collection(self, message: SourceMessage) -> None:
+    def on_create_collection(self, message: SourceMessage) -> None:
         from pymilvus.grpc_gen import msg_pb2
-        msg = msg_pb2.CreateCollectionRequest.FromString(message.payload)
-        self._addressed(msg.collectionID, refresh=msg.collectionID not in self.targets)
+        self.copy_of(msg_pb2.CreateCollectionRequest.FromString(message.payload).collectionID)
 
-    def _shards_on(self, source: SourceCollection, pchannel: str) -> list[int]:
-        return [shard_index(v) for v in source.vchannels if pchannel_of(v) == pchannel]
-
-    def _apply_drop_collection(self, message: SourceMessage) -> None:
-        from pymilvus.grpc_gen import common_pb2, milvus_pb2, msg_pb2
+    def on_drop_collection(self, message: SourceMessage) -> None:
+        """Every channel of the collection carries its drop at the same time; the first one read applies it
+        (the order has delivered everything before it from every channel), the others find it gone."""
+        from pymilvus.grpc_gen import common_pb2, msg_pb2
         msg = msg_pb2.DropCollectionRequest.FromString(message.payload)
-        source = self._source(msg.collectionID)
-        target = self.targets.get(msg.collectionID)
-        if source is None:
+        source = self.catalog.get(msg.collectionID)
+        if source is None or source.id in self.gone:
             return
+        target = self.copies.get(source.id)
         if target is None:
-            target = self.writer.describe_collection(source.db_name, source.name)
+            target = self.mirror.collection(source.db_name, source.name, fresh=True)
             if target is None or target.created_ts != source.create_time:
                 self._forget(source)
                 return
-        arrived = self.drops[("collection", source.id)]
-        arrived[message.channel] = message.payload
-        if not set(source.pchannels) <= set(arrived):
-            return  # every shard must deliver the drop first, so none of its data comes after
-        del self.drops[("collection", source.id)]
-        for pchannel, payload in arrived.items():
-            for shard in self._shards_on(source, pchannel):
-                self.outbox[target.pchannels[shard]].append(MessageRewriter.drop_collection(
-                    msg_pb2.DropCollectionRequest.FromString(payload), target))
-        self._flush_outbox()
-        self.writer.call(f"drop collection {source.qualified_name}", "DropCollection",
-                         milvus_pb2.DropCollectionRequest(
-                             base=self.writer.base(common_pb2.DropCollection, message.timestamp),
-                             db_name=source.db_name, collection_name=source.name),
-                         source.db_name, ok_if=lambda s: answer_says(s, *NOT_FOUND) or s.code == 100)
-        self.log.info("task=%s dropped collection %s on the target", self.tid, source.qualified_name)
-        self._forget(source)
+        self._drop_copy(source, target, message.timestamp,
+                        common_pb2.MsgHeader.FromString(message.payload).base.msgID)
 
-    def _forget(self, source: SourceCollection) -> None:
-        self.targets.pop(source.id, None)
-        source.state = COLLECTION_DROPPED
-        live = {p for c in self.sources.values() if c is not None and not c.dropped for p in c.pchannels}
-        for pchannel in source.pchannels:
-            if pchannel not in live:
-                self._remove_channel(pchannel)
-
-    def _apply_drop_partition(self, message: SourceMessage) -> None:
-        from pymilvus.grpc_gen import common_pb2, milvus_pb2, msg_pb2
+    def on_drop_partition(self, message: SourceMessage) -> None:
+        from pymilvus.grpc_gen import common_pb2, msg_pb2
         msg = msg_pb2.DropPartitionRequest.FromString(message.payload)
-        addressed = self._addressed(msg.collectionID)
-        if addressed is None:
+        copy = self.copy_of(msg.collectionID)
+        if copy is None:
             return
-        source, target = addressed
-        arrived = self.drops[("partition", source.id, msg.partitionID)]
-        arrived[message.channel] = message.payload
-        if not set(source.pchannels) <= set(arrived):
-            return
-        del self.drops[("partition", source.id, msg.partitionID)]
-        partition_id = target.partitions.get(msg.partition_name)
-        if partition_id is not None:
-            for pchannel, payload in arrived.items():
-                for shard in self._shards_on(source, pchannel):
-                    self.outbox[target.pchannels[shard]].append(MessageRewriter.drop_partition(
-                        msg_pb2.DropPartitionRequest.FromString(payload), target, partition_id))
-            self._flush_outbox()
-        self.writer.call(f"drop partition {source.qualified_name}/{msg.partition_name}", "DropPartition",
-                         milvus_pb2.DropPartitionRequest(
-                             base=self.writer.base(common_pb2.DropPartition, message.timestamp),
-                             db_name=source.db_name, collection_name=source.name,
-                             partition_name=msg.partition_name),
-                         source.db_name, ok_if=lambda s: answer_says(s, *NOT_FOUND))
-        target.partitions.pop(msg.partition_name, None)
-        self.log.info("task=%s dropped partition %s/%s on the target", self.tid, source.qualified_name,
-                      msg.partition_name)
+        _, target = copy
+        if msg.partition_name not in target.partitions or \
+                self.partition_copies.setdefault((target.id, msg.partition_name), msg.partitionID) != msg.partitionID:
+            return  # dropped already (a replay), or the name holds a newer incarnation already
+        self._drop_partition_copy(target, msg.partition_name, message.timestamp,
+                                  common_pb2.MsgHeader.FromString(message.payload).base.msgID or message.timestamp)
 
-    def _flush_outbox(self) -> None:
-        for pchannel in list(self.outbox):
-            messages = self.outbox.pop(pchannel)
-            self.writer.replicate(pchannel, messages)
-            self.log.debug("task=%s sent %d message(s) to %s", self.tid, len(messages), pchannel)
+    # -- replicate channel handlers ---------------------------------------------------------------------------
 
-    # -- operations of the replicate channel ------------------------------------------------------------------
-
-    def _apply_operation(self, message: SourceMessage) -> None:
-        from pymilvus.grpc_gen import common_pb2, milvus_pb2
-        kinds = {
-            common_pb2.CreateDatabase: ("CreateDatabase", milvus_pb2.CreateDatabaseRequest),
-            common_pb2.DropDatabase: ("DropDatabase", milvus_pb2.DropDatabaseRequest),
-            common_pb2.CreateIndex: ("CreateIndex", milvus_pb2.CreateIndexRequest),
-            common_pb2.DropIndex: ("DropIndex", milvus_pb2.DropIndexRequest),
-            common_pb2.LoadCollection: ("LoadCollection", milvus_pb2.LoadCollectionRequest),
-            common_pb2.ReleaseCollection: ("ReleaseCollection", milvus_pb2.ReleaseCollectionRequest),
-            common_pb2.LoadPartitions: ("LoadPartitions", milvus_pb2.LoadPartitionsRequest),
-            common_pb2.ReleasePartitions: ("ReleasePartitions", milvus_pb2.ReleasePartitionsRequest),
-            common_pb2.Flush: ("Flush", milvus_pb2.FlushRequest),
-        }
-        if message.msg_type not in kinds:
-            self.log.debug("task=%s skipped replicate-channel message type %d", self.tid, message.msg_type)
-            return
-        method, cls = kinds[message.msg_type]
+    def _operation(self, message: SourceMessage, cls):
         request = cls.FromString(message.payload)
-        db_name = request.db_name or DEFAULT_DB
-        request.base.CopyFrom(self.writer.base(message.msg_type, message.timestamp))
-        if method in ("CreateDatabase", "DropDatabase"):
-            if self.filter.everything:
-                exists = ALREADY_EXISTS if method == "CreateDatabase" else NOT_FOUND
-                self.writer.call(f"{method} {request.db_name}", method, request,
-                                 ok_if=lambda s: answer_says(s, *exists))
-            return
-        if method == "Flush":
-            names = []
-            for name in request.collection_names:
-                source = self._source_by_name(db_name, name, message.timestamp)
-                if source is not None and self.targets.get(source.id) is not None:
-                    names.append(name)
-            if names:
-                del request.collection_names[:]
-                request.collection_names.extend(names)
-                self._flush_outbox()
-                self.writer.call(f"flush {db_name}.{','.join(names)}", method, request, db_name,
-                                 ok_if=lambda s: answer_says(s, *NOT_FOUND))
-            return
-        source = self._source_by_name(db_name, request.collection_name, message.timestamp)
-        if source is None or source.dropped and source.id not in self.targets:
-            return
-        self._ensure_target(source)
-        ok = {"CreateIndex": ALREADY_EXISTS, "DropIndex": NOT_FOUND + ("index not exist",),
-              "ReleaseCollection": NOT_FOUND, "ReleasePartitions": NOT_FOUND}.get(method, ())
-        self._flush_outbox()
-        self.writer.call(f"{method} {source.qualified_name}", method, request, db_name,
-                         ok_if=lambda s: bool(ok) and answer_says(s, *ok))
-        self.log.info("task=%s applied %s on %s", self.tid, method, source.qualified_name)
+        return request, request.db_name or DEFAULT_DB
 
-    def _sync_partition_load(self, collection_id: int) -> None:
-        """Load and release partitions leave no message in the MQ of Milvus 2.3: follow the source's load state
-        in etcd for collections loaded partition by partition."""
-        from pymilvus.grpc_gen import common_pb2, milvus_pb2
-        source = self._source(collection_id)
-        if source is None or source.dropped:
+    def on_create_database(self, message: SourceMessage) -> None:
+        from pymilvus.grpc_gen import milvus_pb2
+        request, _ = self._operation(message, milvus_pb2.CreateDatabaseRequest)
+        if self.filter.everything:
+            self.mirror.create_database(request.db_name, message.timestamp)
+
+    def on_drop_database(self, message: SourceMessage) -> None:
+        from pymilvus.grpc_gen import milvus_pb2
+        request, _ = self._operation(message, milvus_pb2.DropDatabaseRequest)
+        if self.filter.everything:
+            self.outbox.flush()
+            self.mirror.drop_database(request.db_name, message.timestamp, self._drop_leftover)
+
+    def _copy_named(self, db_name: str, name: str, ts: int) -> tuple[SourceCollection, TargetCollection] | None:
+        source = self.catalog.named(db_name, name, ts)
+        return self.copy_of(source.id) if source is not None else None
+
+    def on_create_index(self, message: SourceMessage) -> None:
+        from pymilvus.grpc_gen import milvus_pb2
+        request, db_name = self._operation(message, milvus_pb2.CreateIndexRequest)
+        copy = self._copy_named(db_name, request.collection_name, message.timestamp)
+        if copy is None:
             return
-        state = self.meta.load_state(collection_id)
-        if state is not None:
-            self.load_types[collection_id] = state[0]
-        if self.load_types.get(collection_id) != LOAD_TYPE_PARTITION:
-            return  # loaded or released as a whole: the replicate channel's Load/ReleaseCollection carries it
-        if state is None:
-            del self.load_types[collection_id]
-        target = self._ensure_target(source)
-        names = {p.id: p.name for p in self.meta.partitions(collection_id)}
-        wanted = {names[p] for p in (state[1] if state else set()) if p in names}
-        loaded = self.writer.loaded_partitions(source.db_name, source.name)
-        ts = hybrid_now()
-        if wanted - loaded:
-            for name in wanted - loaded:
-                self._ensure_partition(source, target, name)
-            self.writer.call(f"load partitions of {source.qualified_name}", "LoadPartitions",
-                             milvus_pb2.LoadPartitionsRequest(
-                                 base=self.writer.base(common_pb2.LoadPartitions, ts), db_name=source.db_name,
-                                 collection_name=source.name, partition_names=sorted(wanted)), source.db_name)
-            self.log.info("task=%s loaded partitions %s of %s", self.tid, sorted(wanted), source.qualified_name)
-        if loaded - wanted:
-            self.writer.call(f"release partitions of {source.qualified_name}", "ReleasePartitions",
-                             milvus_pb2.ReleasePartitionsRequest(
-                                 base=self.writer.base(common_pb2.ReleasePartitions, ts), db_name=source.db_name,
-                                 collection_name=source.name, partition_names=sorted(loaded - wanted)),
-                             source.db_name, ok_if=lambda s: answer_says(s, *NOT_FOUND))
-            self.log.info("task=%s released partitions %s of %s", self.tid, sorted(loaded - wanted),
-                          source.qualified_name)
+        source, target = copy
+        # Some versions write the request with an empty index name: the source's catalog has the one it chose.
+        name = request.index_name or next((i.index_name for i in self.meta.indexes(source)
+                                           if i.field_name == request.field_name), "")
+        self.outbox.flush()
+        self.mirror.create_index(target, request.field_name, name, [(p.key, p.value) for p in request.extra_params],
+                                 message.timestamp, unwanted=self._index_dropped(source))
+        log.info("task=%s created index %s of %s", self.tid, name or request.field_name, source.qualified_name)
+
+    def on_drop_index(self, message: SourceMessage) -> None:
+        from pymilvus.grpc_gen import milvus_pb2
+        request, db_name = self._operation(message, milvus_pb2.DropIndexRequest)
+        copy = self._copy_named(db_name, request.collection_name, message.timestamp)
+        if copy is None:
+            return
+        source, target = copy
+        self.outbox.flush()
+        self.mirror.drop_index(target, request.field_name, request.index_name, message.timestamp)
+        log.info("task=%s dropped index %s of %s", self.tid, request.index_name or request.field_name,
+                 source.qualified_name)
+
+    def on_load(self, message: SourceMessage) -> None:
+        """Load and release, of a collection or of partitions: the copy follows the source's load state."""
+        from pymilvus.grpc_gen import common_pb2, milvus_pb2
+        request, db_name = self._operation(message, {
+            common_pb2.LoadCollection: milvus_pb2.LoadCollectionRequest,
+            common_pb2.ReleaseCollection: milvus_pb2.ReleaseCollectionRequest,
+            common_pb2.LoadPartitions: milvus_pb2.LoadPartitionsRequest,
+            common_pb2.ReleasePartitions: milvus_pb2.ReleasePartitionsRequest}[message.msg_type])
+        copy = self._copy_named(db_name, request.collection_name, message.timestamp)
+        if copy is not None:
+            self.outbox.flush()
+            self._sync_load(*copy, message.timestamp)
+
+    def on_flush(self, message: SourceMessage) -> None:
+        from pymilvus.grpc_gen import milvus_pb2
+        request, db_name = self._operation(message, milvus_pb2.FlushRequest)
+        names = [name for name in request.collection_names
+                 if self._copy_named(db_name, name, message.timestamp) is not None]
+        if names:
+            self.outbox.flush()
+            self.mirror.flush(db_name, names, message.timestamp)
+
+    # -- catalog handlers -------------------------------------------------------------------------------------
+
+    def on_collection_seen(self, change: CatalogChange, ts: int) -> None:
+        self.copy_of(change.collection_id)
+
+    def on_partition_seen(self, change: CatalogChange, ts: int) -> None:
+        copy = self.copy_of(change.collection_id)
+        if copy is not None and not copy[0].has_partition_key():
+            self._partition(copy[1], change.partition.name, change.partition.id, change.partition.created_ts)
+
+    def on_load_changed(self, change: CatalogChange, ts: int) -> None:
+        copy = self.copy_of(change.collection_id)
+        if copy is not None:
+            self.outbox.flush()
+            self._sync_load(*copy, ts)
 
 
 ###############################################################################
@@ -2459,7 +3078,7 @@ class TaskManager:
             task = self._get(task_id)
             shown = task.public()
             replicator = self.replicators.get(task.task_id)
-        shown["channels"] = replicator.lag() if replicator else self._stored_lag(task.task_id)
+        shown.update(replicator.progress() if replicator else {"channels": self._stored_lag(task.task_id)})
         return shown
 
     def _stored_lag(self, task_id: str) -> list[dict]:

@@ -38,15 +38,15 @@ def test_delete_keeps_the_partition_wildcard_and_primary_keys():
     assert list(out.primary_keys.int_id.data) == [5] and out.base.msgID == 9
 
 
-def test_drops_name_the_target_objects():
-    drop = msg_pb2.DropCollectionRequest(base=common_pb2.MsgBase(msg_type=common_pb2.DropCollection, timestamp=90),
-                                         collectionID=10, collectionName="orders")
-    assert msg_pb2.DropCollectionRequest.FromString(m.MessageRewriter.drop_collection(drop, TARGET)).collectionID \
-        == 900
-    part = msg_pb2.DropPartitionRequest(base=common_pb2.MsgBase(msg_type=common_pb2.DropPartition), collectionID=10,
-                                        partitionID=11, partition_name="p1")
-    out = msg_pb2.DropPartitionRequest.FromString(m.MessageRewriter.drop_partition(part, TARGET, 902))
-    assert (out.collectionID, out.partitionID, out.partition_name) == (900, 902, "p1")
+def test_drops_are_made_for_every_target_shard_with_the_source_time_and_id():
+    drops = m.MessageRewriter.drop_collection(TARGET, 90, 4343)
+    assert [channel for channel, _ in drops] == ["t-dml_3", "t-dml_7"], "every shard's channel stops on one"
+    out = msg_pb2.DropCollectionRequest.FromString(drops[0][1])
+    assert (out.collectionID, out.collectionName, out.db_name) == (900, "orders", "shop")
+    assert (out.base.msg_type, out.base.timestamp, out.base.msgID) == (common_pb2.DropCollection, 90, 4343)
+    parts = m.MessageRewriter.drop_partition(TARGET, "p1", 95, 4444)
+    out = msg_pb2.DropPartitionRequest.FromString(parts[1][1])
+    assert (out.collectionID, out.partitionID, out.partition_name, out.base.timestamp) == (900, 902, "p1", 95)
 
 
 def test_time_tick():

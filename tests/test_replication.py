@@ -301,6 +301,74 @@ def test_flush(cdc, unique_name):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Back to back: what users' scripts do, with no wait for the target between two source calls
+# ---------------------------------------------------------------------------------------------------------
+
+def test_release_then_drop_a_partition_back_to_back(cdc, unique_name):
+    """The target refuses to drop a loaded partition; the source's history says it was released first."""
+    name = unique_name("b2bpart")
+    source = cdc.source
+    source.create_collection(name, schema=full_schema(), shards_num=2)
+    index_and_load(source, name)
+    source.create_partition(name, "p")
+    source.insert(name, make_rows(0, 30), partition_name="p")
+    source.release_partitions(name, ["p"])
+    source.drop_partition(name, "p")
+    source.insert(name, make_rows(100, 10))
+    wait_until(lambda: cdc.target.has_collection(name) and cdc.target.list_partitions(name) == ["_default"], 60,
+               what="the partition dropped on the target")
+    wait_loaded(cdc.target, name)
+    assert_same_rows(source, cdc.target, name, ["id", "s"])
+    source.release_collection(name)
+    source.drop_collection(name)
+    wait_collection(cdc.target, name, present=False)
+
+
+def test_drop_a_loaded_collection_then_its_database_back_to_back(cdc, unique_name):
+    """The target refuses to drop a database that is not empty; the collection's drop comes first."""
+    db, name = unique_name("b2bdb"), unique_name("b2bcoll")
+    cdc.source.create_database(db)
+    source_db = client(cdc.stack["source_milvus"], db)
+    source_db.create_collection(name, schema=full_schema(), shards_num=2)
+    index_and_load(source_db, name)
+    source_db.insert(name, make_rows(0, 20))
+    source_db.drop_collection(name)  # loaded: Milvus 2.3 drops it without a release
+    cdc.source.drop_database(db)
+    wait_until(lambda: db not in cdc.target.list_databases(), 60, what=f"database {db} dropped on the target")
+
+
+def test_drop_and_recreate_the_same_name_back_to_back(cdc, unique_name):
+    """The new incarnation may reach the target while the old one is there: the old one is dropped first."""
+    name = unique_name("b2bagain")
+    source = cdc.source
+    for round_ in range(3):
+        schema = MilvusClient.create_schema(auto_id=False)
+        schema.add_field("id", DataType.INT64, is_primary=True)
+        schema.add_field(f"label{round_}", DataType.VARCHAR, max_length=16)
+        schema.add_field("v", DataType.FLOAT_VECTOR, dim=4 + round_)
+        source._get_connection().schema_cache.pop(name, None)  # pymilvus keeps the old incarnation's schema
+        if round_:
+            source.drop_collection(name)
+        source.create_collection(name, schema=schema, shards_num=1 + round_ % 2)
+        source.insert(name, [{"id": i, f"label{round_}": f"r{round_}-{i}", "v": [1.0] * (4 + round_)}
+                             for i in range(round_ * 100, round_ * 100 + 10)])
+    index_and_load(source, name)
+
+    def recreated():
+        return cdc.target.has_collection(name) and \
+            cdc.target.describe_collection(name)["created_timestamp"] == \
+            source.describe_collection(name)["created_timestamp"]
+    wait_until(recreated, 60, what="the last incarnation on the target")
+    wait_loaded(cdc.target, name)
+    assert schema_of(cdc.target, name) == schema_of(source, name)
+    rows = assert_same_rows(source, cdc.target, name, ["id", "label2"])
+    assert [r["id"] for r in rows] == list(range(200, 210))
+    source.release_collection(name)
+    source.drop_collection(name)
+    wait_collection(cdc.target, name, present=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Everything at once, and what the API shows about it
 # ---------------------------------------------------------------------------------------------------------
 

@@ -139,3 +139,81 @@ def test_target_outage_is_retried_then_pauses_the_task_with_the_reason(stack, se
     assert server.task(task_id)["state"] == "Running"
     drop_everywhere(source, target, name)
     relay.cut()
+
+
+def drop_on_target(uri: str, name: str) -> None:
+    """Drop a collection made by hand on the target: as a replica, or the target retries a denied write forever."""
+    import grpc
+    from pymilvus.grpc_gen import common_pb2, milvus_pb2, milvus_pb2_grpc
+    stub = milvus_pb2_grpc.MilvusServiceStub(grpc.insecure_channel(uri.removeprefix("http://")))
+    base = common_pb2.MsgBase(msg_type=common_pb2.DropCollection, replicateInfo=common_pb2.ReplicateInfo(
+        isReplicate=True, msgTimestamp=int(time.time() * 1000) << 18))
+    status = stub.DropCollection(milvus_pb2.DropCollectionRequest(base=base, collection_name=name), timeout=30)
+    assert status.code == 0, status
+
+
+def test_a_refusal_nothing_explains_pauses_the_task_at_once_with_the_reason(stack, server, unique_name):
+    source, target = client(stack["source_milvus"]), client(stack["target_milvus"])
+    name = unique_name("handmade")
+    schema = MilvusClient.create_schema(auto_id=False)
+    schema.add_field("key", DataType.VARCHAR, is_primary=True, max_length=8)
+    schema.add_field("v", DataType.FLOAT_VECTOR, dim=16)
+    target.create_collection(name, schema=schema)  # made by hand on the target before the task
+    try:
+        task_id = server.create_task(stack["target_milvus"], collections=[name])
+        make_collection(source, name, load=False)  # the same name, another schema
+        started = time.monotonic()
+        task = wait_until(lambda: (t := server.task(task_id))["state"] == "Paused" and t, 30, interval=0.2,
+                          what="the pause")
+        assert time.monotonic() - started < 30
+        reason = task["reason"]
+        assert f"create collection default.{name}" in reason, reason  # the operation and the object
+        assert "create duplicate collection with different parameters" in reason, reason  # the target's answer
+        assert target.describe_collection(name)["fields"][0]["name"] == "key", "the target's own was left alone"
+    finally:
+        drop_on_target(stack["target_milvus"], name)
+        source.drop_collection(name)
+
+
+@pytest.fixture
+def patient_server(stack, tmp_path):
+    config = server_config(stack, tmp_path, **{"replication.retryTimeout": 300, "replication.retryMaxBackoff": 2})
+    running = CdcServer(config, tmp_path).start()
+    yield running
+    for task in running.call("list")["tasks"]:
+        running.call("delete", task_id=task["task_id"])
+    running.stop()
+
+
+def test_a_target_down_for_a_minute_is_retried_and_the_task_recovers_by_itself(stack, patient_server, unique_name):
+    server = patient_server
+    source, target = client(stack["source_milvus"]), client(stack["target_milvus"])
+    relay = TcpRelay(stack["target_milvus"])
+    name = unique_name("down60")
+    task_id = server.create_task(relay.uri, collections=[name])
+    make_collection(source, name, shards=2)
+    source.insert(name, rows(0, 100))
+    wait_loaded(target, name)
+    assert_same_rows(source, target, name, ["id", "s", "v"])
+
+    relay.cut()
+    cut_at = time.monotonic()
+    source.insert(name, rows(100, 200))
+    source.delete(name, ids=[3, 4, 150])
+    source.create_partition(name, "during")
+    source.insert(name, rows(1000, 50), partition_name="during")
+    retrying = wait_until(lambda: server.task(task_id).get("retrying"), 30, what="get to show the retried call")
+    assert retrying["operation"] and retrying["since"] and retrying["tries"] >= 1 and retrying["last_error"]
+    while time.monotonic() - cut_at < 60:
+        task = server.task(task_id)
+        assert task["state"] == "Running", task.get("reason")
+        time.sleep(2)
+    later = server.task(task_id)["retrying"]
+    assert later["tries"] > retrying["tries"] and later["since"] <= retrying["since"] or \
+        later["operation"] != retrying["operation"]
+    relay.restore()
+    assert_same_rows(source, target, name, ["id", "s", "v"], timeout=90)
+    task = server.task(task_id)
+    assert task["state"] == "Running" and "retrying" not in task
+    drop_everywhere(source, target, name)
+    relay.cut()

@@ -1,24 +1,7 @@
 """Unit tests of the task's small value types and bookkeeping (fakes stand in for the servers here)."""
 from __future__ import annotations
 
-from pymilvus.grpc_gen import common_pb2
-
 import milvus_cdc as m
-
-
-def message(channel, offset, ts, kind=common_pb2.Insert):
-    return m.SourceMessage(channel, offset.to_bytes(8, "little"), kind, ts, b"")
-
-
-def test_resume_point_is_the_first_unapplied_message_not_the_last_tick():
-    """A tick T may come after a message above T: resuming after that tick would skip the message."""
-    progress = m.ChannelProgress("dml_0", is_replicate=False)
-    progress.last_read = m.StartAt("after", (12).to_bytes(8, "little"))
-    progress.pending = [message("dml_0", 10, 500), message("dml_0", 11, 510)]
-    assert progress.checkpoint(400) == m.Checkpoint("dml_0", (10).to_bytes(8, "little"), 400, "at")
-    progress.pending = []
-    assert progress.checkpoint(600) == m.Checkpoint("dml_0", (12).to_bytes(8, "little"), 600, "after")
-    assert m.ChannelProgress("new", False).checkpoint(1) is None
 
 
 def test_checkpoint_json_round_trip():

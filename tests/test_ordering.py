@@ -1,0 +1,147 @@
+"""Unit tests of the ordering rule (ChangeOrder): pure bookkeeping, no server."""
+from __future__ import annotations
+
+import milvus_cdc as m
+from milvus_cdc import InputKind
+
+CAT, OPS = m.InputKind.CATALOG, m.InputKind.OPERATIONS
+
+
+def pos(n: int) -> bytes:
+    return n.to_bytes(8, "little")
+
+
+def order_with(*inputs: tuple[str, InputKind], applied: int = 0) -> m.ChangeOrder:
+    order = m.ChangeOrder(applied)
+    for name, kind in inputs:
+        order.add_input(name, kind)
+    return order
+
+
+def items(ready: list[m.Change]) -> list:
+    return [c.item for c in ready]
+
+
+def test_nothing_is_ready_until_every_input_has_promised():
+    order = order_with(("dml_0", InputKind.DATA), ("dml_1", InputKind.DATA), ("rep", OPS))
+    order.offer("dml_0", 10, "insert@10", pos(1))
+    order.promise("dml_0", 20)
+    order.promise("rep", 20)
+    assert order.take() == ([], 0), "dml_1 has promised nothing: something at or below 10 may still come there"
+    order.promise("dml_1", 15)
+    ready, watermark = order.take()
+    assert items(ready) == ["insert@10"] and watermark == 15
+
+
+def test_changes_come_in_timestamp_order_across_inputs_and_kinds():
+    order = order_with(("cat", CAT), ("dml_0", InputKind.DATA), ("rep", OPS))
+    order.offer("rep", 30, "load@30")
+    order.offer("dml_0", 40, "insert@40", pos(1))
+    order.offer("dml_0", 30, "insert@30", pos(2))  # a message above a later tick may come first
+    order.offer("cat", 30, "created@30")
+    order.offer("rep", 50, "flush@50")
+    for name in ("cat", "dml_0", "rep"):
+        order.promise(name, 45)
+    ready, watermark = order.take()
+    assert watermark == 45
+    assert items(ready) == ["created@30", "insert@30", "load@30", "insert@40"], \
+        "same time: the catalog first, then data, then operations; flush@50 waits"
+
+
+def test_the_watermark_is_the_lowest_promise_and_never_goes_back():
+    order = order_with(("a", InputKind.DATA), ("b", InputKind.DATA), applied=100)
+    order.promise("a", 50)
+    order.promise("b", 70)
+    assert order.watermark() == 100, "a restart never goes below what is applied"
+    order.promise("a", 150)
+    order.promise("b", 120)
+    order.promise("a", 140)  # an older promise read late changes nothing
+    assert order.watermark() == 120
+
+
+def test_a_change_at_or_below_what_is_applied_is_ready_at_once():
+    order = order_with(("dml", InputKind.DATA), ("rep", OPS))
+    order.promise("dml", 100)
+    order.promise("rep", 100)
+    ready, watermark = order.take()
+    order.commit(ready, watermark)
+    order.offer("rep", 90, "late index@90")  # an operation whose write lagged its own timestamp
+    ready, _ = order.take()
+    assert items(ready) == ["late index@90"]
+
+
+def test_an_input_added_holds_the_watermark_until_it_promises():
+    order = order_with(("cat", CAT), ("dml_0", InputKind.DATA))
+    order.offer("cat", 10, "created X@10")
+    order.offer("dml_0", 30, "insert other@30", pos(1))
+    order.promise("cat", 40)
+    order.promise("dml_0", 40)
+    ready, watermark = order.take()
+    assert items(ready) == ["created X@10", "insert other@30"]
+    # Applying the creation adds X's channel: the applier stops there and commits up to just below the change
+    # that added it; what follows waits for that channel.
+    order.add_input("dml_1", InputKind.DATA)
+    assert order.added
+    order.commit(ready[:1], ready[0].ts - 1)
+    order.offer("dml_1", 20, "insert X@20", pos(7))
+    ready, watermark = order.take()
+    assert ready == [] and watermark == 9 and not order.added
+    assert order.holding() == ["dml_1"], "get says which input the task waits for"
+    order.promise("dml_1", 40)
+    assert items(order.take()[0]) == ["insert X@20", "insert other@30"]
+
+
+def test_commit_removes_what_was_applied_and_keeps_the_rest():
+    order = order_with(("a", InputKind.DATA))
+    for ts, n in ((10, 1), (20, 2), (30, 3)):
+        order.offer("a", ts, f"m{ts}", pos(n))
+    order.promise("a", 25)
+    ready, watermark = order.take()
+    order.commit(ready, watermark)
+    assert order.applied == 25 and [c.item for c in order.inputs["a"].pending] == ["m30"]
+
+
+def test_a_restart_skips_what_was_applied_and_resumes_at_the_first_unapplied_message():
+    order = m.ChangeOrder(applied=500)
+    order.add_input("dml", InputKind.DATA, m.StartAt("at", pos(10)), skip_until=500)
+    assert order.resume("dml") == m.StartAt("at", pos(10))
+    order.offer("dml", 480, "applied before the crash", pos(10))
+    order.offer("dml", 520, "new", pos(11))
+    order.promise("dml", 510, pos(12))  # a tick below a message read before it
+    assert [c.item for c in order.inputs["dml"].pending] == ["new"]
+    assert order.resume("dml") == m.StartAt("at", pos(11)), "not after the tick: message 11 is not applied"
+    ready, watermark = order.take()
+    assert ready == [] and watermark == 510
+    order.promise("dml", 530, pos(13))
+    ready, watermark = order.take()
+    order.commit(ready, watermark)
+    assert order.resume("dml") == m.StartAt("after", pos(13))
+    fresh = m.ChangeOrder()
+    fresh.add_input("new", InputKind.DATA)
+    assert fresh.resume("new") is None, "nothing read and no start position: no checkpoint yet"
+
+
+def test_a_removed_input_no_longer_holds_or_offers():
+    order = order_with(("a", InputKind.DATA), ("b", InputKind.DATA))
+    order.promise("a", 50)
+    order.remove_input("b")
+    order.offer("b", 10, "read before its removal", pos(1))
+    order.promise("b", 5)
+    assert order.take() == ([], 50)
+
+
+def test_release_before_drop_whatever_input_carries_them():
+    """Load, create partition P, insert into P, release P, drop P, back to back: the release (seen in the catalog,
+    which keeps no time for it) is placed right after the previous poll's fence, so before the drop."""
+    order = order_with(("cat", CAT), ("dml", InputKind.DATA), ("rep", OPS))
+    order.offer("rep", 100, "load collection@100")
+    order.offer("cat", 110, "partition P created@110")
+    order.offer("dml", 120, "insert into P@120", pos(1))
+    order.promise("cat", 125)   # the poll before the release
+    order.offer("dml", 140, "drop P@140", pos(2))
+    order.offer("cat", 125 + 1, "load state changed (P released)")
+    order.promise("cat", 150)
+    order.promise("dml", 150)
+    order.promise("rep", 150)
+    assert items(order.take()[0]) == ["load collection@100", "partition P created@110", "insert into P@120",
+                                      "load state changed (P released)", "drop P@140"]
