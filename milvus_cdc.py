@@ -1474,6 +1474,23 @@ def probe_target(param: ConnectParam) -> str | None:
 # Target mirror ################################################################
 ###############################################################################
 
+class Outbox:
+    """Rewritten messages by target pchannel, sent before any call that must come after them."""
+
+    def __init__(self, writer: TargetWriter, task_id: str):
+        self.writer, self.task_id = writer, task_id
+        self.messages: dict[str, list[bytes]] = defaultdict(list)
+
+    def add(self, pchannel: str, message: bytes) -> None:
+        self.messages[pchannel].append(message)
+
+    def flush(self) -> None:
+        for pchannel in list(self.messages):
+            messages = self.messages.pop(pchannel)
+            self.writer.replicate(pchannel, messages)
+            log.debug("task=%s sent %d message(s) to %s", self.task_id, len(messages), pchannel)
+
+
 @dataclass(frozen=True)
 class Repair:
     """What to do first when the target refuses a call for a state reason the source's history explains."""
@@ -1629,7 +1646,7 @@ class TargetMirror:
         return created
 
     def drop_collection(self, target: TargetCollection, ts: int, messages: Iterable[tuple[str, bytes]],
-                        outbox: "Outbox | None" = None) -> None:
+                        outbox: Outbox | None = None) -> None:
         """Drop a collection: its drop messages first through the channels (so its shards stop), then the call."""
         from pymilvus.grpc_gen import common_pb2, milvus_pb2
         if outbox is not None:
@@ -1660,7 +1677,7 @@ class TargetMirror:
         target.partitions = refreshed.partitions
         return target.partitions[name]
 
-    def drop_partition(self, target: TargetCollection, name: str, ts: int, outbox: "Outbox",
+    def drop_partition(self, target: TargetCollection, name: str, ts: int, outbox: Outbox,
                        messages: Iterable[tuple[str, bytes]]) -> None:
         """Drop a partition; a loaded one is released first (the source refuses to drop a loaded partition, so it
         released it before)."""
@@ -1917,7 +1934,7 @@ class ChangeOrder:
 
 
 ###############################################################################
-# Replication task #############################################################
+# Replication task: definition and clocks ######################################
 ###############################################################################
 
 def hybrid_now() -> int:
@@ -2072,6 +2089,10 @@ class SourceClock:
             return max(tick, mkts_from_unixtime(time.time() - self.FALLBACK_AFTER))
         return tick
 
+
+###############################################################################
+# Replication task: threads ####################################################
+###############################################################################
 
 class Replicator:
     """One running task, three threads:
@@ -2240,8 +2261,9 @@ class Replicator:
                         pass
 
 
-CATALOG_INPUT = "source catalog (etcd)"
-
+###############################################################################
+# Replication task: collections and their copies ###############################
+###############################################################################
 
 class SourceCatalog:
     """What the applier knows of the source's collections: every incarnation it has seen, live or dropped, and
@@ -2274,21 +2296,194 @@ class SourceCatalog:
                      and c.create_time == ts), None)
 
 
-class Outbox:
-    """Rewritten messages by target pchannel, sent before any call that must come after them."""
+class TargetCopies:
+    """Which source collection has which copy on the target, and the steps that make, keep and drop the copies.
 
-    def __init__(self, writer: TargetWriter, task_id: str):
-        self.writer, self.task_id = writer, task_id
-        self.messages: dict[str, list[bytes]] = defaultdict(list)
+    It owns that mapping (and the partitions' one); the catalog and the target's state are read through the
+    SourceCatalog, SourceMeta and TargetMirror it is given, and the channels of a copied collection are followed
+    through ``follow`` and ``unfollow``.
+    """
 
-    def add(self, pchannel: str, message: bytes) -> None:
-        self.messages[pchannel].append(message)
+    def __init__(self, task_id: str, catalog: SourceCatalog, meta: SourceMeta, mirror: TargetMirror,
+                 outbox: Outbox, clock: TargetClock, default_partition: str,
+                 follow: Callable[[SourceCollection], None], unfollow: Callable[[SourceCollection], None]):
+        self.tid, self.catalog, self.meta, self.mirror, self.outbox = task_id, catalog, meta, mirror, outbox
+        self.clock, self.default_partition, self.follow, self.unfollow = clock, default_partition, follow, unfollow
+        self.by_source: dict[int, TargetCollection] = {}    # source collection id -> its copy on the target
+        self.gone: set[int] = set()                         # collections whose drop is applied (or moot)
+        self.existing: set[int] = set()                     # collections copied as they are at start
+        # (target collection id, partition name) -> the source partition id it copies, where known
+        self.partitions: dict[tuple[int, str], int] = {}
 
-    def flush(self) -> None:
-        for pchannel in list(self.messages):
-            messages = self.messages.pop(pchannel)
-            self.writer.replicate(pchannel, messages)
-            log.debug("task=%s sent %d message(s) to %s", self.task_id, len(messages), pchannel)
+    def of(self, collection_id: int) -> tuple[SourceCollection, TargetCollection] | None:
+        """A replicated source collection and its copy on the target (made when missing), or None when the task
+        leaves it out or its drop is applied."""
+        source = self.catalog.get(collection_id)
+        if source is None or source.id in self.gone:
+            return None
+        target = self.by_source.get(source.id)
+        if target is not None:
+            return source, target
+        if source.dropped:
+            # Dropped since (the catalog is ahead of the stream): only a copy that exists already still needs
+            # what comes before the drop, the drop included.
+            target = self.mirror.collection(source.db_name, source.name, fresh=True)
+            if target is None or target.created_ts != source.create_time:
+                return None
+            self.adopt(source, target)
+            return source, target
+        return source, self._make(source)
+
+    def _make(self, source: SourceCollection) -> TargetCollection:
+        from pymilvus.grpc_gen import common_pb2, milvus_pb2
+        target = self.mirror.collection(source.db_name, source.name, fresh=True)
+        if target is not None and target.created_ts != source.create_time:
+            older = self.catalog.created_at(source.db_name, source.name, target.created_ts)
+            if older is not None and older.create_time < source.create_time:
+                # The copy of an older incarnation, whose drop the source made before creating this one.
+                log.info("task=%s %s on the target is the copy of an older incarnation: dropping it first",
+                         self.tid, source.qualified_name)
+                self.drop(older, target, source.create_time)
+                target = None
+            elif target.created_ts > source.create_time:
+                raise TaskHalt(f"create collection {source.qualified_name}: the target has a newer collection of "
+                               f"that name (created at ts {target.created_ts}) than this source incarnation "
+                               f"(ts {source.create_time})")
+        if target is None or target.created_ts != source.create_time:
+            if source.db_name != DEFAULT_DB:
+                self.mirror.create_database(source.db_name, source.create_time)
+            partitions = [p for p in self.meta.partitions(source.id) if p.state == PARTITION_CREATED]
+            request = milvus_pb2.CreateCollectionRequest(
+                base=self.mirror.base(common_pb2.CreateCollection, source.create_time),
+                db_name=source.db_name, collection_name=source.name,
+                schema=self._target_schema(source).SerializeToString(), shards_num=source.shards_num,
+                consistency_level=source.consistency_level,
+                properties=[common_pb2.KeyValuePair(key=k, value=v) for k, v in source.properties])
+            if source.has_partition_key():
+                request.num_partitions = len(partitions)
+            created = self.mirror.create_collection(request)
+            if created.created_ts != source.create_time:
+                raise TaskHalt(f"create collection {source.qualified_name}: the target already has a collection "
+                               f"of that name that is not a copy of the source's (created at ts "
+                               f"{created.created_ts}, the source's at ts {source.create_time}); drop it on the "
+                               f"target or leave it out of the task")
+            target = created
+            if not source.has_partition_key():
+                for partition in partitions:
+                    self.partition(target, partition.name, partition.id, partition.created_ts)
+            log.info("task=%s created collection %s on the target (source id %d, target id %d)", self.tid,
+                     source.qualified_name, source.id, target.id)
+            self.adopt(source, target)
+            if source.id in self.existing:
+                self._copy_indexes_and_load(source, target)
+            return target
+        self.adopt(source, target)
+        return target
+
+    def adopt(self, source: SourceCollection, target: TargetCollection) -> None:
+        self.by_source[source.id] = target
+        self.clock.add_channels(target.pchannels)
+        self.follow(source)
+
+    def drop(self, source: SourceCollection, target: TargetCollection, ts: int, msg_id: int = 0) -> None:
+        self.mirror.drop_collection(target, ts, MessageRewriter.drop_collection(target, ts, msg_id or ts),
+                                    self.outbox)
+        log.info("task=%s dropped collection %s on the target", self.tid, source.qualified_name)
+        self.forget(source)
+
+    def forget(self, source: SourceCollection) -> None:
+        target = self.by_source.pop(source.id, None)
+        if target is not None:
+            self.partitions = {k: v for k, v in self.partitions.items() if k[0] != target.id}
+        self.gone.add(source.id)
+        self.unfollow(source)
+
+    def drop_leftover(self, target: TargetCollection, ts: int) -> bool:
+        """Drop a target collection that copies a source collection dropped since; False for anything else.
+
+        Milvus writes a collection's drop message to its channels after the drop call returns, so a database
+        dropped right after its last collection is dropped comes before that message."""
+        source = self.catalog.created_at(target.db_name, target.name, target.created_ts)
+        if source is None:
+            return False
+        now = self.meta.collection(source.id)
+        if now is not None and not now.dropped:
+            return False
+        self.drop(source, target, ts)
+        return True
+
+    def _copy_indexes_and_load(self, source: SourceCollection, target: TargetCollection) -> None:
+        """A collection that existed before the task, whose history the task does not read, comes over as it is
+        now: its indexes, and its load state."""
+        self.create_indexes(source, target)
+        self.sync_load(source, target, hybrid_now())
+        log.info("task=%s copied the indexes and load state of existing collection %s", self.tid,
+                 source.qualified_name)
+
+    def create_indexes(self, source: SourceCollection, target: TargetCollection) -> None:
+        for index in self.meta.indexes(source):
+            self.mirror.create_index(target, index.field_name, index.index_name, index.params, index.create_time,
+                                     unwanted=self.index_dropped(source))
+
+    def index_dropped(self, source: SourceCollection) -> Callable[[str], bool]:
+        return lambda name: name not in {i.index_name for i in self.meta.indexes(source)}
+
+    def sync_load(self, source: SourceCollection, target: TargetCollection, ts: int) -> None:
+        """Bring the copy's load state to the source's, as it is now."""
+        state = self.meta.load_state(source.id)
+        wanted = None
+        if state is not None:
+            names = {p.id: p.name for p in self.meta.partitions(source.id) if p.state == PARTITION_CREATED}
+            loaded = frozenset(names[p] for p in state.partition_ids if p in names)
+            ids = {name: pid for pid, name in names.items()}
+            for name in loaded:
+                self.partition(target, name, ids[name], ts)
+            wanted = WantedLoad(state.load_type == LOAD_TYPE_COLLECTION, state.replicas, loaded,
+                                source.has_partition_key())
+        self.mirror.set_load(target, wanted, ts, create_indexes=lambda: self.create_indexes(source, target))
+
+    def partition(self, target: TargetCollection, name: str, source_id: int, ts: int) -> int:
+        """The target partition that copies source partition ``source_id`` named ``name``, made when missing.
+
+        A partition's drop message, like a collection's, is written after the drop call returns: a partition
+        made again under the same name right away may come first. The target's partition of that name is then
+        the copy of the dropped one, and goes first."""
+        key = (target.id, name)
+        if name in target.partitions:
+            copied = self.partitions.setdefault(key, source_id)
+            if copied == source_id or name == self.default_partition:
+                return target.partitions[name]
+            log.info("task=%s partition %s/%s on the target is the copy of a dropped one: dropping it first",
+                     self.tid, target.qualified_name, name)
+            self.drop_partition(target, name, ts, ts)
+        self.partitions[key] = source_id
+        return self.mirror.ensure_partition(target, name, ts)
+
+    def holds_partition(self, target: TargetCollection, name: str, source_id: int) -> bool:
+        """Is the target's partition of this name (still) the copy of source partition ``source_id``?"""
+        return name in target.partitions and self.partitions.setdefault((target.id, name), source_id) == source_id
+
+    def drop_partition(self, target: TargetCollection, name: str, ts: int, msg_id: int) -> None:
+        self.mirror.drop_partition(target, name, ts, self.outbox,
+                                   MessageRewriter.drop_partition(target, name, ts, msg_id))
+        self.partitions.pop((target.id, name), None)
+        log.info("task=%s dropped partition %s/%s on the target", self.tid, target.qualified_name, name)
+
+    @staticmethod
+    def _target_schema(source: SourceCollection):
+        from pymilvus.grpc_gen import schema_pb2
+        schema = schema_pb2.CollectionSchema()
+        schema.CopyFrom(source.schema)
+        del schema.fields[:]
+        schema.fields.extend(f for f in source.schema.fields if not f.is_dynamic)
+        return schema
+
+
+###############################################################################
+# Replication task: the applier ################################################
+###############################################################################
+
+CATALOG_INPUT = "source catalog (etcd)"
 
 
 class Applier:
@@ -2309,13 +2504,10 @@ class Applier:
         self.catalog = SourceCatalog(meta, self.filter)
         self.mirror = TargetMirror(writer, self.tid)
         self.outbox = Outbox(writer, self.tid)
+        self.copies = TargetCopies(self.tid, self.catalog, meta, self.mirror, self.outbox, replicator.clock,
+                                   self.settings.default_partition_name, self._follow, self._unfollow)
         self.order = ChangeOrder()
-        self.copies: dict[int, TargetCollection] = {}          # source collection id -> its copy on the target
         self.followed: dict[int, SourceCollection] = {}        # collections whose channels are read
-        self.gone: set[int] = set()                            # collections whose drop is applied (or moot)
-        self.existing: set[int] = set()                        # collections copied as they are at start
-        # (target collection id, partition name) -> the source partition id it copies, where known
-        self.partition_copies: dict[tuple[int, str], int] = {}
         self.catalog_fence = 0
         self.durable = 0
         self.last_checkpoint = 0.0
@@ -2389,7 +2581,7 @@ class Applier:
         live = [c for c in listed if not c.dropped and self.filter.matches(c.db_name, c.name)]
         old = {c.id for c in before}
         if fresh:
-            self.existing = old
+            self.copies.existing = old
         self.order.add_input(CATALOG_INPUT, InputKind.CATALOG)
         for collection in live:
             self.order.offer(CATALOG_INPUT, collection.create_time,
@@ -2538,78 +2730,6 @@ class Applier:
         if not force:
             self.r.clock.advance(self.tid, self.durable, self.writer)
 
-    # -- source collections and their copies ------------------------------------------------------------------
-
-    def copy_of(self, collection_id: int) -> tuple[SourceCollection, TargetCollection] | None:
-        """A replicated source collection and its copy on the target (made when missing), or None when the task
-        leaves it out or its drop is applied."""
-        source = self.catalog.get(collection_id)
-        if source is None or source.id in self.gone:
-            return None
-        target = self.copies.get(source.id)
-        if target is not None:
-            return source, target
-        if source.dropped:
-            # Dropped since (the catalog is ahead of the stream): only a copy that exists already still needs
-            # what comes before the drop, the drop included.
-            target = self.mirror.collection(source.db_name, source.name, fresh=True)
-            if target is None or target.created_ts != source.create_time:
-                return None
-            self._adopt(source, target)
-            return source, target
-        return source, self._make_copy(source)
-
-    def _make_copy(self, source: SourceCollection) -> TargetCollection:
-        from pymilvus.grpc_gen import common_pb2, milvus_pb2
-        target = self.mirror.collection(source.db_name, source.name, fresh=True)
-        if target is not None and target.created_ts != source.create_time:
-            older = self.catalog.created_at(source.db_name, source.name, target.created_ts)
-            if older is not None and older.create_time < source.create_time:
-                # The copy of an older incarnation, whose drop the source made before creating this one.
-                log.info("task=%s %s on the target is the copy of an older incarnation: dropping it first",
-                         self.tid, source.qualified_name)
-                self._drop_copy(older, target, source.create_time)
-                target = None
-            elif target.created_ts > source.create_time:
-                raise TaskHalt(f"create collection {source.qualified_name}: the target has a newer collection of "
-                               f"that name (created at ts {target.created_ts}) than this source incarnation "
-                               f"(ts {source.create_time})")
-        if target is None or target.created_ts != source.create_time:
-            if source.db_name != DEFAULT_DB:
-                self.mirror.create_database(source.db_name, source.create_time)
-            partitions = [p for p in self.meta.partitions(source.id) if p.state == PARTITION_CREATED]
-            request = milvus_pb2.CreateCollectionRequest(
-                base=self.mirror.base(common_pb2.CreateCollection, source.create_time),
-                db_name=source.db_name, collection_name=source.name,
-                schema=self._target_schema(source).SerializeToString(), shards_num=source.shards_num,
-                consistency_level=source.consistency_level,
-                properties=[common_pb2.KeyValuePair(key=k, value=v) for k, v in source.properties])
-            if source.has_partition_key():
-                request.num_partitions = len(partitions)
-            created = self.mirror.create_collection(request)
-            if created.created_ts != source.create_time:
-                raise TaskHalt(f"create collection {source.qualified_name}: the target already has a collection "
-                               f"of that name that is not a copy of the source's (created at ts "
-                               f"{created.created_ts}, the source's at ts {source.create_time}); drop it on the "
-                               f"target or leave it out of the task")
-            target = created
-            if not source.has_partition_key():
-                for partition in partitions:
-                    self._partition(target, partition.name, partition.id, partition.created_ts)
-            log.info("task=%s created collection %s on the target (source id %d, target id %d)", self.tid,
-                     source.qualified_name, source.id, target.id)
-            self._adopt(source, target)
-            if source.id in self.existing:
-                self._copy_indexes_and_load(source, target)
-            return target
-        self._adopt(source, target)
-        return target
-
-    def _adopt(self, source: SourceCollection, target: TargetCollection) -> None:
-        self.copies[source.id] = target
-        self.r.clock.add_channels(target.pchannels)
-        self._follow(source)
-
     def _follow(self, source: SourceCollection) -> None:
         """Read the channels of a collection that has a copy on the target, until its drop is applied."""
         self.followed[source.id] = source
@@ -2618,128 +2738,43 @@ class Applier:
                 start = source.start_positions.get(pchannel)
                 self._read(pchannel, StartAt("at", start) if start else LATEST)
 
-    def _drop_copy(self, source: SourceCollection, target: TargetCollection, ts: int, msg_id: int = 0) -> None:
-        self.mirror.drop_collection(target, ts, MessageRewriter.drop_collection(target, ts, msg_id or ts),
-                                    self.outbox)
-        log.info("task=%s dropped collection %s on the target", self.tid, source.qualified_name)
-        self._forget(source)
-
-    def _forget(self, source: SourceCollection) -> None:
-        target = self.copies.pop(source.id, None)
-        if target is not None:
-            self.partition_copies = {k: v for k, v in self.partition_copies.items() if k[0] != target.id}
+    def _unfollow(self, source: SourceCollection) -> None:
+        """Stop reading the channels no followed collection needs any more."""
         self.followed.pop(source.id, None)
-        self.gone.add(source.id)
         needed = {p for c in self.followed.values() for p in c.pchannels}
         for pchannel in source.pchannels:
             if pchannel not in needed:
                 self._unread(pchannel)
-
-    def _drop_leftover(self, target: TargetCollection, ts: int) -> bool:
-        """Drop a target collection that copies a source collection dropped since; False for anything else.
-
-        Milvus writes a collection's drop message to its channels after the drop call returns, so a database
-        dropped right after its last collection is dropped comes before that message."""
-        source = self.catalog.created_at(target.db_name, target.name, target.created_ts)
-        if source is None:
-            return False
-        now = self.meta.collection(source.id)
-        if now is not None and not now.dropped:
-            return False
-        self._drop_copy(source, target, ts)
-        return True
-
-    def _copy_indexes_and_load(self, source: SourceCollection, target: TargetCollection) -> None:
-        """A collection that existed before the task, whose history the task does not read, comes over as it is
-        now: its indexes, and its load state."""
-        self._create_indexes(source, target)
-        self._sync_load(source, target, hybrid_now())
-        log.info("task=%s copied the indexes and load state of existing collection %s", self.tid,
-                 source.qualified_name)
-
-    def _create_indexes(self, source: SourceCollection, target: TargetCollection) -> None:
-        for index in self.meta.indexes(source):
-            self.mirror.create_index(target, index.field_name, index.index_name, index.params, index.create_time,
-                                     unwanted=self._index_dropped(source))
-
-    def _index_dropped(self, source: SourceCollection) -> Callable[[str], bool]:
-        return lambda name: name not in {i.index_name for i in self.meta.indexes(source)}
-
-    def _sync_load(self, source: SourceCollection, target: TargetCollection, ts: int) -> None:
-        """Bring the copy's load state to the source's, as it is now."""
-        state = self.meta.load_state(source.id)
-        wanted = None
-        if state is not None:
-            names = {p.id: p.name for p in self.meta.partitions(source.id) if p.state == PARTITION_CREATED}
-            loaded = frozenset(names[p] for p in state.partition_ids if p in names)
-            ids = {name: pid for pid, name in names.items()}
-            for name in loaded:
-                self._partition(target, name, ids[name], ts)
-            wanted = WantedLoad(state.load_type == LOAD_TYPE_COLLECTION, state.replicas, loaded,
-                                source.has_partition_key())
-        self.mirror.set_load(target, wanted, ts, create_indexes=lambda: self._create_indexes(source, target))
-
-    def _partition(self, target: TargetCollection, name: str, source_id: int, ts: int) -> int:
-        """The target partition that copies source partition ``source_id`` named ``name``, made when missing.
-
-        A partition's drop message, like a collection's, is written after the drop call returns: a partition
-        made again under the same name right away may come first. The target's partition of that name is then
-        the copy of the dropped one, and goes first."""
-        key = (target.id, name)
-        if name in target.partitions:
-            copied = self.partition_copies.setdefault(key, source_id)
-            if copied == source_id or name == self.settings.default_partition_name:
-                return target.partitions[name]
-            log.info("task=%s partition %s/%s on the target is the copy of a dropped one: dropping it first",
-                     self.tid, target.qualified_name, name)
-            self._drop_partition_copy(target, name, ts, ts)
-        self.partition_copies[key] = source_id
-        return self.mirror.ensure_partition(target, name, ts)
-
-    def _drop_partition_copy(self, target: TargetCollection, name: str, ts: int, msg_id: int) -> None:
-        self.mirror.drop_partition(target, name, ts, self.outbox,
-                                   MessageRewriter.drop_partition(target, name, ts, msg_id))
-        self.partition_copies.pop((target.id, name), None)
-        log.info("task=%s dropped partition %s/%s on the target", self.tid, target.qualified_name, name)
-
-    @staticmethod
-    def _target_schema(source: SourceCollection):
-        from pymilvus.grpc_gen import schema_pb2
-        schema = schema_pb2.CollectionSchema()
-        schema.CopyFrom(source.schema)
-        del schema.fields[:]
-        schema.fields.extend(f for f in source.schema.fields if not f.is_dynamic)
-        return schema
 
     # -- data channel handlers --------------------------------------------------------------------------------
 
     def on_insert(self, message: SourceMessage) -> None:
         from pymilvus.grpc_gen import msg_pb2
         msg = msg_pb2.InsertRequest.FromString(message.payload)
-        copy = self.copy_of(msg.collectionID)
+        copy = self.copies.of(msg.collectionID)
         if copy is None:
             return
         _, target = copy
-        partition_id = self._partition(target, msg.partition_name, msg.partitionID, message.timestamp)
+        partition_id = self.copies.partition(target, msg.partition_name, msg.partitionID, message.timestamp)
         shard = shard_index(msg.shardName)
         self.outbox.add(target.pchannels[shard], MessageRewriter.insert(msg, target, partition_id, shard))
 
     def on_delete(self, message: SourceMessage) -> None:
         from pymilvus.grpc_gen import msg_pb2
         msg = msg_pb2.DeleteRequest.FromString(message.payload)
-        copy = self.copy_of(msg.collectionID)
+        copy = self.copies.of(msg.collectionID)
         if copy is None:
             return
         _, target = copy
         partition_id = -1
         if msg.partitionID not in (0, -1) and msg.partition_name:
-            partition_id = self._partition(target, msg.partition_name, msg.partitionID, message.timestamp)
+            partition_id = self.copies.partition(target, msg.partition_name, msg.partitionID, message.timestamp)
         shard = shard_index(msg.shardName)
         self.outbox.add(target.pchannels[shard], MessageRewriter.delete(msg, target, partition_id, shard))
 
     def on_create_collection(self, message: SourceMessage) -> None:
         from pymilvus.grpc_gen import msg_pb2
-        self.copy_of(msg_pb2.CreateCollectionRequest.FromString(message.payload).collectionID)
+        self.copies.of(msg_pb2.CreateCollectionRequest.FromString(message.payload).collectionID)
 
     def on_drop_collection(self, message: SourceMessage) -> None:
         """Every channel of the collection carries its drop at the same time; the first one read applies it
@@ -2747,29 +2782,28 @@ class Applier:
         from pymilvus.grpc_gen import common_pb2, msg_pb2
         msg = msg_pb2.DropCollectionRequest.FromString(message.payload)
         source = self.catalog.get(msg.collectionID)
-        if source is None or source.id in self.gone:
+        if source is None or source.id in self.copies.gone:
             return
-        target = self.copies.get(source.id)
+        target = self.copies.by_source.get(source.id)
         if target is None:
             target = self.mirror.collection(source.db_name, source.name, fresh=True)
             if target is None or target.created_ts != source.create_time:
-                self._forget(source)
+                self.copies.forget(source)
                 return
-        self._drop_copy(source, target, message.timestamp,
-                        common_pb2.MsgHeader.FromString(message.payload).base.msgID)
+        self.copies.drop(source, target, message.timestamp,
+                         common_pb2.MsgHeader.FromString(message.payload).base.msgID)
 
     def on_drop_partition(self, message: SourceMessage) -> None:
         from pymilvus.grpc_gen import common_pb2, msg_pb2
         msg = msg_pb2.DropPartitionRequest.FromString(message.payload)
-        copy = self.copy_of(msg.collectionID)
+        copy = self.copies.of(msg.collectionID)
         if copy is None:
             return
         _, target = copy
-        if msg.partition_name not in target.partitions or \
-                self.partition_copies.setdefault((target.id, msg.partition_name), msg.partitionID) != msg.partitionID:
+        if not self.copies.holds_partition(target, msg.partition_name, msg.partitionID):
             return  # dropped already (a replay), or the name holds a newer incarnation already
-        self._drop_partition_copy(target, msg.partition_name, message.timestamp,
-                                  common_pb2.MsgHeader.FromString(message.payload).base.msgID or message.timestamp)
+        self.copies.drop_partition(target, msg.partition_name, message.timestamp,
+                                   common_pb2.MsgHeader.FromString(message.payload).base.msgID or message.timestamp)
 
     # -- replicate channel handlers ---------------------------------------------------------------------------
 
@@ -2788,11 +2822,11 @@ class Applier:
         request, _ = self._operation(message, milvus_pb2.DropDatabaseRequest)
         if self.filter.everything:
             self.outbox.flush()
-            self.mirror.drop_database(request.db_name, message.timestamp, self._drop_leftover)
+            self.mirror.drop_database(request.db_name, message.timestamp, self.copies.drop_leftover)
 
     def _copy_named(self, db_name: str, name: str, ts: int) -> tuple[SourceCollection, TargetCollection] | None:
         source = self.catalog.named(db_name, name, ts)
-        return self.copy_of(source.id) if source is not None else None
+        return self.copies.of(source.id) if source is not None else None
 
     def on_create_index(self, message: SourceMessage) -> None:
         from pymilvus.grpc_gen import milvus_pb2
@@ -2806,7 +2840,7 @@ class Applier:
                                            if i.field_name == request.field_name), "")
         self.outbox.flush()
         self.mirror.create_index(target, request.field_name, name, [(p.key, p.value) for p in request.extra_params],
-                                 message.timestamp, unwanted=self._index_dropped(source))
+                                 message.timestamp, unwanted=self.copies.index_dropped(source))
         log.info("task=%s created index %s of %s", self.tid, name or request.field_name, source.qualified_name)
 
     def on_drop_index(self, message: SourceMessage) -> None:
@@ -2832,7 +2866,7 @@ class Applier:
         copy = self._copy_named(db_name, request.collection_name, message.timestamp)
         if copy is not None:
             self.outbox.flush()
-            self._sync_load(*copy, message.timestamp)
+            self.copies.sync_load(*copy, message.timestamp)
 
     def on_flush(self, message: SourceMessage) -> None:
         from pymilvus.grpc_gen import milvus_pb2
@@ -2846,18 +2880,18 @@ class Applier:
     # -- catalog handlers -------------------------------------------------------------------------------------
 
     def on_collection_seen(self, change: CatalogChange, ts: int) -> None:
-        self.copy_of(change.collection_id)
+        self.copies.of(change.collection_id)
 
     def on_partition_seen(self, change: CatalogChange, ts: int) -> None:
-        copy = self.copy_of(change.collection_id)
+        copy = self.copies.of(change.collection_id)
         if copy is not None and not copy[0].has_partition_key():
-            self._partition(copy[1], change.partition.name, change.partition.id, change.partition.created_ts)
+            self.copies.partition(copy[1], change.partition.name, change.partition.id, change.partition.created_ts)
 
     def on_load_changed(self, change: CatalogChange, ts: int) -> None:
-        copy = self.copy_of(change.collection_id)
+        copy = self.copies.of(change.collection_id)
         if copy is not None:
             self.outbox.flush()
-            self._sync_load(*copy, ts)
+            self.copies.sync_load(*copy, ts)
 
 
 ###############################################################################

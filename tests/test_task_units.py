@@ -49,3 +49,57 @@ def test_task_info_hides_the_token_from_the_public_view_and_keeps_it_stored():
     task = m.TaskInfo("t1", m.ConnectParam("http://h:19530", token="root:secret"), [{"name": "*"}])
     assert "secret" not in str(task.public())
     assert m.TaskInfo.from_store(task.to_store()).connect.token == "root:secret"
+
+
+class ScriptedWriter:
+    """A target writer that answers each call from a script: a status to refuse with, or success."""
+
+    def __init__(self, answers: dict[str, list]):
+        self.answers, self.calls = answers, []
+
+    def call(self, op, method, request, db_name="", ok_if=None, transient_if=None):
+        from pymilvus.grpc_gen import common_pb2
+        self.calls.append(method)
+        answer = self.answers.get(method, []).pop(0) if self.answers.get(method) else None
+        if answer is None:
+            return common_pb2.Status()
+        status = common_pb2.Status(code=65535, reason=answer)
+        if ok_if is not None and ok_if(status):
+            return status
+        raise m.TargetRefusal(op, status)
+
+    @staticmethod
+    def base(msg_type, ts):
+        return m.TargetWriter.base(msg_type, ts)
+
+
+def test_a_refusal_the_history_explains_is_repaired_then_the_call_is_made_again():
+    writer = ScriptedWriter({"DropPartition": [
+        "partition cannot be dropped, partition is loaded, please release it first"]})
+    mirror = m.TargetMirror(writer, "t1")
+    target = m.TargetCollection(7, "default", "c", 1, ["ch_1_7v0"], {}, {"_default": 1, "p": 2})
+    mirror.drop_partition(target, "p", 100, m.Outbox(writer, "t1"), [])
+    assert writer.calls == ["DropPartition", "ReleasePartitions", "DropPartition"]
+    assert "p" not in target.partitions
+
+
+def test_a_refusal_nothing_explains_halts_with_the_operation_object_and_answer():
+    writer = ScriptedWriter({"DropPartition": ["partition cannot be dropped, partition is loaded",
+                                               "partition cannot be dropped, partition is loaded"]})
+    mirror = m.TargetMirror(writer, "t1")
+    target = m.TargetCollection(7, "shop", "c", 1, ["ch_1_7v0"], {}, {"_default": 1, "p": 2})
+    try:
+        mirror.drop_partition(target, "p", 100, m.Outbox(writer, "t1"), [])
+    except m.TaskHalt as halt:
+        assert str(halt) == "drop partition shop.c/p: code 65535: partition cannot be dropped, partition is loaded"
+    else:
+        raise AssertionError("a second refusal after the repair must halt the task")
+    assert writer.calls == ["DropPartition", "ReleasePartitions", "DropPartition"], "each repair is tried once"
+
+
+def test_transient_and_refusing_answers_are_told_apart():
+    from pymilvus.grpc_gen import common_pb2
+    assert 8 in m.TRANSIENT_CODES and common_pb2.RateLimit in m.TRANSIENT_ERROR_CODES  # rate limit
+    assert 1 in m.TRANSIENT_CODES  # not ready
+    assert 65535 not in m.TRANSIENT_CODES and 100 not in m.TRANSIENT_CODES  # refusals: unexpected, not found
+    assert "UNAVAILABLE" in m.TRANSIENT_GRPC and "UNAUTHENTICATED" not in m.TRANSIENT_GRPC
