@@ -1043,10 +1043,15 @@ class KafkaChannelReader(ChannelReader):
         return messages
 
     def at_end(self, channel):
+        from kafka.errors import KafkaError
         partition = self.partitions.get(channel)
         if partition is None:
             return False
-        end = self.consumer.end_offsets([partition])[partition]
+        try:
+            end = self.consumer.end_offsets([partition])[partition]
+        except KafkaError as exc:  # not known now: no promise for the channel this time (get shows the wait)
+            log.warning("cannot read the end offset of %s: %s", channel, exc)
+            return False
         return self.consumer.position(partition) >= end
 
     def close(self):
@@ -2632,8 +2637,8 @@ class Applier:
     def _loop(self) -> None:
         while not self.stop.is_set():
             self._receive()
-            self._round()
-            self._save_checkpoint()
+            barrier = self._round()
+            self._save_checkpoint(now=barrier)
 
     def _receive(self) -> None:
         from pymilvus.grpc_gen import common_pb2
@@ -2681,14 +2686,22 @@ class Applier:
             # right after that fence, before anything the source did after the change.
             self.order.offer(CATALOG_INPUT, self.catalog_fence + 1, change)
 
-    def _round(self) -> None:
-        """Apply what is ready, in order; commit it once the outbox is on the target."""
+    def _round(self) -> bool:
+        """Apply what is ready, in order; commit it once the outbox is on the target. True when the round stopped
+        at a flush, which must wait until what comes before it is durable and ticked."""
         from pymilvus.grpc_gen import common_pb2
         ready, watermark = self.order.take()
         done: list[Change] = []
+        barrier = False
         for change in ready:
             if self.stop.is_set():
                 raise TaskStopping()
+            if (done or self.durable < self.order.applied) and change.kind == InputKind.OPERATIONS and \
+                    change.item.msg_type == common_pb2.Flush:
+                # The target flushes a channel only once its datanode watches it, which takes a first tick
+                # after the collection's creation: a collection made in this round has had none yet.
+                barrier = True
+                break
             if change.kind == InputKind.CATALOG:
                 self.catalog_handlers[change.item.kind](change.item, change.ts)
             else:
@@ -2703,17 +2716,23 @@ class Applier:
             if self.order.added:
                 break  # a channel was added: what is still ready must wait for its promise
         self.outbox.flush()
-        # Broken off after a channel was added: only below the change that added it is everything applied.
-        upto = watermark if len(done) == len(ready) else done[-1].ts - 1
+        if len(done) == len(ready):
+            upto = watermark
+        elif barrier:
+            upto = ready[len(done)].ts - 1  # everything before the flush
+        else:  # broken off after a channel was added: only below the change that added it
+            upto = done[-1].ts - 1
         if done or upto > self.order.applied:
             self.order.commit(done, upto)
             self.checkpoint_dirty = True
+        return barrier
 
-    def _save_checkpoint(self, force: bool = False) -> None:
-        """Persist the checkpoints (at most once per checkpointInterval), then tick the target up to them."""
-        now = time.monotonic()
-        if not self.checkpoint_dirty or (not force and now - self.last_checkpoint < self.r.config.replication
-                                         .checkpoint_interval):
+    def _save_checkpoint(self, force: bool = False, now: bool = False) -> None:
+        """Persist the checkpoints (at most once per checkpointInterval unless ``now``), then tick the target up
+        to them; ``force`` persists without ticking (at start and at stop)."""
+        started = time.monotonic()
+        if not self.checkpoint_dirty or (not force and not now and started - self.last_checkpoint <
+                                         self.r.config.replication.checkpoint_interval):
             return
         applied = self.order.applied
         checkpoints = []
@@ -2722,7 +2741,7 @@ class Applier:
             if resume is not None:
                 checkpoints.append(Checkpoint(name, resume.msg_id, applied, resume.kind))
         self.r.store.save_checkpoints(self.tid, checkpoints)
-        self.durable, self.checkpoint_dirty, self.last_checkpoint = applied, False, now
+        self.durable, self.checkpoint_dirty, self.last_checkpoint = applied, False, started
         log.debug("task=%s checkpoint at ts %d (%.3fs behind)", self.tid, self.durable,
                   time.time() - ts_seconds(self.durable))
         self.r.publish({name: applied for name in self.order.names() if name != CATALOG_INPUT},

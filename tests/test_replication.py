@@ -368,6 +368,19 @@ def test_drop_and_recreate_the_same_name_back_to_back(cdc, unique_name):
     wait_collection(cdc.target, name, present=False)
 
 
+def test_create_insert_and_flush_back_to_back(cdc, unique_name):
+    """The target flushes a channel only once it watches it, which takes a first tick."""
+    name = unique_name("b2bflush")
+    cdc.source.create_collection(name, schema=full_schema(), shards_num=2)
+    cdc.source.insert(name, make_rows(0, 100))
+    cdc.source.flush(name)
+    wait_until(lambda: cdc.target.has_collection(name) and
+               sum(s.num_rows for s in persistent_segments(cdc.stack["target_milvus"], name)) == 100,
+               90, what="the flushed segments on the target")
+    cdc.source.drop_collection(name)
+    wait_collection(cdc.target, name, present=False)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Everything at once, and what the API shows about it
 # ---------------------------------------------------------------------------------------------------------
