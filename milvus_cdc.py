@@ -16,6 +16,7 @@ import argparse
 import base64
 import contextlib
 import enum
+import functools
 import json
 import logging
 import os
@@ -60,15 +61,22 @@ class EtcdSettings:
     tls: bool = False
 
     def client(self, timeout: float = 10.0):
-        """A pyetcd client on the first endpoint (etcd forwards to the leader itself)."""
-        import pyetcd
-        host, port = split_host_port(self.endpoints[0], 2379)
-        kwargs: dict[str, Any] = {"host": host, "port": port, "timeout": timeout}
-        if self.enable_auth:
-            kwargs.update(user=self.username, password=self.password)
+        """A pyetcd client over every endpoint, failing over between them. An endpoint that failed is tried
+        again after a second (pyetcd's default is five minutes, which outlasts any etcd restart)."""
+        import grpc
+        from pyetcd.client import Endpoint, MultiEndpointEtcd3Client
+        credentials = None
         if self.tls:
-            kwargs.update(ca_cert=self.ca_cert or None, cert_cert=self.cert or None, cert_key=self.key or None)
-        return pyetcd.client(**kwargs)
+            def read(path: str) -> bytes | None:
+                if not path:
+                    return None
+                with open(path, "rb") as fh:
+                    return fh.read()
+            credentials = grpc.ssl_channel_credentials(read(self.ca_cert), read(self.key), read(self.cert))
+        endpoints = [Endpoint(*split_host_port(address, 2379), secure=self.tls, creds=credentials, time_retry=1.0)
+                     for address in self.endpoints]
+        auth = {"user": self.username, "password": self.password} if self.enable_auth else {}
+        return MultiEndpointEtcd3Client(endpoints=endpoints, timeout=timeout, failover=True, **auth)
 
     @property
     def enable_auth(self) -> bool:
@@ -364,6 +372,120 @@ def load_config(path: str) -> tuple[ServerConfig, list[str]]:
 
 
 ###############################################################################
+# Faults: what is waited out, and what a task shows meanwhile ##################
+###############################################################################
+
+class TaskStopping(Exception):
+    """The task is being paused, deleted or shut down while a call waited; not an error."""
+
+
+class TaskHalt(Exception):
+    """The task cannot go on: it pauses at once with this reason (a refusal nothing explains, or a fault that
+    outlived retryTimeout)."""
+
+
+TRANSIENT_GRPC = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "INTERNAL",
+                            "UNKNOWN", "CANCELLED"})
+
+
+def etcd_fault(error: BaseException) -> bool:
+    """Is this an etcd failure that waiting can cure (unreachable, timed out, restarting)?"""
+    import grpc
+    import pyetcd.exceptions as errors
+    if isinstance(error, (errors.ConnectionFailedError, errors.ConnectionTimeoutError, errors.InternalServerError,
+                          errors.NoServerAvailableError)):
+        return True
+    return isinstance(error, grpc.RpcError) and error.code().name in TRANSIENT_GRPC
+
+
+class TransientError(Exception):
+    """One failed try that may succeed later (network, a server not ready, rate limit)."""
+
+
+@dataclass(frozen=True)
+class Wait:
+    """A fault a task is waiting out, as `get` shows it."""
+    operation: str
+    since: float
+    tries: int
+    last_error: str
+
+    def public(self) -> dict:
+        return {"operation": self.operation, "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since)),
+                "tries": self.tries, "last_error": self.last_error}
+
+
+class Waits:
+    """The faults a task's threads wait out right now, one per thread role (applier, reader, catalog...)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.current: dict[str, Wait] = {}
+
+    def set(self, role: str, wait: Wait) -> None:
+        with self.lock:
+            self.current[role] = wait
+
+    def clear(self, role: str) -> None:
+        with self.lock:
+            self.current.pop(role, None)
+
+    def snapshot(self) -> list[Wait]:
+        with self.lock:
+            return sorted(self.current.values(), key=lambda w: w.since)
+
+
+def describe_error(error: BaseException) -> str:
+    return str(error) if isinstance(error, TransientError) else f"{type(error).__name__}: {error}"
+
+
+class Patience:
+    """Waits out transient faults of one thread of a task: each failing try is retried with backoff (up to
+    ``retryMaxBackoff`` apart) for up to ``retryTimeout``, then the task halts with the last error. A stop of the
+    task ends the wait at once. While it waits, `get` shows the operation, since when and how many tries."""
+
+    def __init__(self, settings: ReplicationSettings, stop: threading.Event, waits: Waits, role: str,
+                 task_id: str):
+        self.settings, self.stop, self.waits, self.role, self.task_id = settings, stop, waits, role, task_id
+
+    def run(self, operation: str, attempt: Callable[[], Any], transient: Callable[[BaseException], bool],
+            pause: Callable[[float], None] | None = None) -> Any:
+        import tenacity
+        started = time.time()
+
+        def note(state) -> None:
+            error = describe_error(state.outcome.exception())
+            self.waits.set(self.role, Wait(operation, started, state.attempt_number, error))
+            log.warning("task=%s retrying %s (try %d): %s", self.task_id, operation, state.attempt_number, error)
+
+        def sleep(seconds: float) -> None:
+            (pause or self.stop.wait)(seconds)
+            if self.stop.is_set():
+                raise TaskStopping()
+
+        def first(*_) -> None:
+            if self.stop.is_set():
+                raise TaskStopping()
+
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(transient), before=first,
+            stop=tenacity.stop_after_delay(self.settings.retry_timeout),
+            wait=tenacity.wait_exponential(multiplier=0.5, min=0.2, max=self.settings.retry_max_backoff),
+            sleep=sleep, before_sleep=note, reraise=True)
+        try:
+            return retrying(attempt)
+        except TaskStopping:
+            raise
+        except BaseException as exc:
+            if transient(exc):
+                raise TaskHalt(f"{operation}: {describe_error(exc)} (retried for "
+                               f"{time.time() - started:.0f}s)") from None
+            raise
+        finally:
+            self.waits.clear(self.role)
+
+
+###############################################################################
 # Meta store ###################################################################
 ###############################################################################
 
@@ -386,25 +508,30 @@ class Checkpoint:
                    data.get("resume", "after"))
 
 
+class MetaStoreUnavailable(Exception):
+    """The meta store did not answer (down, restarting, cut off); nothing was written. The API answers 503 and a
+    task tries again later: nothing is lost, since the target is never ticked past what is stored."""
+
+
 class MetaStore(ABC):
     """Where tasks and their checkpoints live. Each call is one atomic write or read.
 
     Layout, shared by every store: a task's info document under ``{rootPath}/task_info/{task_id}`` and all of
     its checkpoints, as one document, under ``{rootPath}/task_position/{task_id}``; ``rootPath`` lets several
-    CDC servers share one store.
+    CDC servers share one store. A failure that waiting can cure raises MetaStoreUnavailable.
     """
 
     def __init__(self, root_path: str):
         self.root_path = root_path
 
     @abstractmethod
-    def save_task(self, task_id: str, info: dict) -> None: ...
+    def _save_task(self, task_id: str, document: str) -> None: ...
 
     @abstractmethod
-    def load_tasks(self) -> dict[str, dict]: ...
+    def _load_tasks(self) -> dict[str, str]: ...
 
     @abstractmethod
-    def delete_task(self, task_id: str) -> None:
+    def _delete_task(self, task_id: str) -> None:
         """Remove the task and its checkpoints in one transaction."""
 
     @abstractmethod
@@ -414,14 +541,38 @@ class MetaStore(ABC):
     def _load_positions(self, task_id: str) -> str | None: ...
 
     @abstractmethod
+    def _transient(self, error: BaseException) -> bool:
+        """Is this failure the store being unreachable for now?"""
+
+    @abstractmethod
     def close(self) -> None: ...
+
+    def _guard(self, what: str, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except Exception as exc:
+            if self._transient(exc):
+                raise MetaStoreUnavailable(f"the meta store did not answer ({what}): {type(exc).__name__}: "
+                                           f"{exc}") from None
+            raise
+
+    def save_task(self, task_id: str, info: dict) -> None:
+        self._guard("saving a task", lambda: self._save_task(task_id, json.dumps(info)))
+
+    def load_tasks(self) -> dict[str, dict]:
+        return {task_id: json.loads(document)
+                for task_id, document in self._guard("loading the tasks", self._load_tasks).items()}
+
+    def delete_task(self, task_id: str) -> None:
+        self._guard("deleting a task", lambda: self._delete_task(task_id))
 
     def save_checkpoints(self, task_id: str, checkpoints: Iterable[Checkpoint]) -> None:
         """Replace the task's whole set of checkpoints in one write."""
-        self._save_positions(task_id, json.dumps([c.to_json() for c in sorted(checkpoints)]))
+        document = json.dumps([c.to_json() for c in sorted(checkpoints)])
+        self._guard("saving checkpoints", lambda: self._save_positions(task_id, document))
 
     def load_checkpoints(self, task_id: str) -> dict[str, Checkpoint]:
-        document = self._load_positions(task_id)
+        document = self._guard("loading checkpoints", lambda: self._load_positions(task_id))
         if not document:
             return {}
         return {c.channel: c for c in map(Checkpoint.from_json, json.loads(document))}
@@ -436,28 +587,24 @@ class SqlMetaStore(MetaStore):
     TEXT = "LONGTEXT"
     KEY = "VARCHAR(255)"
 
-    lock: threading.Lock
-
     @abstractmethod
     def _begin(self):
-        """A cursor inside a new transaction (reconnecting first when the driver needs to)."""
+        """A cursor inside a new transaction (on a connection of its own for the time of the transaction)."""
 
     @abstractmethod
-    def _end(self, cursor, commit: bool) -> None: ...
+    def _end(self, cursor, commit: bool) -> None:
+        """Commit or roll back, and give the connection back."""
 
     @contextlib.contextmanager
     def _transaction(self):
         """A cursor whose statements commit together on success and roll back on error."""
-        with self.lock:
-            cursor = self._begin()
-            try:
-                yield cursor
-                self._end(cursor, commit=True)
-            except BaseException:
-                self._end(cursor, commit=False)
-                raise
-            finally:
-                cursor.close()
+        cursor = self._begin()
+        try:
+            yield cursor
+        except BaseException:
+            self._end(cursor, commit=False)
+            raise
+        self._end(cursor, commit=True)
 
     def _create_tables(self) -> None:
         with self._transaction() as cur:
@@ -471,16 +618,16 @@ class SqlMetaStore(MetaStore):
         with self._transaction() as cur:
             cur.execute(f"{self.REPLACE} {table} VALUES ({m}, {m}, {m})", (self.root_path, task_id, document))
 
-    def save_task(self, task_id, info):
-        self._put("task_info", task_id, json.dumps(info))
+    def _save_task(self, task_id, document):
+        self._put("task_info", task_id, document)
 
     def _save_positions(self, task_id, document):
         self._put("task_position", task_id, document)
 
-    def load_tasks(self):
+    def _load_tasks(self):
         with self._transaction() as cur:
             cur.execute(f"SELECT task_id, info FROM task_info WHERE root_path = {self.MARK}", (self.root_path,))
-            return {task_id: json.loads(info) for task_id, info in cur.fetchall()}
+            return dict(cur.fetchall())
 
     def _load_positions(self, task_id):
         m = self.MARK
@@ -490,7 +637,7 @@ class SqlMetaStore(MetaStore):
             row = cur.fetchone()
         return row[0] if row else None
 
-    def delete_task(self, task_id):
+    def _delete_task(self, task_id):
         m = self.MARK
         with self._transaction() as cur:
             for table in ("task_info", "task_position"):
@@ -498,7 +645,7 @@ class SqlMetaStore(MetaStore):
 
 
 class SqliteMetaStore(SqlMetaStore):
-    """The embedded default: one local file, no server to run."""
+    """The embedded default: one local file, no server to run. One connection, used by one thread at a time."""
 
     MARK, REPLACE, TEXT, KEY = "?", "INSERT OR REPLACE INTO", "TEXT", "TEXT"
 
@@ -512,12 +659,24 @@ class SqliteMetaStore(SqlMetaStore):
         self._create_tables()
 
     def _begin(self):
-        cursor = self.db.cursor()
-        cursor.execute("BEGIN IMMEDIATE")
+        self.lock.acquire()  # local file I/O only; released by _end
+        try:
+            cursor = self.db.cursor()
+            cursor.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self.lock.release()
+            raise
         return cursor
 
     def _end(self, cursor, commit):
-        cursor.execute("COMMIT" if commit else "ROLLBACK")
+        try:
+            cursor.execute("COMMIT" if commit else "ROLLBACK")
+        finally:
+            cursor.close()
+            self.lock.release()
+
+    def _transient(self, error):
+        return isinstance(error, sqlite3.OperationalError)  # locked by another process, disk I/O
 
     def close(self):
         with self.lock:
@@ -525,41 +684,58 @@ class SqliteMetaStore(SqlMetaStore):
 
 
 class MySQLMetaStore(SqlMetaStore):
-    """MySQL or MariaDB through pymysql; creates its database and tables when they are missing."""
+    """MySQL or MariaDB through pymysql; creates its database and tables when they are missing.
+
+    pymysql connections are not thread-safe: each transaction takes an idle connection (or opens one) and gives
+    it back, so no lock is held while the server is asked anything."""
+
+    TIMEOUTS = {"connect_timeout": 5, "read_timeout": 10, "write_timeout": 10}
 
     def __init__(self, params: dict, root_path: str):
         import pymysql
         super().__init__(root_path)
-        self.lock = threading.Lock()
         params = dict(params)
         database = params.pop("database")
-        bootstrap = pymysql.connect(**params, connect_timeout=10)
+        bootstrap = pymysql.connect(**params, **self.TIMEOUTS)
         try:
             with bootstrap.cursor() as cur:
                 cur.execute(f"CREATE DATABASE IF NOT EXISTS `{database.replace('`', '``')}`")
         finally:
             bootstrap.close()
-        self.connect = lambda: pymysql.connect(**params, database=database, connect_timeout=10, autocommit=False)
-        self.conn = self.connect()
+        self.connect = lambda: pymysql.connect(**params, database=database, autocommit=False, **self.TIMEOUTS)
+        self.idle: queue.LifoQueue = queue.LifoQueue()
         self._create_tables()
 
     def _begin(self):
-        import pymysql
         try:
-            self.conn.ping()
-        except pymysql.err.Error:  # the server restarted or dropped an idle connection
-            self.conn = self.connect()
-        return self.conn.cursor()
+            connection = self.idle.get_nowait()
+        except queue.Empty:
+            connection = self.connect()
+        return connection.cursor()
 
     def _end(self, cursor, commit):
-        if commit:
-            self.conn.commit()
-        else:
-            self.conn.rollback()
+        connection = cursor.connection
+        try:
+            connection.commit() if commit else connection.rollback()
+        except Exception:
+            connection.close()  # broken (the server restarted or dropped it): the next transaction opens another
+            if commit:
+                raise
+            return
+        finally:
+            cursor.close()
+        self.idle.put(connection)
+
+    def _transient(self, error):
+        import pymysql
+        return isinstance(error, (pymysql.err.OperationalError, pymysql.err.InterfaceError))
 
     def close(self):
-        with self.lock:
-            self.conn.close()
+        while True:
+            try:
+                self.idle.get_nowait().close()
+            except queue.Empty:
+                return
 
 
 class EtcdMetaStore(MetaStore):
@@ -567,21 +743,20 @@ class EtcdMetaStore(MetaStore):
 
     def __init__(self, settings: EtcdSettings, root_path: str):
         super().__init__(root_path)
-        self.client = settings.client()
+        self.client = settings.client(timeout=5.0)
         self.client.status()  # fail at start-up, not at the first request
 
     def _key(self, kind: str, task_id: str = "") -> str:
         return f"{self.root_path}/{kind}/{task_id}"
 
-    def save_task(self, task_id, info):
-        self.client.put(self._key("task_info", task_id), json.dumps(info))
+    def _save_task(self, task_id, document):
+        self.client.put(self._key("task_info", task_id), document)
 
-    def load_tasks(self):
+    def _load_tasks(self):
         prefix = self._key("task_info")
-        return {meta.key.decode()[len(prefix):]: json.loads(value)
-                for value, meta in self.client.get_prefix(prefix)}
+        return {meta.key.decode()[len(prefix):]: value.decode() for value, meta in self.client.get_prefix(prefix)}
 
-    def delete_task(self, task_id):
+    def _delete_task(self, task_id):
         ops = self.client.transactions
         self.client.transaction(compare=[], success=[ops.delete(self._key("task_info", task_id)),
                                                      ops.delete(self._key("task_position", task_id))],
@@ -593,6 +768,9 @@ class EtcdMetaStore(MetaStore):
     def _load_positions(self, task_id):
         value, _ = self.client.get(self._key("task_position", task_id))
         return value.decode() if value else None
+
+    def _transient(self, error):
+        return etcd_fault(error)
 
     def close(self):
         self.client.close()
@@ -741,8 +919,8 @@ class SourceMeta:
     COLLECTION_PREFIXES = ("root-coord/database/collection-info/", "root-coord/collection/")
     LOAD_PREFIXES = ("querycoord-collection-loadinfo/", "querycoord-partition-loadinfo/")
 
-    def __init__(self, settings: SourceSettings):
-        self.settings = settings
+    def __init__(self, settings: SourceSettings, patience: Patience | None = None):
+        self.settings, self.patience = settings, patience
         self.prefix = f"{settings.root_path}/{settings.meta_sub_path}/"
         self.client = settings.etcd.client()
         self.lock = threading.Lock()
@@ -751,12 +929,20 @@ class SourceMeta:
     def close(self) -> None:
         self.client.close()
 
+    def _etcd(self, what: str, read: Callable[[], Any]) -> Any:
+        """One read, its transient failures waited out (etcd restarting, a network cut)."""
+        if self.patience is None:
+            return read()
+        return self.patience.run(f"reading the source etcd ({what})", read, etcd_fault)
+
     def _entries(self, sub: str, **kwargs) -> list[tuple[str, bytes]]:
-        return [(meta.key.decode(), value) for value, meta in self.client.get_prefix(self.prefix + sub, **kwargs)
-                if value and value != ETCD_TOMBSTONE]
+        return self._etcd(sub, lambda: [(meta.key.decode(), value) for value, meta in
+                                        self.client.get_prefix(self.prefix + sub, **kwargs)
+                                        if value and value != ETCD_TOMBSTONE])
 
     def revision(self) -> int:
-        return self.client.get_response(self.prefix, keys_only=True, limit=1).header.revision
+        return self._etcd("revision", lambda: self.client.get_response(self.prefix, keys_only=True, limit=1)
+                          .header.revision)
 
     def databases(self, revision: int | None = None) -> dict[int, str]:
         """The live databases by id."""
@@ -850,7 +1036,8 @@ class SourceMeta:
 
     def load_state(self, collection_id: int) -> SourceLoad | None:
         """How the source has a collection loaded, None when it is not loaded."""
-        value, _ = self.client.get(f"{self.prefix}querycoord-collection-loadinfo/{collection_id}")
+        value, _ = self._etcd("load state", lambda: self.client.get(
+            f"{self.prefix}querycoord-collection-loadinfo/{collection_id}"))
         if not value or value == ETCD_TOMBSTONE:
             return None
         info = ETCD_MESSAGES["CollectionLoadInfo"].FromString(value)
@@ -976,6 +1163,10 @@ class ChannelReader(ABC):
         """Has every message of the channel that exists now been returned by ``read``?"""
 
     @abstractmethod
+    def transient(self, error: BaseException) -> bool:
+        """Is this failure the MQ being unreachable or slow for now?"""
+
+    @abstractmethod
     def close(self) -> None: ...
 
 
@@ -1054,6 +1245,11 @@ class KafkaChannelReader(ChannelReader):
             return False
         return self.consumer.position(partition) >= end
 
+    def transient(self, error):
+        from kafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError, NoBrokersAvailable
+        return isinstance(error, (KafkaConnectionError, KafkaTimeoutError, NoBrokersAvailable)) or \
+            isinstance(error, KafkaError) and error.retriable
+
     def close(self):
         self.consumer.close()
 
@@ -1128,6 +1324,10 @@ class PulsarChannelReader(ChannelReader):
             return True
         self.stash.append(decode_source_message(channel, msg.message_id().serialize(), msg.data()))
         return False
+
+    def transient(self, error):
+        return isinstance(error, (self.pulsar.ConnectError, self.pulsar.Timeout, self.pulsar.ServiceUnitNotReady,
+                                  self.pulsar.TooManyLookupRequestException, self.pulsar.LookupError))
 
     def close(self):
         for channel in list(self.readers):
@@ -1240,14 +1440,6 @@ class TargetRefusal(TargetError):
         return answer_says(self.status, *needles)
 
 
-class TaskStopping(Exception):
-    """The task is being paused, deleted or shut down while a call waited; not an error."""
-
-
-class TaskHalt(Exception):
-    """Something the CDC cannot repair: the task pauses at once with this reason."""
-
-
 @dataclass(frozen=True)
 class ConnectParam:
     """``milvus_connect_param`` of a task: where the target is and how to reach it."""
@@ -1267,8 +1459,10 @@ class ConnectParam:
 
     def channel(self):
         import grpc
+        # A target that is back is reconnected within a second or two, not gRPC's default of up to two minutes.
         options = [("grpc.max_send_message_length", 512 << 20), ("grpc.max_receive_message_length", 512 << 20),
-                   ("grpc.keepalive_time_ms", 30000)]
+                   ("grpc.keepalive_time_ms", 30000), ("grpc.initial_reconnect_backoff_ms", 250),
+                   ("grpc.min_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 1000)]
         if not self.secure:
             return grpc.insecure_channel(self.address, options=options)
         dial = dict(self.dial_config)
@@ -1330,25 +1524,7 @@ def _transient_codes() -> tuple[frozenset[int], frozenset[int]]:
 
 
 TRANSIENT_CODES, TRANSIENT_ERROR_CODES = _transient_codes()
-TRANSIENT_GRPC = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "INTERNAL",
-                            "UNKNOWN", "CANCELLED"})
 
-
-class _Transient(Exception):
-    """One failed try that may succeed later (network, target not ready, rate limit)."""
-
-
-@dataclass(frozen=True)
-class RetryState:
-    """A call being retried, as ``get`` shows it."""
-    operation: str
-    since: float
-    tries: int
-    last_error: str
-
-    def public(self) -> dict:
-        return {"operation": self.operation, "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since)),
-                "tries": self.tries, "last_error": self.last_error}
 
 
 class TargetWriter:
@@ -1359,14 +1535,12 @@ class TargetWriter:
     to repair or to stop on. ``ok_if`` tells which refusals mean the work is already done (a replay).
     """
 
-    def __init__(self, param: ConnectParam, settings: ReplicationSettings, stop: threading.Event, task_id: str):
+    def __init__(self, param: ConnectParam, patience: Patience):
         from pymilvus.grpc_gen import milvus_pb2_grpc
-        self.param, self.settings, self.stop, self.task_id = param, settings, stop, task_id
+        self.param, self.patience = param, patience
         self.grpc_channel = param.channel()
         self.stub = milvus_pb2_grpc.MilvusServiceStub(self.grpc_channel)
         self.call_timeout = max(30.0, param.connect_timeout)
-        self.retry_lock = threading.Lock()
-        self.retrying: RetryState | None = None
 
     def close(self) -> None:
         self.grpc_channel.close()
@@ -1374,54 +1548,39 @@ class TargetWriter:
     def call(self, op: str, method: str, request, db_name: str = "", ok_if: Callable[[Any], bool] | None = None,
              transient_if: Callable[[Any], bool] | None = None):
         import grpc
-        import tenacity
 
         def attempt():
-            if self.stop.is_set():
-                raise TaskStopping()
             try:
                 response = getattr(self.stub, method)(request, timeout=self.call_timeout,
                                                       metadata=self.param.metadata(db_name))
             except grpc.RpcError as exc:
                 if exc.code().name in TRANSIENT_GRPC:
-                    raise _Transient(f"{exc.code().name}: {exc.details()}") from None
+                    raise TransientError(f"{exc.code().name}: {exc.details()}") from None
                 raise TargetError(f"{op}: {exc.code().name}: {exc.details()}") from None
             status = status_of(response)
             if status_ok(status) or (ok_if is not None and ok_if(status)):
                 return response
             if status.code in TRANSIENT_CODES or status.error_code in TRANSIENT_ERROR_CODES or \
                     (transient_if is not None and transient_if(status)):
-                raise _Transient(status_text(status))
+                raise TransientError(status_text(status))
             raise TargetRefusal(op, status)
-
-        started = time.time()
-
-        def note_retry(state):
-            with self.retry_lock:
-                self.retrying = RetryState(op, started, state.attempt_number, str(state.outcome.exception()))
-            log.warning("task=%s retrying %s (try %d): %s", self.task_id, op, state.attempt_number,
-                        state.outcome.exception())
-
-        retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(_Transient),
-            stop=tenacity.stop_after_delay(self.settings.retry_timeout),
-            wait=tenacity.wait_exponential(multiplier=0.5, min=0.2, max=self.settings.retry_max_backoff),
-            sleep=self._sleep, before_sleep=note_retry, reraise=True)
         try:
-            return retrying(attempt)
-        except _Transient as exc:
-            raise TargetError(f"{op}: {exc} (retried for {time.time() - started:.0f}s)") from None
-        finally:
-            with self.retry_lock:
-                self.retrying = None
+            return self.patience.run(op, attempt, lambda exc: isinstance(exc, TransientError),
+                                     pause=self._until_ready)
+        except TaskHalt as halt:
+            raise TaskHalt(f"writing to the target: {halt}") from None
 
-    def retry_state(self) -> RetryState | None:
-        with self.retry_lock:
-            return self.retrying
-
-    def _sleep(self, seconds: float) -> None:
-        if self.stop.wait(seconds):
-            raise TaskStopping()
+    def _until_ready(self, seconds: float) -> None:
+        """Wait out a backoff, but no longer than until the target answers again: gRPC reconnects within its own
+        backoff (kept short by the channel options), and the next try goes out at once."""
+        import grpc
+        deadline = time.monotonic() + seconds
+        while not self.patience.stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            try:
+                grpc.channel_ready_future(self.grpc_channel).result(timeout=min(0.5, left))
+                return
+            except grpc.FutureTimeoutError:
+                continue
 
     @staticmethod
     def base(msg_type: int, timestamp: int):
@@ -2124,7 +2283,7 @@ class Replicator:
         self.source_clock = SourceClock()
         self.status_lock = threading.Lock()
         self.status: dict[str, Any] = {"channels": {}}
-        self.writer: TargetWriter | None = None
+        self.waits = Waits()
         self.threads: list[threading.Thread] = []
         self.started = threading.Event()  # set once the start positions are pinned in the meta store
         self.failed = False
@@ -2156,13 +2315,16 @@ class Replicator:
     def progress(self) -> dict:
         """What `get` shows of a running task: lag per channel, and what it waits on, if anything."""
         shown: dict[str, Any] = {"channels": self.lag()}
-        retrying = self.writer.retry_state() if self.writer is not None else None
-        if retrying is not None:
-            shown["retrying"] = retrying.public()
+        waits = self.waits.snapshot()
+        if waits:
+            shown["retrying"] = [w.public() for w in waits]
         with self.status_lock:
             if self.status.get("waiting_for"):
                 shown["waiting_for"] = self.status["waiting_for"]
         return shown
+
+    def patience(self, role: str) -> Patience:
+        return Patience(self.config.replication, self.stop_event, self.waits, role, self.task.task_id)
 
     def publish(self, channels: dict[str, int], waiting_for: list[str]) -> None:
         with self.status_lock:
@@ -2191,6 +2353,7 @@ class Replicator:
     def _run_reader(self, reader: ChannelReader) -> None:
         from pymilvus.grpc_gen import common_pb2
         replicate = self.config.source.replicate_chan
+        patience = self.patience("reader")
         last_fence = 0.0
         try:
             while not self.stop_event.is_set():
@@ -2200,10 +2363,11 @@ class Replicator:
                     except queue.Empty:
                         break
                     if command == "add":
-                        reader.add(channel, start)
+                        patience.run(f"seeking {channel} in the source MQ",
+                                     functools.partial(reader.add, channel, start), reader.transient)
                     else:
                         reader.remove(channel)
-                messages = reader.read(0.1)
+                messages = patience.run("reading the source MQ", lambda: reader.read(0.1), reader.transient)
                 for message in messages:
                     if message.msg_type == common_pb2.TimeTick and message.channel != replicate:
                         self.source_clock.saw_tick(message.timestamp)
@@ -2216,7 +2380,12 @@ class Replicator:
                         messages.append(SourceMessage(replicate, b"", common_pb2.TimeTick, before, b""))
                 if messages:
                     self._hand_over(self.read_queue, messages)
+        except TaskStopping:
+            pass
+        except TaskHalt as exc:
+            self._fail(str(exc))
         except Exception as exc:  # noqa: BLE001 - any reader failure pauses the task with its text
+            log.exception("task=%s reading the source MQ failed", self.task.task_id)
             self._fail(f"reading the source MQ: {type(exc).__name__}: {exc}")
         finally:
             try:
@@ -2233,9 +2402,15 @@ class Replicator:
                 changes = poller.poll()
                 # Started after `before` was read: every catalog write made before it was issued is here.
                 self._hand_over(self.catalog_queue, (before, changes))
+        except TaskStopping:
+            pass
+        except TaskHalt as exc:
+            self._fail(str(exc))
         except Exception as exc:  # noqa: BLE001
             log.exception("task=%s reading the source etcd failed", self.task.task_id)
             self._fail(f"reading the source etcd: {type(exc).__name__}: {exc}")
+        finally:
+            poller.meta.close()
 
     # -- applier thread -----------------------------------------------------------------------------------
 
@@ -2243,9 +2418,8 @@ class Replicator:
         task_id = self.task.task_id
         meta = writer = None
         try:
-            meta = SourceMeta(self.config.source)
-            writer = self.writer = TargetWriter(self.task.connect, self.config.replication, self.stop_event,
-                                                task_id)
+            meta = SourceMeta(self.config.source, self.patience("applier"))
+            writer = TargetWriter(self.task.connect, self.patience("applier"))
             Applier(self, meta, writer).run()
         except TaskStopping:
             pass
@@ -2517,6 +2691,9 @@ class Applier:
         self.durable = 0
         self.last_checkpoint = 0.0
         self.checkpoint_dirty = False
+        self.store_retry_at: float | None = None   # the meta store is down: when to try it again
+        self.store_failures: list[float] = []
+        self.patience = replicator.patience("applier")
         self.data_handlers = {
             common_pb2.Insert: self.on_insert, common_pb2.Delete: self.on_delete,
             common_pb2.CreateCollection: self.on_create_collection,
@@ -2534,7 +2711,9 @@ class Applier:
     # -- start ----------------------------------------------------------------------------------------------
 
     def run(self) -> None:
-        saved = self.r.store.load_checkpoints(self.tid)
+        unavailable = lambda exc: isinstance(exc, MetaStoreUnavailable)  # noqa: E731
+        saved = self.patience.run("loading the checkpoints", lambda: self.r.store.load_checkpoints(self.tid),
+                                  unavailable)
         self.durable = max((c.timestamp for c in saved.values()), default=0)
         self.order.applied = self.catalog_fence = self.durable
         self.r.clock.join(self.tid, self.durable)
@@ -2549,7 +2728,8 @@ class Applier:
             raise
         # Pinned before create answers: what the user does next is replicated, even across a crash.
         self.checkpoint_dirty = True
-        self._save_checkpoint(force=True)
+        self.patience.run("saving the start positions", lambda: self._save_checkpoint(force=True, strict=True),
+                          unavailable)
         log.info("task=%s started: %d collection(s), %d channel(s), resuming at ts %d", self.tid,
                  len(self.followed), len(self.order.names()) - 1, self.durable)
         self.r._spawn("read", self.r._run_reader, reader)
@@ -2559,7 +2739,10 @@ class Applier:
             self._loop()
         finally:
             if not self.r.failed:
-                self._save_checkpoint(force=True)
+                try:
+                    self._save_checkpoint(force=True)
+                except MetaStoreUnavailable as exc:  # the last stored checkpoint stands: nothing is lost
+                    log.warning("task=%s stopping without a last checkpoint: %s", self.tid, exc)
 
     def _plan_starts(self, saved: dict[str, Checkpoint], reader: ChannelReader) \
             -> tuple[CatalogPoller, dict[str, StartAt]]:
@@ -2612,7 +2795,7 @@ class Applier:
             starts[channel] = StartAt("at", reader.earliest(ids)) if ids else pins.get(channel, LATEST)
         for collection in live:
             self.followed[collection.id] = collection
-        return CatalogPoller(self.meta, revision), starts
+        return CatalogPoller(SourceMeta(self.settings, self.r.patience("catalog")), revision), starts
 
     def _read(self, channel: str, start: StartAt, reader: ChannelReader | None = None) -> None:
         """Start reading a channel as one more input of the order."""
@@ -2636,6 +2819,14 @@ class Applier:
 
     def _loop(self) -> None:
         while not self.stop.is_set():
+            if self.store_retry_at is not None:
+                # The meta store is down: nothing moves until the checkpoint is stored (the target is never
+                # ticked past it, so nothing is lost), and the task keeps running.
+                if time.monotonic() < self.store_retry_at:
+                    self.stop.wait(0.05)
+                    continue
+                if not self._save_checkpoint(now=True):
+                    continue
             self._receive()
             barrier = self._round()
             self._save_checkpoint(now=barrier)
@@ -2727,20 +2918,31 @@ class Applier:
             self.checkpoint_dirty = True
         return barrier
 
-    def _save_checkpoint(self, force: bool = False, now: bool = False) -> None:
+    def _save_checkpoint(self, force: bool = False, now: bool = False, strict: bool = False) -> bool:
         """Persist the checkpoints (at most once per checkpointInterval unless ``now``), then tick the target up
-        to them; ``force`` persists without ticking (at start and at stop)."""
+        to them; ``force`` persists without ticking (at start and at stop). False when the meta store did not
+        answer: the next try is scheduled (``strict`` raises instead)."""
         started = time.monotonic()
         if not self.checkpoint_dirty or (not force and not now and started - self.last_checkpoint <
                                          self.r.config.replication.checkpoint_interval):
-            return
+            return True
         applied = self.order.applied
         checkpoints = []
         for name in self.order.names():
             resume = self.order.resume(name) if name != CATALOG_INPUT else None
             if resume is not None:
                 checkpoints.append(Checkpoint(name, resume.msg_id, applied, resume.kind))
-        self.r.store.save_checkpoints(self.tid, checkpoints)
+        try:
+            self.r.store.save_checkpoints(self.tid, checkpoints)
+        except MetaStoreUnavailable as exc:
+            if strict or force:
+                raise
+            self._store_down(exc)
+            return False
+        if self.store_retry_at is not None:
+            log.info("task=%s the meta store answers again: checkpoint stored", self.tid)
+            self.store_retry_at, self.store_failures = None, []
+            self.r.waits.clear("checkpoint")
         self.durable, self.checkpoint_dirty, self.last_checkpoint = applied, False, started
         log.debug("task=%s checkpoint at ts %d (%.3fs behind)", self.tid, self.durable,
                   time.time() - ts_seconds(self.durable))
@@ -2748,6 +2950,16 @@ class Applier:
                        self.order.holding())
         if not force:
             self.r.clock.advance(self.tid, self.durable, self.writer)
+        return True
+
+    def _store_down(self, error: MetaStoreUnavailable) -> None:
+        settings = self.r.config.replication
+        self.store_failures.append(time.time())
+        backoff = min(settings.retry_max_backoff, 0.2 * 2 ** min(len(self.store_failures), 10))
+        self.store_retry_at = time.monotonic() + backoff
+        self.r.waits.set("checkpoint", Wait("saving the checkpoint to the meta store", self.store_failures[0],
+                                            len(self.store_failures), str(error)))
+        log.warning("task=%s %s; trying again in %.1fs", self.tid, error, backoff)
 
     def _follow(self, source: SourceCollection) -> None:
         """Read the channels of a collection that has a copy on the target, until its drop is applied."""

@@ -202,13 +202,13 @@ def test_a_target_down_for_a_minute_is_retried_and_the_task_recovers_by_itself(s
     source.delete(name, ids=[3, 4, 150])
     source.create_partition(name, "during")
     source.insert(name, rows(1000, 50), partition_name="during")
-    retrying = wait_until(lambda: server.task(task_id).get("retrying"), 30, what="get to show the retried call")
+    retrying = wait_until(lambda: server.task(task_id).get("retrying"), 30, what="get to show the retried call")[0]
     assert retrying["operation"] and retrying["since"] and retrying["tries"] >= 1 and retrying["last_error"]
     while time.monotonic() - cut_at < 60:
         task = server.task(task_id)
         assert task["state"] == "Running", task.get("reason")
         time.sleep(2)
-    later = server.task(task_id)["retrying"]
+    later = server.task(task_id)["retrying"][0]
     assert later["tries"] > retrying["tries"] and later["since"] <= retrying["since"] or \
         later["operation"] != retrying["operation"]
     relay.restore()
