@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import dataclasses
 import enum
 import functools
+import hmac
 import json
 import logging
 import os
@@ -122,6 +124,7 @@ class ServerConfig:
     meta_store: MetaStoreSettings
     source: SourceSettings
     replication: ReplicationSettings
+    api_token: str = field(default="", repr=False)  # when set, every request needs "Authorization: Bearer <it>"
 
 
 class ConfigReader:
@@ -289,6 +292,8 @@ def load_config(path: str) -> tuple[ServerConfig, list[str]]:
         raise ConfigError(f"config: address must be host:port like 0.0.0.0:8444, got {address!r}") from None
     max_task_num = root.value("maxTaskNum", int, 100, lambda v: v >= 1, "an integer >= 1")
     max_name_length = root.value("maxNameLength", int, 256, lambda v: v >= 1, "an integer >= 1")
+    api_token = root.value("apiToken", str, "", lambda v: v == "" or len(v) >= 16,
+                           "empty (no authentication) or a secret of at least 16 characters")
     log_level = root.value("logLevel", str, "info",
                            lambda v: v.upper() in ("DEBUG", "INFO", "WARNING", "WARN", "ERROR"),
                            "one of debug, info, warning, error")
@@ -367,7 +372,8 @@ def load_config(path: str) -> tuple[ServerConfig, list[str]]:
         retry_timeout=rep.value("retryTimeout", float, 600.0, lambda v: v >= 0, "a number of seconds >= 0"),
         retry_max_backoff=rep.value("retryMaxBackoff", float, 10.0, lambda v: v > 0, "a number of seconds > 0"))
     level = {"WARN": "WARNING"}.get(log_level.upper(), log_level.upper())
-    config = ServerConfig(host, port, max_task_num, max_name_length, level, meta_store, source, replication)
+    config = ServerConfig(host, port, max_task_num, max_name_length, level, meta_store, source, replication,
+                          api_token)
     return config, [f"config: unknown key {k} ignored" for k in root.unknown_keys()]
 
 
@@ -1440,6 +1446,15 @@ class TargetRefusal(TargetError):
         return answer_says(self.status, *needles)
 
 
+class TlsFileError(Exception):
+    """A dial_config file the CDC server cannot use; says which key, and never whether the file exists."""
+
+    def __init__(self, key: str):
+        super().__init__(f"milvus_connect_param.dial_config.{key}: the CDC server cannot load a PEM file from the "
+                         f"path named there (missing, unreadable, or not what {key} needs)")
+        self.key = key
+
+
 @dataclass(frozen=True)
 class ConnectParam:
     """``milvus_connect_param`` of a task: where the target is and how to reach it."""
@@ -1465,19 +1480,32 @@ class ConnectParam:
                    ("grpc.min_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 1000)]
         if not self.secure:
             return grpc.insecure_channel(self.address, options=options)
-        dial = dict(self.dial_config)
-
-        def read(key):
-            if not dial.get(key):
-                return None
-            with open(dial[key], "rb") as fh:
-                return fh.read()
-        credentials = grpc.ssl_channel_credentials(root_certificates=read("server_pem_path") or read("ca_pem_path"),
-                                                   private_key=read("client_key_path"),
-                                                   certificate_chain=read("client_pem_path"))
-        if dial.get("server_name"):
-            options.append(("grpc.ssl_target_name_override", dial["server_name"]))
+        files = self.tls_files()
+        credentials = grpc.ssl_channel_credentials(root_certificates=files.get("root"), private_key=files.get("key"),
+                                                   certificate_chain=files.get("chain"))
+        if self.server_name:
+            options.append(("grpc.ssl_target_name_override", self.server_name))
         return grpc.secure_channel(self.address, credentials, options=options)
+
+    @property
+    def server_name(self) -> str:
+        return dict(self.dial_config).get("server_name", "")
+
+    def tls_files(self) -> dict[str, bytes]:
+        """The PEM files of dial_config: ``root`` (server_pem_path or ca_pem_path), ``chain`` and ``key`` (the
+        client's). A file that cannot be read raises TlsFileError naming the dial_config key, not the file."""
+        dial, found = dict(self.dial_config), {}
+        for role, keys in (("root", ("server_pem_path", "ca_pem_path")), ("chain", ("client_pem_path",)),
+                           ("key", ("client_key_path",))):
+            for key in keys:
+                if dial.get(key):
+                    try:
+                        with open(dial[key], "rb") as fh:
+                            found[role] = fh.read()
+                    except OSError:
+                        raise TlsFileError(key) from None
+                    break
+        return found
 
     def metadata(self, db_name: str = "") -> tuple:
         pairs = []
@@ -1603,22 +1631,29 @@ class TargetWriter:
                 size += len(message)
 
 
-def probe_target(param: ConnectParam) -> str | None:
-    """One quick look at a would-be target: None when it is reachable and accepts replication, else why not."""
+def probe_target(param: ConnectParam, timeout: float) -> str | None:
+    """One quick look at a would-be target: None when it is reachable and accepts replication, else why not,
+    naming the cause (a TLS mistake is told apart from an unreachable server)."""
     import grpc
     from pymilvus.grpc_gen import milvus_pb2, milvus_pb2_grpc
+    timeout = max(timeout, 0.5)
     try:
+        problem = check_tls(param, timeout) if param.secure else None
+        if problem:
+            return problem
         channel = param.channel()
-    except OSError as exc:
-        return f"cannot read a dial_config file: {exc}"
+    except TlsFileError as exc:
+        return str(exc)
     try:
         stub = milvus_pb2_grpc.MilvusServiceStub(channel)
-        timeout = max(param.connect_timeout, 0.5)
         try:
             grpc.channel_ready_future(channel).result(timeout=timeout)
             answer = stub.ReplicateMessage(milvus_pb2.ReplicateMessageRequest(channel_name=""), timeout=timeout,
                                            metadata=param.metadata())
         except grpc.FutureTimeoutError:
+            if not param.secure and speaks_tls(param, timeout):
+                return (f"the target Milvus at {param.uri} speaks TLS: use an https:// uri and a dial_config "
+                        f"(server_name and server_pem_path, or ca_pem_path and a client certificate)")
             return f"cannot reach the target Milvus at {param.uri} within {timeout:g}s"
         except grpc.RpcError as exc:
             return f"the target Milvus at {param.uri} did not answer: {exc.code().name}: {exc.details()}"
@@ -1627,11 +1662,78 @@ def probe_target(param: ConnectParam) -> str | None:
                     f"milvus.yaml so it accepts replication")
         if answer.status.code == 1100 or status_ok(answer.status):
             return None  # 1100: the empty channel name was refused, after the ttMsgEnabled check passed
-        if answer_says(answer.status, "auth", "credential", "permission", "privilege"):
+        if answer_says(answer.status, "auth", "credential", "permission", "privilege", "password", "user"):
             return f"the target Milvus at {param.uri} refused the token: {status_text(answer.status)}"
         return f"the target Milvus at {param.uri} refused replication: {status_text(answer.status)}"
     finally:
         channel.close()
+
+
+def check_tls(param: ConnectParam, timeout: float) -> str | None:
+    """A TLS handshake with the task's own files, through Python's ssl module, whose errors say what is wrong
+    (gRPC only says that the channel never became ready). None when it succeeds or the target is unreachable."""
+    import socket
+    import ssl
+    files = param.tls_files()
+    context = ssl.create_default_context()
+    if "root" in files:
+        key = next(k for k in ("server_pem_path", "ca_pem_path") if dict(param.dial_config).get(k))
+        try:
+            context = ssl.create_default_context(cadata=files["root"].decode("ascii", "replace"))
+        except (ssl.SSLError, ValueError):
+            raise TlsFileError(key) from None
+    if "chain" in files or "key" in files:
+        dial = dict(param.dial_config)
+        try:
+            context.load_cert_chain(dial["client_pem_path"], dial["client_key_path"])
+        except (ssl.SSLError, OSError, KeyError):
+            raise TlsFileError("client_pem_path and client_key_path") from None
+    context.set_alpn_protocols(["h2"])
+    host, port = split_host_port(param.address, 19530)
+    name = param.server_name or host
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw, \
+                context.wrap_socket(raw, server_hostname=name) as tls:
+            tls.settimeout(min(timeout, 1.0))
+            try:  # TLS 1.3 sends a refusal of the client's certificate only after the handshake
+                tls.recv(1)
+            except (TimeoutError, socket.timeout):
+                pass
+    except ssl.SSLCertVerificationError as exc:
+        if exc.verify_code == 62:  # X509_V_ERR_HOSTNAME_MISMATCH
+            return (f"the target's TLS certificate is not valid for the server name {name!r}: set "
+                    f"dial_config.server_name to a name the certificate holds")
+        source = "the CA in dial_config" if param.dial_config else "the system's CAs"
+        return f"the target's TLS certificate does not verify against {source}: {exc.verify_message}"
+    except ssl.SSLError as exc:
+        reason = (exc.reason or str(exc)).upper()
+        if "CERTIFICATE_REQUIRED" in reason or ("HANDSHAKE_FAILURE" in reason and "chain" not in files):
+            return ("the target requires a client certificate (mutual TLS): set dial_config.ca_pem_path, "
+                    "client_pem_path and client_key_path")
+        if "BAD_CERTIFICATE" in reason or "UNKNOWN_CA" in reason or "CERTIFICATE_UNKNOWN" in reason:
+            return ("the target refused the client certificate of dial_config.client_pem_path: not signed by a CA "
+                    "it trusts")
+        if "WRONG_VERSION_NUMBER" in reason or "RECORD_LAYER" in reason or "PACKET_LENGTH" in reason:
+            return (f"the target Milvus at {param.uri} does not speak TLS: use an http:// uri and no "
+                    f"dial_config")
+        return f"TLS handshake with the target failed: {exc.reason or exc}"
+    except OSError:
+        return None  # unreachable: gRPC's own wait says so
+    return None
+
+
+def speaks_tls(param: ConnectParam, timeout: float) -> bool:
+    """Does the server answer a TLS handshake (so a plain http:// uri is the mistake)?"""
+    import socket
+    import ssl
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    host, port = split_host_port(param.address, 19530)
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw, context.wrap_socket(raw):
+            return True
+    except (OSError, ssl.SSLError):
+        return False
 
 
 ###############################################################################
@@ -2195,35 +2297,91 @@ class TargetClock:
     arrive on every pchannel that hosts a collection. A tick on a channel never goes backwards and never passes
     the durable checkpoint of any task writing to that target, so a task that restarts after a crash re-sends
     its unconfirmed messages into the same open tick window, where the target drops them as repeats.
+
+    One ticker thread of its own sends them: tasks only post their durable watermarks (no lock is held while the
+    target is called, and ticks on a channel go out in order). A target that is down is waited out; the tasks
+    writing to it see the same fault in their own calls.
     """
 
-    def __init__(self):
-        self.lock = threading.Lock()
+    def __init__(self, settings: ReplicationSettings, address: str,
+                 make_writer: Callable[[ConnectParam, Patience], Any] | None = None):
+        self.settings, self.address = settings, address
+        self.make_writer = make_writer or TargetWriter
+        self.changed = threading.Condition()
         self.watermarks: dict[str, int] = {}
         self.channels: set[str] = set()
-        self.sent: dict[str, int] = {}
+        self.param: ConnectParam | None = None
+        self.posted = 0                   # bumped at every change, so the ticker knows it has work
+        self.stopping = threading.Event()
+        self.thread: threading.Thread | None = None
 
-    def join(self, task_id: str, watermark: int) -> None:
-        with self.lock:
+    def join(self, task_id: str, watermark: int, param: ConnectParam) -> None:
+        with self.changed:
             self.watermarks[task_id] = watermark
+            self.param = param
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name=f"cdc-tick-{self.address}", daemon=True)
+                self.thread.start()
+            self._post()
 
     def leave(self, task_id: str) -> None:
-        with self.lock:
+        with self.changed:
             self.watermarks.pop(task_id, None)
+            self._post()
 
     def add_channels(self, pchannels: Iterable[str]) -> None:
-        with self.lock:
+        with self.changed:
             self.channels.update(pchannels)
+            self._post()
 
-    def advance(self, task_id: str, watermark: int, writer: TargetWriter) -> None:
-        """Tick every channel up to the lowest durable watermark of the tasks writing to this target."""
-        with self.lock:
-            self.watermarks[task_id] = watermark
-            tick = min(self.watermarks.values())
-            for pchannel in sorted(self.channels):
-                if tick > self.sent.get(pchannel, 0):
+    def advance(self, task_id: str, watermark: int) -> None:
+        """A task's durable watermark moved: tick every channel up to the lowest of them."""
+        with self.changed:
+            if task_id in self.watermarks:
+                self.watermarks[task_id] = watermark
+                self._post()
+
+    def _post(self) -> None:
+        self.posted += 1
+        self.changed.notify_all()
+
+    def close(self) -> None:
+        self.stopping.set()
+        with self.changed:
+            self.changed.notify_all()
+        if self.thread is not None:
+            self.thread.join(10)
+
+    def _run(self) -> None:
+        sent: dict[str, int] = {}
+        seen, writer, writer_param = 0, None, None
+        patience = Patience(self.settings, self.stopping, Waits(), "ticker", f"ticker:{self.address}")
+        while not self.stopping.is_set():
+            with self.changed:
+                while self.posted == seen and not self.stopping.is_set():
+                    self.changed.wait(1.0)
+                seen, param = self.posted, self.param
+                tick = min(self.watermarks.values()) if self.watermarks else 0
+                due = sorted(c for c in self.channels if tick > sent.get(c, 0))
+            if not due:
+                continue
+            try:
+                if writer is None or param != writer_param:
+                    if writer is not None:
+                        writer.close()
+                    writer, writer_param = self.make_writer(param, patience), param
+                for pchannel in due:
                     writer.replicate(pchannel, [MessageRewriter.time_tick(tick)])
-                    self.sent[pchannel] = tick
+                    sent[pchannel] = tick
+            except TaskStopping:
+                break
+            except (TaskHalt, TargetError) as exc:
+                log.warning("ticks to %s: %s; trying again", self.address, exc)
+                with self.changed:
+                    self.posted += 1  # not sent: try again
+                self.stopping.wait(1.0)
+        if writer is not None:
+            writer.close()
 
 
 class SourceClock:
@@ -2287,6 +2445,7 @@ class Replicator:
         self.threads: list[threading.Thread] = []
         self.started = threading.Event()  # set once the start positions are pinned in the meta store
         self.failed = False
+        self.failure = ""
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -2298,13 +2457,16 @@ class Replicator:
         self.threads.append(thread)
         thread.start()
 
-    def stop(self, timeout: float = 60.0) -> None:
+    def stop(self, timeout: float = 60.0) -> bool:
+        """Stop the threads; True once they all ended (within ``timeout``)."""
         self.stop_event.set()
+        deadline = time.monotonic() + timeout
         joined: set[threading.Thread] = set()
         while unjoined := [t for t in self.threads if t not in joined and t is not threading.current_thread()]:
             for thread in unjoined:  # the applier may still add threads while it stops
-                thread.join(timeout)
+                thread.join(max(0.0, deadline - time.monotonic()))
                 joined.add(thread)
+        return not any(t.is_alive() for t in self.threads if t is not threading.current_thread())
 
     def lag(self) -> list[dict]:
         with self.status_lock:
@@ -2332,7 +2494,7 @@ class Replicator:
 
     def _fail(self, reason: str) -> None:
         if not self.stop_event.is_set():
-            self.failed = True
+            self.failed, self.failure = True, reason
             self.stop_event.set()
             log.error("task=%s paused by an error: %s", self.task.task_id, reason)
             # Recorded from a thread of its own: a pause or delete holding the manager's lock may be joining
@@ -2716,7 +2878,7 @@ class Applier:
                                   unavailable)
         self.durable = max((c.timestamp for c in saved.values()), default=0)
         self.order.applied = self.catalog_fence = self.durable
-        self.r.clock.join(self.tid, self.durable)
+        self.r.clock.join(self.tid, self.durable, self.task.connect)
         self.r.clock.add_channels(self.mirror.pchannels())
         reader = open_channel_reader(self.settings)
         try:
@@ -2949,7 +3111,7 @@ class Applier:
         self.r.publish({name: applied for name in self.order.names() if name != CATALOG_INPUT},
                        self.order.holding())
         if not force:
-            self.r.clock.advance(self.tid, self.durable, self.writer)
+            self.r.clock.advance(self.tid, self.durable)
         return True
 
     def _store_down(self, error: MetaStoreUnavailable) -> None:
@@ -3213,8 +3375,6 @@ def parse_connect_param(param: Any) -> ConnectParam:
                                 f"{', '.join(DIAL_KEYS)}")
         if not isinstance(value, str):
             raise ApiError(400, f"milvus_connect_param.dial_config.{key} must be a string")
-        if key.endswith("_path") and not os.path.isfile(value):
-            raise ApiError(400, f"milvus_connect_param.dial_config.{key}: no such file on the CDC server: {value}")
     two_way = {"client_pem_path", "client_key_path"}
     if two_way & set(dial) and not two_way <= set(dial):
         raise ApiError(400, "milvus_connect_param.dial_config needs both client_pem_path and client_key_path "
@@ -3224,16 +3384,31 @@ def parse_connect_param(param: Any) -> ConnectParam:
 
 
 class TaskManager:
-    """Owns the tasks: their stored state, their running replicators, and the tick clock of each target."""
+    """Owns the tasks: their stored state, their running replicators, and the tick clock of each target.
+
+    The lock guards the dictionaries only: no meta store, target or thread join is waited on under it. A task
+    being changed (created, paused, resumed, deleted, paused by a failure) is marked busy, and another change
+    to it meanwhile is refused with 409. The store is written first and memory follows, so the two never
+    disagree: a change the store refuses (503) leaves the task as it was.
+    """
 
     PAUSED_BY_USER = "manually pause through http interface"
+    STOP_TIMEOUT = 60.0
+    START_TIMEOUT = 60.0
+    PROBE_TIMEOUT = 30.0
+    CREATE_SLOTS = 4  # creates in progress at once; the server's other threads always answer list and get
 
     def __init__(self, config: ServerConfig, store: MetaStore):
         self.config, self.store = config, store
-        self.lock = threading.RLock()
+        self.lock = threading.Lock()
         self.tasks: dict[str, TaskInfo] = {}
         self.replicators: dict[str, Replicator] = {}
         self.clocks: dict[str, TargetClock] = {}
+        self.busy: set[str] = set()
+        self.lags: dict[str, list[dict]] = {}  # the last lag of a task that stopped
+        self.creates = threading.BoundedSemaphore(self.CREATE_SLOTS)
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
 
     def restore(self) -> None:
         """Bring back every stored task in its stored state: Running ones start again, Paused ones wait."""
@@ -3245,9 +3420,23 @@ class TaskManager:
                 continue
             with self.lock:
                 self.tasks[task_id] = task
-                if task.state in (TaskState.RUNNING, TaskState.INITIAL):
-                    self._start(task)
-            log.info("task=%s restored as %s", task_id, task.state)
+            if task.state in (TaskState.RUNNING, TaskState.INITIAL):
+                if task.state == TaskState.INITIAL:
+                    self._store(task, state=TaskState.RUNNING)
+                self._run(task)
+            log.info("task=%s restored as %s", task_id, task.state.value)
+
+    def shutdown(self) -> None:
+        with self.lock:
+            replicators = list(self.replicators.values())
+            self.replicators.clear()
+            clocks = list(self.clocks.values())
+        for replicator in replicators:
+            replicator.stop_event.set()
+        for replicator in replicators:
+            replicator.stop()
+        for clock in clocks:
+            clock.close()
 
     def _get(self, task_id: Any) -> TaskInfo:
         if not isinstance(task_id, str) or not task_id:
@@ -3257,85 +3446,188 @@ class TaskManager:
             raise ApiError(404, f"not found the task, task_id: {task_id}")
         return task
 
-    def _start(self, task: TaskInfo) -> Replicator:
-        clock = self.clocks.setdefault(task.connect.address, TargetClock())
-        replicator = Replicator(task, self.config, self.store, clock, self._on_failure)
-        self.replicators[task.task_id] = replicator
-        if task.state != TaskState.RUNNING or task.reason:
+    @contextlib.contextmanager
+    def _changing(self, task_id: Any):
+        """The task, marked busy for the time of one change."""
+        with self.lock:
+            task = self._get(task_id)
+            if task.task_id in self.busy:
+                raise ApiError(409, f"task {task.task_id} is being changed by another request; try again")
+            self.busy.add(task.task_id)
+        try:
+            yield task
+        finally:
+            with self.lock:
+                self.busy.discard(task.task_id)
+
+    def _store(self, task: TaskInfo, **changes) -> TaskInfo:
+        """Write the task with ``changes`` to the store; memory is changed by the caller once this returned."""
+        changed = dataclasses.replace(task, **changes)
+        self.store.save_task(changed.task_id, changed.to_store())
+        return changed
+
+    def _run(self, task: TaskInfo) -> Replicator:
+        with self.lock:
+            clock = self.clocks.get(task.connect.address)
+            if clock is None:
+                clock = self.clocks[task.connect.address] = TargetClock(self.config.replication,
+                                                                        task.connect.address)
+            replicator = Replicator(task, self.config, self.store, clock, self._on_failure)
+            self.replicators[task.task_id] = replicator
             task.state, task.reason = TaskState.RUNNING, ""
-            self.store.save_task(task.task_id, task.to_store())
         replicator.start()
         return replicator
 
-    def _stop(self, task_id: str) -> None:
-        replicator = self.replicators.pop(task_id, None)
-        if replicator is not None:
-            replicator.stop()
+    def _halt(self, task_id: str) -> None:
+        """Stop a task's threads. When they do not stop in time the task is not reported stopped: 503."""
+        with self.lock:
+            replicator = self.replicators.get(task_id)
+        if replicator is None:
+            return
+        if not replicator.stop(self.STOP_TIMEOUT):
+            raise ApiError(503, f"the threads of task {task_id} did not stop within {self.STOP_TIMEOUT:g}s; "
+                                f"try again")
+        with self.lock:
+            if self.replicators.get(task_id) is replicator:
+                del self.replicators[task_id]
+            self.lags[task_id] = replicator.lag()
 
     def _on_failure(self, replicator: Replicator, reason: str) -> None:
+        """A task stopped itself: store it as paused with the reason (waiting for the store if need be), then
+        show it so."""
         task_id = replicator.task.task_id
-        with self.lock:
-            if self.replicators.get(task_id) is not replicator:
-                return  # paused, resumed or deleted meanwhile
-            del self.replicators[task_id]  # its threads end by themselves
-            task = self.tasks[task_id]
-            task.state, task.reason = TaskState.PAUSED, reason
-            self.store.save_task(task_id, task.to_store())
+        delay = 0.5
+        while True:
+            with self.lock:
+                task = self.tasks.get(task_id)
+                if task is None or self.replicators.get(task_id) is not replicator:
+                    return  # paused, resumed or deleted meanwhile
+                if task_id in self.busy:
+                    retry = True
+                else:
+                    retry = False
+                    self.busy.add(task_id)
+            if not retry:
+                try:
+                    stored = self._store(task, state=TaskState.PAUSED, reason=reason)
+                except MetaStoreUnavailable as exc:
+                    log.warning("task=%s cannot store its pause yet: %s", task_id, exc)
+                else:
+                    replicator.stop(self.STOP_TIMEOUT)
+                    with self.lock:
+                        if self.replicators.get(task_id) is replicator:
+                            del self.replicators[task_id]
+                        self.lags[task_id] = replicator.lag()
+                        task.state, task.reason = stored.state, stored.reason
+                        self.busy.discard(task_id)
+                    return
+                finally:
+                    with self.lock:
+                        self.busy.discard(task_id)
+            time.sleep(delay)
+            delay = min(delay * 2, self.config.replication.retry_max_backoff)
+
+    # -- requests -----------------------------------------------------------------------------------------
 
     def create(self, data: Any) -> str:
         task = parse_create_request(data, self.config.max_name_length)
-        self._check_room(task)
-        problem = probe_target(task.connect)
+        with self.lock:
+            self._check_room(task)
+        if not self.creates.acquire(blocking=False):
+            raise ApiError(503, f"{self.CREATE_SLOTS} creates are already checking their targets; try again")
+        try:
+            return self._create(task)
+        finally:
+            self.creates.release()
+
+    def _create(self, task: TaskInfo) -> str:
+        problem = probe_target(task.connect, min(task.connect.connect_timeout, self.PROBE_TIMEOUT))
         if problem:
             raise ApiError(400, problem)
         with self.lock:
             self._check_room(task)
-            self.store.save_task(task.task_id, task.to_store())
             self.tasks[task.task_id] = task
-            replicator = self._start(task)
-        # Answer once the start positions are pinned: everything done on the source from now on is replicated.
-        deadline = time.monotonic() + 60
-        while not replicator.started.wait(0.1) and not replicator.stop_event.is_set() \
-                and time.monotonic() < deadline:
-            pass
+            self.busy.add(task.task_id)
+        try:
+            try:
+                stored = self._store(task, state=TaskState.RUNNING)
+            except BaseException:
+                with self.lock:
+                    del self.tasks[task.task_id]
+                raise
+            task.state = stored.state
+            replicator = self._run(task)
+            # Answer once the start positions are pinned: everything done on the source from now on is replicated.
+            deadline = time.monotonic() + self.START_TIMEOUT
+            while not replicator.started.wait(0.1) and not replicator.stop_event.is_set() \
+                    and time.monotonic() < deadline:
+                pass
+            if not replicator.started.is_set():
+                reason = replicator.failure or f"it did not start within {self.START_TIMEOUT:g}s"
+                self._undo_create(task, replicator)
+                raise ApiError(500, f"the task could not start: {reason}")
+        finally:
+            with self.lock:
+                self.busy.discard(task.task_id)
         log.info("task=%s created for target %s, collections %s", task.task_id, task.connect.uri,
                  [c["name"] for c in task.collection_infos])
         return task.task_id
 
-    def _check_room(self, task: TaskInfo) -> None:
+    def _undo_create(self, task: TaskInfo, replicator: Replicator) -> None:
+        replicator.stop(self.STOP_TIMEOUT)
         with self.lock:
-            if len(self.tasks) >= self.config.max_task_num:
-                raise ApiError(400, f"the server already has maxTaskNum ({self.config.max_task_num}) tasks; "
-                                    f"delete one first")
-            for other in self.tasks.values():
-                if other.connect.address == task.connect.address and other.filter.overlaps(task.filter):
-                    raise ApiError(400, f"task {other.task_id} already replicates some of these collections to "
-                                        f"{task.connect.uri}; delete it or name other collections")
+            self.replicators.pop(task.task_id, None)
+            self.tasks.pop(task.task_id, None)
+        try:
+            self.store.delete_task(task.task_id)
+        except MetaStoreUnavailable as exc:
+            log.error("task=%s failed to start and could not be removed from the meta store: %s", task.task_id, exc)
+
+    def _check_room(self, task: TaskInfo) -> None:
+        """Under the lock."""
+        if len(self.tasks) >= self.config.max_task_num:
+            raise ApiError(400, f"the server already has maxTaskNum ({self.config.max_task_num}) tasks; "
+                                f"delete one first")
+        for other in self.tasks.values():
+            if other.connect.address == task.connect.address and other.filter.overlaps(task.filter):
+                raise ApiError(400, f"task {other.task_id} already replicates some of these collections to "
+                                    f"{task.connect.uri}; delete it or name other collections")
 
     def delete(self, task_id: Any) -> None:
-        with self.lock:
-            task = self._get(task_id)
-            self._stop(task.task_id)
-            self.store.delete_task(task.task_id)
-            del self.tasks[task.task_id]
+        with self._changing(task_id) as task:
+            running = task.state == TaskState.RUNNING
+            self._halt(task.task_id)  # first: a stopped task writes no checkpoint after its rows are gone
+            try:
+                self.store.delete_task(task.task_id)
+            except BaseException:
+                if running:
+                    self._run(task)
+                raise
+            with self.lock:
+                del self.tasks[task.task_id]
+                self.lags.pop(task.task_id, None)
         log.info("task=%s deleted", task_id)
 
     def pause(self, task_id: Any) -> None:
-        with self.lock:
-            task = self._get(task_id)
+        with self._changing(task_id) as task:
             if task.state == TaskState.PAUSED:
                 raise ApiError(400, f"task {task_id} is already paused")
-            self._stop(task.task_id)
-            task.state, task.reason = TaskState.PAUSED, self.PAUSED_BY_USER
-            self.store.save_task(task.task_id, task.to_store())
+            self._halt(task.task_id)
+            try:
+                stored = self._store(task, state=TaskState.PAUSED, reason=self.PAUSED_BY_USER)
+            except BaseException:
+                self._run(task)
+                raise
+            with self.lock:
+                task.state, task.reason = stored.state, stored.reason
         log.info("task=%s paused", task_id)
 
     def resume(self, task_id: Any) -> None:
-        with self.lock:
-            task = self._get(task_id)
+        with self._changing(task_id) as task:
             if task.state == TaskState.RUNNING:
                 raise ApiError(400, f"task {task_id} is already running")
-            self._start(task)
+            self._store(task, state=TaskState.RUNNING, reason="")
+            self._run(task)
         log.info("task=%s resumed", task_id)
 
     def get(self, task_id: Any) -> dict:
@@ -3343,7 +3635,18 @@ class TaskManager:
             task = self._get(task_id)
             shown = task.public()
             replicator = self.replicators.get(task.task_id)
-        shown.update(replicator.progress() if replicator else {"channels": self._stored_lag(task.task_id)})
+            lag = self.lags.get(task.task_id)
+        if replicator is not None:
+            shown.update(replicator.progress())
+            if replicator.failure:
+                shown["reason"] = replicator.failure  # being stored as paused
+        elif lag is not None:
+            shown["channels"] = lag
+        else:
+            try:
+                shown["channels"] = self._stored_lag(task.task_id)
+            except MetaStoreUnavailable:
+                shown["channels"] = []
         return shown
 
     def _stored_lag(self, task_id: str) -> list[dict]:
@@ -3359,15 +3662,6 @@ class TaskManager:
             task = self._get(task_id)
         return [c.to_json() for c in sorted(self.store.load_checkpoints(task.task_id).values())]
 
-    def shutdown(self) -> None:
-        with self.lock:
-            replicators = list(self.replicators.values())
-            self.replicators.clear()
-        for replicator in replicators:
-            replicator.stop_event.set()
-        for replicator in replicators:
-            replicator.stop()
-
 
 ###############################################################################
 # HTTP API #####################################################################
@@ -3380,9 +3674,10 @@ class CdcApi:
     MAX_BODY = 1 << 20
     REQUEST_TYPES = ("create", "delete", "pause", "resume", "get", "list", "position")
 
-    def __init__(self, manager: TaskManager):
+    def __init__(self, manager: TaskManager, api_token: str = ""):
         import bottle
         self.bottle, self.manager = bottle, manager
+        self.api_token = api_token.encode()
         self.app = bottle.Bottle()
         self.app.route("/cdc", method="POST", callback=self.handle)
         self.app.route("/cdc", method=["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"],
@@ -3405,14 +3700,26 @@ class CdcApi:
 
     def handle(self):
         try:
+            self._authorize()
             return self.reply(200, "", self.dispatch(self._body()))
         except ApiError as exc:
             if exc.code >= 500:
                 log.error("api: %s", exc.message)
             return self.reply(exc.code, exc.message)
+        except MetaStoreUnavailable as exc:
+            log.warning("api: %s", exc)
+            return self.reply(503, f"{exc}; try again")
         except Exception:  # noqa: BLE001 - the client gets a short message, the log gets the trace
             log.exception("api: internal error")
             return self.reply(500, "internal error, see the server log")
+
+    def _authorize(self) -> None:
+        if not self.api_token:
+            return
+        given = self.bottle.request.get_header("Authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_token):
+            raise ApiError(401, "this server needs the header Authorization: Bearer <apiToken of its config>")
 
     def _body(self) -> dict:
         request = self.bottle.request
@@ -3426,6 +3733,8 @@ class CdcApi:
             body = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
             raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ApiError(400, "request body is nested too deeply") from None
         if not isinstance(body, dict):
             raise ApiError(400, 'request body must be a JSON object like {"request_type": "list"}')
         unknown = set(body) - {"request_type", "request_data"}
@@ -3460,6 +3769,12 @@ class CdcApi:
 # Main #########################################################################
 ###############################################################################
 
+# Chosen, not waitress's defaults: enough threads that the few a slow create may hold (TaskManager.CREATE_SLOTS)
+# never starve list and get; many idle connections allowed, and closed after 30 s of silence.
+WAITRESS_LIMITS = {"threads": 16, "connection_limit": 1000, "channel_timeout": 30, "cleanup_interval": 5,
+                   "max_request_body_size": 2 << 20}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Milvus CDC server")
     parser.add_argument("-c", "--config", default="config.yaml", help="path of the YAML config (config.yaml)")
@@ -3483,7 +3798,8 @@ def main(argv: list[str] | None = None) -> int:
     manager = TaskManager(config, store)
     import waitress
     try:
-        server = waitress.create_server(CdcApi(manager).app, host=config.host, port=config.port, threads=8)
+        server = waitress.create_server(CdcApi(manager, config.api_token).app, host=config.host, port=config.port,
+                                        **WAITRESS_LIMITS)
     except OSError as exc:
         print(f"cannot listen on {config.host}:{config.port}: {exc.strerror}", file=sys.stderr)
         store.close()

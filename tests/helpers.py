@@ -103,9 +103,11 @@ class CdcServer:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    headers = {"Content-Type": "application/json"}  # what every request sends (a test may add a token)
+
     def raw(self, body: bytes, method: str = "POST", headers: dict | None = None) -> tuple[int, bytes]:
         request = urllib.request.Request(self.url, data=body if method not in ("GET", "HEAD") else None,
-                                         method=method, headers=headers or {"Content-Type": "application/json"})
+                                         method=method, headers=headers or self.headers)
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
                 return response.status, response.read()
@@ -292,3 +294,111 @@ class TcpRelay:
                     end.close()
                 except OSError:
                     pass
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What a Milvus wrote, read under it: index metadata in etcd, operations on the replicate channel
+# ---------------------------------------------------------------------------------------------------------
+
+def _pb_fields(data: bytes) -> list[tuple[int, object]]:
+    """The (field number, value) pairs of one protobuf message, undecoded: ints for varints, bytes otherwise."""
+    def varint(i: int) -> tuple[int, int]:
+        shift = value = 0
+        while True:
+            byte = data[i]
+            value |= (byte & 0x7F) << shift
+            i, shift = i + 1, shift + 7
+            if not byte & 0x80:
+                return value, i
+    out, i = [], 0
+    while i < len(data):
+        key, i = varint(i)
+        wire = key & 7
+        if wire == 0:
+            value, i = varint(i)
+        elif wire == 1:
+            value, i = data[i:i + 8], i + 8
+        elif wire == 2:
+            size, i = varint(i)
+            value, i = data[i:i + size], i + size
+        elif wire == 5:
+            value, i = data[i:i + 4], i + 4
+        else:
+            raise ValueError(f"protobuf wire type {wire} not handled")
+        out.append((key >> 3, value))
+    return out
+
+
+def _pb_key_values(raw: list[bytes]) -> dict:
+    pairs = (dict(_pb_fields(kv)) for kv in raw)
+    return {p.get(1, b"").decode(): p.get(2, b"").decode() for p in pairs}
+
+
+def field_indexes_in_etcd(etcd: str, root_path: str, collection_id: int | None = None,
+                          meta_sub_path: str = "meta") -> list[dict]:
+    """The index records a Milvus 2.3 keeps in etcd, ``{root}/{meta}/field-index/{collID}/{indexID}``
+    (indexcoord ``FieldIndex``): index name, field id, params, ``deleted`` (a dropped index stays until GC).
+
+    ``etcd`` is ``host:port``; ``collection_id`` limits it to one collection."""
+    import pyetcd
+    host, port = etcd.removeprefix("http://").rsplit(":", 1)
+    prefix = f"{root_path}/{meta_sub_path}/field-index/" + (f"{collection_id}/" if collection_id else "")
+    conn = pyetcd.client(host=host, port=int(port), timeout=10)
+    try:
+        found = []
+        for value, meta in conn.get_prefix(prefix):
+            top = _pb_fields(value)
+            info = _pb_fields(next((v for n, v in top if n == 1), b""))
+            one = dict(info)
+            found.append({
+                "key": meta.key.decode(), "collection_id": one.get(1), "field_id": one.get(2),
+                "index_name": one.get(3, b"").decode(), "index_id": one.get(4),
+                "type_params": _pb_key_values([v for n, v in info if n == 5]),
+                "index_params": _pb_key_values([v for n, v in info if n == 6]),
+                "user_index_params": _pb_key_values([v for n, v in info if n == 12]),
+                "deleted": bool(dict(top).get(2, 0)), "create_time": dict(top).get(3)})
+        return sorted(found, key=lambda r: r["key"])
+    finally:
+        conn.close()
+
+
+def replicate_channel_ops(kafka: str, topic: str = "by-dev-replicate-msg", collection: str | None = None,
+                          types=("CreateIndex", "DropIndex"), timeout: float = 30.0) -> list[dict]:
+    """The operations a source wrote on its replicate channel (a Kafka topic), from its beginning to its
+    current end, decoded as the milvus_pb2 request each type carries; ``collection`` keeps one collection's."""
+    from kafka import KafkaConsumer, TopicPartition
+    from pymilvus.grpc_gen import common_pb2, milvus_pb2
+    request_of = {name: getattr(milvus_pb2, f"{name}Request") for name in types}
+    consumer = KafkaConsumer(bootstrap_servers=kafka, enable_auto_commit=False, request_timeout_ms=10000)
+    try:
+        partition = TopicPartition(topic, 0)
+        consumer.assign([partition])
+        consumer.seek_to_beginning(partition)
+        end = consumer.end_offsets([partition])[partition]
+        ops, deadline = [], time.monotonic() + timeout
+        while consumer.position(partition) < end and time.monotonic() < deadline:
+            for record in consumer.poll(timeout_ms=500).get(partition, []):
+                base = common_pb2.MsgHeader.FromString(record.value).base
+                kind = common_pb2.MsgType.Name(base.msg_type)
+                if kind not in request_of:
+                    continue
+                request = request_of[kind].FromString(record.value)
+                if collection is not None and request.collection_name != collection:
+                    continue
+                op = {"offset": record.offset, "type": kind, "timestamp": base.timestamp,
+                      "db_name": request.db_name, "collection_name": request.collection_name,
+                      "field_name": request.field_name, "index_name": request.index_name}
+                if kind == "CreateIndex":
+                    op["extra_params"] = {p.key: p.value for p in request.extra_params}
+                ops.append(op)
+        return ops
+    finally:
+        consumer.close()
+
+
+def tls_client(uri: str, token: str = "root:Milvus", timeout: float = 10.0, **tls):
+    """A pymilvus client over TLS (``server_pem_path`` or ``ca_pem_path``, ``client_pem_path``,
+    ``client_key_path``, ``server_name``), on a connection of its own: pymilvus otherwise reuses any open
+    connection with the same uri and token, whatever its certificates. Close it with ``.close()``."""
+    from pymilvus import MilvusClient
+    return MilvusClient(uri=uri, token=token, timeout=timeout, alias=f"tls-{uuid.uuid4().hex}", **tls)

@@ -124,7 +124,7 @@ def broken_creates(uri: str, tmp_path):
         ({"milvus_connect_param": {**good, "connect_timeout": True}, "collection_infos": infos}, "connect_timeout"),
         ({"milvus_connect_param": {**good, "token": 123}, "collection_infos": infos}, "token"),
         ({"milvus_connect_param": {**good, "dial_config": {"server_pem_path": "/no/such.pem"}},
-          "collection_infos": infos}, "no such file"),
+          "collection_infos": infos}, "cannot load a PEM file from the path named there"),
         ({"milvus_connect_param": {**good, "dial_config": {"pem": str(pem)}}, "collection_infos": infos},
          "dial_config.pem"),
         ({"milvus_connect_param": {**good, "dial_config": {"client_pem_path": str(pem)}},
@@ -141,6 +141,18 @@ def test_create_checks_every_field(api, stack, tmp_path, cleanup):
     for data, needle in broken_creates(stack["target_milvus"], tmp_path):
         refused(api, {"request_type": "create", "request_data": data}, 400, needle)
     assert api.call("list") == before
+
+
+def test_no_answer_tells_whether_a_file_exists_on_the_server(api, stack, tmp_path, cleanup):
+    """A dial_config path that does not exist and one that is not a certificate get the same answer."""
+    pem = tmp_path / "server.pem"
+    pem.write_text("not really a certificate")
+    answers = []
+    for path in ("/no/such/file.pem", str(pem), "/etc/hostname"):
+        body = create_body(stack["target_milvus"], dial_config={"server_name": "localhost", "server_pem_path": path})
+        answers.append(refused(api, body, 400, "server_pem_path")["message"])
+    assert len(set(answers)) == 1, answers
+    assert "/no/such" not in answers[0] and str(pem) not in answers[0]
 
 
 def test_an_unreachable_target_and_a_target_with_ticks_on_are_refused(api, stack, cleanup):
@@ -305,3 +317,90 @@ def test_fuzzed_requests_never_succeed_nor_change_the_tasks(api, stack):
     assert seen[0] >= 500
     assert api.alive() and api.call("list") == before
     api.call("delete", task_id=keep)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Safe to expose: an API token, bounded work per request, limits
+# ---------------------------------------------------------------------------------------------------------
+
+API_TOKEN = "a-long-api-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def locked(stack, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("locked")
+    server = CdcServer(server_config(stack, workdir, apiToken=API_TOKEN), workdir)
+    server.headers = {"Content-Type": "application/json", "Authorization": f"Bearer {API_TOKEN}"}
+    yield server.start()
+    server.stop()
+
+
+def test_with_an_api_token_a_request_without_it_gets_401_and_changes_nothing(locked, stack):
+    task_id = locked.create_task(stack["target_milvus"], collections=[name()])
+    before = locked.call("list")
+    body = json.dumps({"request_type": "delete", "request_data": {"task_id": task_id}}).encode()
+    for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789"}, {"Authorization": API_TOKEN},
+                    {"Authorization": f"Basic {API_TOKEN}"}):
+        status, text = locked.raw(body, headers={"Content-Type": "application/json", **headers})
+        answer = json.loads(text)
+        assert status == 401 and answer["code"] == 401 and "Authorization: Bearer" in answer["message"], answer
+    assert locked.call("list") == before
+    locked.call("delete", task_id=task_id)
+    assert API_TOKEN not in locked.log_text()
+
+
+def test_deeply_nested_json_is_a_400(api):
+    deep = b'{"request_type": "list", "request_data": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+    refused(api, deep, 400, "nested too deeply")
+    assert "Traceback" not in api.log_text()
+
+
+class BlackHole:
+    """A TCP port that accepts connections and never answers: a target that hangs."""
+
+    def __init__(self):
+        import socket
+        import threading
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(512)
+        self.port = self.sock.getsockname()[1]
+        self.held: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                self.held.append(self.sock.accept()[0])
+            except OSError:
+                return
+
+    def close(self):
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+def test_a_storm_of_creates_against_a_hanging_target_does_not_delay_list(api, cleanup):
+    import threading
+    import time
+    hole = BlackHole()
+    answers: list[int] = []
+    storm = [threading.Thread(target=lambda: answers.append(api.post(create_body(
+        f"http://127.0.0.1:{hole.port}", connect_timeout=20))[0])) for _ in range(12)]
+    try:
+        for thread in storm:
+            thread.start()
+        time.sleep(1)
+        slowest = 0.0
+        for _ in range(10):
+            started = time.monotonic()
+            api.call("list")
+            slowest = max(slowest, time.monotonic() - started)
+            time.sleep(0.2)
+        assert slowest < 1.0, f"list took {slowest:.2f}s during the storm"
+    finally:
+        for thread in storm:
+            thread.join(60)
+        hole.close()
+    assert sorted(set(answers)) == [400, 503], answers  # the probes that ran timed out; the rest were told to wait

@@ -17,23 +17,38 @@ class RecordingWriter:
         from pymilvus.grpc_gen import msg_pb2
         self.sent += [(pchannel, msg_pb2.TimeTickMsg.FromString(x).base.timestamp) for x in messages]
 
+    def close(self):
+        pass
+
 
 def test_target_ticks_follow_the_slowest_task_and_never_go_back():
-    clock, writer = m.TargetClock(), RecordingWriter()
-    clock.add_channels(["a", "b"])
-    clock.join("t1", 100)
-    clock.join("t2", 50)
-    clock.advance("t1", 200, writer)
-    assert writer.sent == [("a", 50), ("b", 50)], "ticks wait for the task that is behind"
-    clock.advance("t2", 300, writer)
-    assert writer.sent[2:] == [("a", 200), ("b", 200)]
-    clock.leave("t1")
-    clock.join("t3", 10)   # a task joining late does not pull the channels back
-    clock.advance("t2", 400, writer)
-    assert writer.sent[4:] == []
-    clock.leave("t3")
-    clock.advance("t2", 400, writer)
-    assert writer.sent[4:] == [("a", 400), ("b", 400)]
+    import time
+    writer = RecordingWriter()
+    clock = m.TargetClock(m.ReplicationSettings(), "t:1", make_writer=lambda param, patience: writer)
+    param = m.ConnectParam("http://t:1")
+
+    def settled(expected):
+        deadline = time.monotonic() + 5
+        while writer.sent != expected and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert writer.sent == expected
+    try:
+        clock.join("t1", 100, param)
+        clock.join("t2", 50, param)
+        clock.add_channels(["a", "b"])  # nothing to tick before: both tasks have joined
+        settled([("a", 50), ("b", 50)])  # ticks wait for the task that is behind
+        clock.advance("t1", 200)
+        clock.advance("t2", 300)
+        settled([("a", 50), ("b", 50), ("a", 200), ("b", 200)])
+        clock.leave("t1")
+        clock.join("t3", 10, param)   # a task joining late does not pull the channels back
+        clock.advance("t2", 400)
+        time.sleep(0.2)
+        settled([("a", 50), ("b", 50), ("a", 200), ("b", 200)])
+        clock.leave("t3")
+        settled([("a", 50), ("b", 50), ("a", 200), ("b", 200), ("a", 400), ("b", 400)])
+    finally:
+        clock.close()
 
 
 def test_collection_filter():
