@@ -1641,6 +1641,9 @@ def probe_target(param: ConnectParam, timeout: float) -> str | None:
         problem = check_tls(param, timeout) if param.secure else None
         if problem:
             return problem
+        if not param.secure and speaks_tls(param, min(timeout, 2.0)):
+            return (f"the target Milvus at {param.uri} speaks TLS: use an https:// uri and a dial_config "
+                    f"(server_name and server_pem_path, or ca_pem_path and a client certificate)")
         channel = param.channel()
     except TlsFileError as exc:
         return str(exc)
@@ -1651,11 +1654,10 @@ def probe_target(param: ConnectParam, timeout: float) -> str | None:
             answer = stub.ReplicateMessage(milvus_pb2.ReplicateMessageRequest(channel_name=""), timeout=timeout,
                                            metadata=param.metadata())
         except grpc.FutureTimeoutError:
-            if not param.secure and speaks_tls(param, timeout):
-                return (f"the target Milvus at {param.uri} speaks TLS: use an https:// uri and a dial_config "
-                        f"(server_name and server_pem_path, or ca_pem_path and a client certificate)")
             return f"cannot reach the target Milvus at {param.uri} within {timeout:g}s"
         except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                return f"the target Milvus at {param.uri} refused the token: {exc.details()}"
             return f"the target Milvus at {param.uri} did not answer: {exc.code().name}: {exc.details()}"
         if answer.status.code == 1900:
             return (f"the target Milvus at {param.uri} has common.ttMsgEnabled=true; set it to false in its "
@@ -1682,12 +1684,19 @@ def check_tls(param: ConnectParam, timeout: float) -> str | None:
             context = ssl.create_default_context(cadata=files["root"].decode("ascii", "replace"))
         except (ssl.SSLError, ValueError):
             raise TlsFileError(key) from None
-    if "chain" in files or "key" in files:
+        # gRPC trusts the server's own certificate given as the root (the one-way setup); OpenSSL only so
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    client_cert = "chain" in files or "key" in files
+    if client_cert:
         dial = dict(param.dial_config)
+        try:
+            ssl.create_default_context(cadata=files.get("chain", b"").decode("ascii", "replace"))
+        except (ssl.SSLError, ValueError):
+            raise TlsFileError("client_pem_path") from None
         try:
             context.load_cert_chain(dial["client_pem_path"], dial["client_key_path"])
         except (ssl.SSLError, OSError, KeyError):
-            raise TlsFileError("client_pem_path and client_key_path") from None
+            raise TlsFileError("client_key_path") from None
     context.set_alpn_protocols(["h2"])
     host, port = split_host_port(param.address, 19530)
     name = param.server_name or host
@@ -1707,12 +1716,18 @@ def check_tls(param: ConnectParam, timeout: float) -> str | None:
         return f"the target's TLS certificate does not verify against {source}: {exc.verify_message}"
     except ssl.SSLError as exc:
         reason = (exc.reason or str(exc)).upper()
-        if "CERTIFICATE_REQUIRED" in reason or ("HANDSHAKE_FAILURE" in reason and "chain" not in files):
+        refused = ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "HANDSHAKE_FAILURE", "UNKNOWN_CA",
+                   "CERTIFICATE_UNKNOWN")
+        if not client_cert and any(r in reason for r in refused):
+            # Milvus (Go) answers a missing client certificate with a bad-certificate alert
             return ("the target requires a client certificate (mutual TLS): set dial_config.ca_pem_path, "
                     "client_pem_path and client_key_path")
-        if "BAD_CERTIFICATE" in reason or "UNKNOWN_CA" in reason or "CERTIFICATE_UNKNOWN" in reason:
+        if any(r in reason for r in refused):
             return ("the target refused the client certificate of dial_config.client_pem_path: not signed by a CA "
                     "it trusts")
+        if client_cert and "EOF" in reason:  # another CA's client certificate may just end the connection
+            return ("the target closed the TLS connection during the handshake: it does not seem to trust the "
+                    "client certificate of dial_config.client_pem_path")
         if "WRONG_VERSION_NUMBER" in reason or "RECORD_LAYER" in reason or "PACKET_LENGTH" in reason:
             return (f"the target Milvus at {param.uri} does not speak TLS: use an http:// uri and no "
                     f"dial_config")
