@@ -2888,9 +2888,8 @@ class Applier:
     # -- start ----------------------------------------------------------------------------------------------
 
     def run(self) -> None:
-        unavailable = lambda exc: isinstance(exc, MetaStoreUnavailable)  # noqa: E731
-        saved = self.patience.run("loading the checkpoints", lambda: self.r.store.load_checkpoints(self.tid),
-                                  unavailable)
+        saved = self._with_store("loading the checkpoints from the meta store",
+                                 lambda: self.r.store.load_checkpoints(self.tid))
         self.durable = max((c.timestamp for c in saved.values()), default=0)
         self.order.applied = self.catalog_fence = self.durable
         self.r.clock.join(self.tid, self.durable, self.task.connect)
@@ -2905,8 +2904,8 @@ class Applier:
             raise
         # Pinned before create answers: what the user does next is replicated, even across a crash.
         self.checkpoint_dirty = True
-        self.patience.run("saving the start positions", lambda: self._save_checkpoint(force=True, strict=True),
-                          unavailable)
+        self._with_store("saving the start positions to the meta store",
+                         lambda: self._save_checkpoint(force=True, strict=True))
         log.info("task=%s started: %d collection(s), %d channel(s), resuming at ts %d", self.tid,
                  len(self.followed), len(self.order.names()) - 1, self.durable)
         self.r._spawn("read", self.r._run_reader, reader)
@@ -3128,6 +3127,23 @@ class Applier:
         if not force:
             self.r.clock.advance(self.tid, self.durable)
         return True
+
+    def _with_store(self, operation: str, call: Callable[[], Any]) -> Any:
+        """A meta store call at start, waited for as long as the store is away (it never pauses a task: the
+        pause would have to be stored there), with the wait shown in `get`."""
+        started, tries = time.time(), 0
+        while True:
+            try:
+                result = call()
+            except MetaStoreUnavailable as exc:
+                tries += 1
+                self.r.waits.set("checkpoint", Wait(operation, started, tries, str(exc)))
+                log.warning("task=%s %s: %s", self.tid, operation, exc)
+                if self.stop.wait(min(self.r.config.replication.retry_max_backoff, 0.2 * 2 ** min(tries, 10))):
+                    raise TaskStopping() from None
+                continue
+            self.r.waits.clear("checkpoint")
+            return result
 
     def _store_down(self, error: MetaStoreUnavailable) -> None:
         settings = self.r.config.replication
@@ -3483,6 +3499,8 @@ class TaskManager:
 
     def _run(self, task: TaskInfo) -> Replicator:
         with self.lock:
+            if task.task_id in self.replicators:  # a pause whose threads did not stop yet
+                raise ApiError(503, f"the threads of task {task.task_id} are still stopping; try again")
             clock = self.clocks.get(task.connect.address)
             if clock is None:
                 clock = self.clocks[task.connect.address] = TargetClock(self.config.replication,
@@ -3627,20 +3645,17 @@ class TaskManager:
         with self._changing(task_id) as task:
             if task.state == TaskState.PAUSED:
                 raise ApiError(400, f"task {task_id} is already paused")
-            self._halt(task.task_id)
-            try:
-                stored = self._store(task, state=TaskState.PAUSED, reason=self.PAUSED_BY_USER)
-            except BaseException:
-                self._run(task)
-                raise
+            stored = self._store(task, state=TaskState.PAUSED, reason=self.PAUSED_BY_USER)
             with self.lock:
                 task.state, task.reason = stored.state, stored.reason
+            self._halt(task.task_id)
         log.info("task=%s paused", task_id)
 
     def resume(self, task_id: Any) -> None:
         with self._changing(task_id) as task:
             if task.state == TaskState.RUNNING:
                 raise ApiError(400, f"task {task_id} is already running")
+            self._halt(task.task_id)  # the threads of a pause that did not stop in time
             self._store(task, state=TaskState.RUNNING, reason="")
             self._run(task)
         log.info("task=%s resumed", task_id)
