@@ -1026,14 +1026,15 @@ class SourceMeta:
                                          info.partition_created_timestamp, info.state))
         return found
 
-    def indexes(self, collection: SourceCollection) -> list[SourceIndex]:
-        """The live indexes of a collection, oldest first."""
+    def indexes(self, collection: SourceCollection, dropped: bool = False) -> list[SourceIndex]:
+        """The live indexes of a collection (and the dropped ones etcd still holds, with ``dropped``), oldest
+        first."""
         fields = {f.fieldID: f.name for f in collection.schema.fields}
         found = []
         for _, value in self._entries(f"field-index/{collection.id}/"):
             index = ETCD_MESSAGES["FieldIndex"].FromString(value)
             info = index.index_info
-            if index.deleted or info.fieldID not in fields:
+            if (index.deleted and not dropped) or info.fieldID not in fields:
                 continue
             params = info.user_index_params or info.index_params
             found.append(SourceIndex(fields[info.fieldID], info.index_name,
@@ -2951,7 +2952,11 @@ class Applier:
             self.order.offer(CATALOG_INPUT, collection.create_time,
                              CatalogChange(CatalogChangeKind.COLLECTION, collection.id, collection.create_time,
                                            collection=collection))
-            if saved:  # a load change may have been pending when the task stopped
+            if saved:  # partitions made and load changes while the task was stopped: no message carries them
+                for partition in self.meta.partitions(collection.id):
+                    if partition.state == PARTITION_CREATED and partition.created_ts > self.durable:
+                        self.order.offer(CATALOG_INPUT, partition.created_ts, CatalogChange(
+                            CatalogChangeKind.PARTITION, collection.id, partition.created_ts, partition=partition))
                 self.order.offer(CATALOG_INPUT, self.durable + 1,
                                  CatalogChange(CatalogChangeKind.LOAD, collection.id))
 
@@ -3259,9 +3264,11 @@ class Applier:
         if copy is None:
             return
         source, target = copy
-        # Some versions write the request with an empty index name: the source's catalog has the one it chose.
-        name = request.index_name or next((i.index_name for i in self.meta.indexes(source)
-                                           if i.field_name == request.field_name), "")
+        # Milvus 2.3.5 writes the request with an empty index name and names the index after its field; the
+        # source's catalog has the name it chose (also once the index is dropped again). Never leave it empty:
+        # each Milvus would choose its own, and a later drop by the source's name would miss the target's.
+        name = request.index_name or next((i.index_name for i in reversed(self.meta.indexes(source, dropped=True))
+                                           if i.field_name == request.field_name), request.field_name)
         self.outbox.flush()
         self.mirror.create_index(target, request.field_name, name, [(p.key, p.value) for p in request.extra_params],
                                  message.timestamp, unwanted=self.copies.index_dropped(source))

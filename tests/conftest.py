@@ -24,7 +24,8 @@ from stack import Stack  # noqa: E402
 def stack() -> dict:
     reuse = os.environ.get("CDC_TEST_STACK")
     if reuse:
-        yield json.loads(Path(reuse).read_text())["endpoints"]
+        state = json.loads(Path(reuse).read_text())
+        yield {"pids": {p["name"]: p["pid"] for p in state["parts"]}, **state["endpoints"]}
         return
     running = Stack(Path(tempfile.mkdtemp(prefix="milvus-cdc-test-stack-")))
     try:

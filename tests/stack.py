@@ -15,7 +15,7 @@ unpacked, like the installed one's, into ``milvus-<version>`` there (see ``milvu
     python tests/stack.py tls-target 2   # on the running stack: a TLS (tlsMode 1 or 2), authorization-enabled
                                          # target Milvus with fresh certificates, until Ctrl-C
 
-In the tests the same ``Stack`` is a pytest session fixture (tests/conftest.py); ``TlsTarget`` is started only
+In the tests the same ``Stack`` is a pytest session fixture (tests/conftest.py); ``ExtraTarget`` is started only
 by tests/test_tls.py, one mode at a time.
 """
 from __future__ import annotations
@@ -198,6 +198,8 @@ class Stack:
                            "healthy /healthz")
                 self.endpoints[f"{name}_milvus_metrics"] = f"http://127.0.0.1:{metrics_port}"
             self.endpoints["workdir"] = str(self.workdir)
+            # The fault tests freeze a part (SIGSTOP) by its pid and thaw it again.
+            self.endpoints["pids"] = {p.name: p.pid for p in self.parts}
             self.save()
             return self.endpoints
         except BaseException:
@@ -295,9 +297,9 @@ class Stack:
         self.endpoints[f"{name}_milvus_version"] = version
         return part, metrics_port
 
-    def tls_target(self, mode: int, certs: dict, **kw) -> TlsTarget:
-        """A TLS, authorization-enabled target on this stack's etcd; see ``TlsTarget``."""
-        return TlsTarget(self.endpoints, mode, certs, **kw)
+    def tls_target(self, mode: int, certs: dict, **kw) -> ExtraTarget:
+        """A TLS, authorization-enabled target on this stack's etcd; see ``ExtraTarget``."""
+        return ExtraTarget(self.endpoints, mode, certs, **kw)
 
     # -- stop --------------------------------------------------------------------------------------------
 
@@ -375,27 +377,28 @@ def launch_milvus(data_dir: Path, name: str, milvus_bin: Path, etcd_port: int, s
 # A TLS target, started only for the TLS tests
 # ---------------------------------------------------------------------------------------------------------
 
-TLS_MODES = {1: "one-way", 2: "mutual"}
+TLS_MODES = {0: "plain", 1: "one-way", 2: "mutual"}
 
 
-class TlsTarget:
-    """A replication target Milvus 2.3.5 that serves TLS and checks tokens, on a running stack's etcd.
+class ExtraTarget:
+    """One more replication target Milvus 2.3.5 on a running stack's etcd, started for the tests that need it:
+    with ``mode`` 0 a plain one that a test can kill -9 and restart; with 1 or 2 one that serves TLS and checks
+    tokens.
 
     ``mode`` is Milvus's ``common.security.tlsMode``: 1 one-way (the server shows ``certs["server_pem"]``),
-    2 mutual (clients must also show a certificate signed by ``certs["ca_pem"]``). Authorization is on
+    2 mutual (clients must also show a certificate signed by ``certs["ca_pem"]``); with TLS, authorization is on
     (``common.security.authorizationEnabled``; user root, password Milvus). Like the stack's target it has
     ``common.ttMsgEnabled: false``, ``mq.type: rocksmq`` and its own ``etcd.rootPath`` (a new one per start).
-    Its proxy listens on 127.0.0.1; reach it as ``https://localhost:PORT`` (``uri``), the name its
-    certificate holds.
+    A TLS one is reached as ``https://localhost:PORT`` (``uri``), the name its certificate holds.
 
-        with TlsTarget(endpoints, 2, make_certs(d)) as target:   # or Stack.tls_target(2, certs)
+        with ExtraTarget(endpoints, 2, make_certs(d)) as target:   # or Stack.tls_target(2, certs)
             ... target.uri, target.port ...
 
     It is a separate process group with its own working directory; leaving the block stops it, removes the
     directory and deletes its keys from etcd.
     """
 
-    def __init__(self, endpoints: dict, mode: int, certs: dict, workdir: Path | None = None,
+    def __init__(self, endpoints: dict, mode: int, certs: dict | None = None, workdir: Path | None = None,
                  timeout: float = 180.0):
         if mode not in TLS_MODES:
             raise ValueError(f"tlsMode must be one of {sorted(TLS_MODES)}, not {mode!r}")
@@ -409,24 +412,27 @@ class TlsTarget:
 
     @property
     def uri(self) -> str:
-        return f"https://localhost:{self.port}"
+        return f"https://localhost:{self.port}" if self.mode else f"http://127.0.0.1:{self.port}"
 
     @property
     def address(self) -> str:
         return f"localhost:{self.port}"
 
     def settings(self) -> dict:
-        return {"etcd.rootPath": self.root_path, "mq.type": "rocksmq", "common.ttMsgEnabled": False,
-                "common.security.tlsMode": self.mode, "common.security.authorizationEnabled": True,
+        plain = {"etcd.rootPath": self.root_path, "mq.type": "rocksmq", "common.ttMsgEnabled": False}
+        if not self.mode:
+            return plain
+        return {**plain, "common.security.tlsMode": self.mode, "common.security.authorizationEnabled": True,
                 "tls.serverPemPath": self.certs["server_pem"], "tls.serverKeyPath": self.certs["server_key"],
                 "tls.caPemPath": self.certs["ca_pem"]}
 
-    def start(self) -> TlsTarget:
+    def start(self) -> ExtraTarget:
         began = time.monotonic()
         etcd_port = int(self.endpoints["etcd"].rsplit(":", 1)[1])
         self.workdir.mkdir(parents=True, exist_ok=True)
 
         def spawn(name, argv, **kw) -> Part:
+            self.launch = (name, argv, kw)
             self.part = Part.spawn(name, argv, self.workdir / "logs" / f"{name}.log", **kw)
             return self.part
         try:
@@ -439,6 +445,21 @@ class TlsTarget:
             raise
         self.start_seconds = time.monotonic() - began
         return self
+
+    def kill(self) -> None:
+        """kill -9, data kept: ``restart`` brings the same server back."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.part.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while self.part.alive() and time.monotonic() < deadline:
+            self.part._reap()
+            time.sleep(0.1)
+
+    def restart(self) -> None:
+        """Start the killed server again: same directory, ports and settings."""
+        name, argv, kw = self.launch
+        self.part = Part.spawn(name, argv, self.workdir / "logs" / f"{name}.log", **kw)
+        wait_until(self.part, lambda: http_ok(f"{self.metrics}/healthz"), self.timeout, "healthy /healthz")
 
     def stop(self) -> None:
         if self.part is not None:
@@ -454,7 +475,7 @@ class TlsTarget:
             finally:
                 client.close()
 
-    def __enter__(self) -> TlsTarget:
+    def __enter__(self) -> ExtraTarget:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -551,14 +572,17 @@ def _install_milvus_wheel(version: str, venv: Path) -> None:
                        "--disable-pip-version-check", f"milvus=={version}"])
     if ok:
         return
-    # No wheel for this Python: take the manylinux wheel for any Python 3 and unpack it without installing.
+    # No wheel for this Python: take its manylinux wheel for another Python 3 and unpack it without installing.
     download = venv / "download"
     download.mkdir(parents=True, exist_ok=True)
-    ok, out2 = run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-                    "--platform", "manylinux2014_x86_64", "--python-version", "3", "--dest", str(download),
-                    f"milvus=={version}"])
-    wheels = sorted(download.glob(f"milvus-{version}-*.whl"))
-    if not ok or not wheels:
+    for python in (f"{sys.version_info.major}.{sys.version_info.minor}", "3.8", "3.9", "3.10", "3.12", "3.7"):
+        ok, out2 = run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                        "--ignore-requires-python", "--platform", "manylinux2014_x86_64", "--python-version",
+                        python, "--dest", str(download), f"milvus=={version}"])
+        wheels = sorted(download.glob(f"milvus-{version}-*.whl"))
+        if ok and wheels:
+            break
+    else:
         raise StackError(f"could not get milvus=={version} from PyPI:\n{out}\n{out2}")
     import zipfile
     with zipfile.ZipFile(wheels[0]) as wheel:
@@ -646,14 +670,14 @@ def main(argv=None) -> int:
 
 
 def run_tls_target(endpoints: dict, mode: int, cert_dir: str | None) -> int:
-    """`stack.py tls-target MODE`: a TlsTarget in the foreground, stopped on Ctrl-C or SIGTERM."""
+    """`stack.py tls-target MODE`: a ExtraTarget in the foreground, stopped on Ctrl-C or SIGTERM."""
     from tls_certs import make_certs
     certs = make_certs(Path(cert_dir) if cert_dir else Path(tempfile.mkdtemp(prefix="milvus-cdc-certs-")))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        with TlsTarget(endpoints, mode, certs) as target:
+        with ExtraTarget(endpoints, mode, certs) as target:
             print(json.dumps({"uri": target.uri, "tls_mode": mode, "token": "root:Milvus",
                               "start_seconds": round(target.start_seconds, 1), "log": target.part.log,
                               "certs": certs}, indent=2), flush=True)

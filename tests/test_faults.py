@@ -177,3 +177,89 @@ def test_a_mysql_meta_store_cut_off(stack, tmp_path, unique_name):
     finally:
         server.stop()
         relay.cut()
+
+
+def freeze(stack: dict, part: str, seconds: float) -> None:
+    """SIGSTOP a part of the stack for a while (a stalled server: connections stay open, nothing answers)."""
+    pid = stack["pids"][part]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(seconds)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+@pytest.fixture
+def patient(stack, tmp_path):
+    """A server whose tasks wait out a minute of trouble."""
+    server = CdcServer(server_config(stack, tmp_path, **{"replication.retryTimeout": 120,
+                                                           "replication.retryMaxBackoff": 2}), tmp_path).start()
+    yield server
+    for task in server.call("list")["tasks"]:
+        server.call("delete", task_id=task["task_id"])
+    server.stop()
+
+
+def test_the_source_etcd_and_broker_frozen(stack, patient, unique_name):
+    if "pids" not in stack:
+        pytest.skip("the stack's state has no pids (started by an older stack.py)")
+    server = patient
+    task_id = server.create_task(stack["target_milvus"])
+    name = unique_name("frozen")
+    source, target = loaded_collection(stack, name)
+    load = InsertLoad(stack["source_milvus"], name)
+    with contextlib.suppress(AssertionError), load:  # inserts that time out during a freeze are allowed
+        time.sleep(3)
+        freeze(stack, "etcd", 8)
+        time.sleep(3)
+        freeze(stack, "kafka", 15)
+        time.sleep(3)
+    assert server.task(task_id)["state"] == "Running", server.task(task_id).get("reason")
+    finish(stack, source, target, name, server, task_id)
+
+
+def test_the_target_killed_and_restarted(stack, patient, tmp_path, unique_name):
+    from stack import ExtraTarget
+    server = patient
+    extra = ExtraTarget(stack, 0, workdir=tmp_path / "extra").start()
+    try:
+        task_id = server.create_task(extra.uri)
+        target = client(extra.uri)
+        name = unique_name("restarted")
+        source, _ = loaded_collection(stack, name)
+        with InsertLoad(stack["source_milvus"], name):
+            time.sleep(3)
+            extra.kill()
+            time.sleep(20)
+            assert server.task(task_id)["state"] == "Running"
+            assert server.task(task_id).get("retrying"), "get says what the task waits on"
+            extra.restart()
+            back = time.monotonic()
+            time.sleep(3)
+        wait_until(lambda: "retrying" not in server.task(task_id), 30, interval=0.2, what="the task to move on")
+        caught_up = time.monotonic() - back
+        print(f"\ncaught up {caught_up:.1f}s after the target answered again")
+        finish(stack, source, client(extra.uri), name, server, task_id)
+        assert caught_up < 30
+    finally:
+        extra.stop()
+
+
+def test_the_cdc_killed_mid_stream(stack, tmp_path, unique_name):
+    """kill -9 of the CDC itself, twice, under load (test_recovery covers more rounds with a slow checkpoint)."""
+    server = CdcServer(server_config(stack, tmp_path), tmp_path).start()
+    try:
+        task_id = server.create_task(stack["target_milvus"])
+        name = unique_name("cdckill")
+        source, target = loaded_collection(stack, name)
+        with InsertLoad(stack["source_milvus"], name):
+            for _ in range(2):
+                time.sleep(2)
+                server.kill()
+                time.sleep(1)
+                server.start()
+            time.sleep(2)
+        finish(stack, source, target, name, server, task_id)
+        server.call("delete", task_id=task_id)
+    finally:
+        server.stop()

@@ -1,7 +1,7 @@
 """``create`` against a target that serves TLS and checks tokens, through a real CDC server.
 
 The target is a Milvus 2.3.5 with ``common.security.tlsMode`` 1 (one-way) or 2 (mutual) and
-``common.security.authorizationEnabled`` (``stack.TlsTarget``), started for one class of tests at a time and
+``common.security.authorizationEnabled`` (``stack.ExtraTarget``), started for one class of tests at a time and
 stopped after it; the certificates are made at run time (``tls_certs.make_certs``). Well-configured tasks
 replicate end to end; every mistake in the TLS or auth settings is a 400 whose message names the cause, and
 leaves the server up and its task list as it was.
@@ -16,7 +16,7 @@ import pytest
 from pymilvus import DataType, MilvusClient
 
 from helpers import CdcServer, assert_same_rows, client, server_config, tls_client, wait_until
-from stack import TlsTarget
+from stack import ExtraTarget
 from tls_certs import SERVER_NAME, make_certs
 
 TOKEN = "root:Milvus"
@@ -48,7 +48,7 @@ def cleanup(cdc):
 
 
 def start_target(stack: dict, certs: dict, mode: int):
-    target = TlsTarget(stack, mode, certs).start()
+    target = ExtraTarget(stack, mode, certs).start()
     print(f"\nTLS target (tlsMode {mode}) up at {target.uri} in {target.start_seconds:.1f}s")
     return target
 
