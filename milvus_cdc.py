@@ -33,6 +33,7 @@ import time
 import urllib.parse
 import uuid
 from abc import ABC, abstractmethod
+import collections
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -492,6 +493,95 @@ class Patience:
 
 
 ###############################################################################
+# Metrics ######################################################################
+###############################################################################
+
+class Metrics:
+    """The server's Prometheus metrics, in a registry of its own, served on ``GET /metrics`` (prometheus_client
+    writes the exposition). Counters and histograms are fed where things happen, through a TaskMetrics per
+    task; what describes a task's present (state, lag, checkpoint age, queue depth) is read from the task
+    manager at scrape time."""
+
+    CALL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+        self.registry = CollectorRegistry()
+
+        def counter(name: str, doc: str, labels: list[str]):
+            return Counter(name, doc, labels, registry=self.registry)
+        self.rows = counter("milvus_cdc_replicated_rows", "Rows written to the target, by operation (insert, delete)",
+                            ["task_id", "collection", "op"])
+        self.bytes = counter("milvus_cdc_replicated_bytes", "Bytes of messages written to the target",
+                             ["task_id", "collection", "op"])
+        self.ddl = counter("milvus_cdc_ddl_operations", "DDL calls applied on the target, by Milvus RPC",
+                           ["task_id", "operation"])
+        self.messages = counter("milvus_cdc_messages_read", "Messages read from a source channel (time ticks "
+                                "included)", ["task_id", "channel"])
+        self.retries = counter("milvus_cdc_target_retries", "Target calls tried again after a transient error",
+                               ["task_id", "operation", "code"])
+        self.failures = counter("milvus_cdc_target_failures", "Target calls refused (repaired or not) or failed "
+                                "for good", ["task_id", "operation", "code"])
+        self.call_seconds = Histogram("milvus_cdc_target_call_seconds", "Time of one call to the target",
+                                      ["operation"], buckets=self.CALL_BUCKETS, registry=self.registry)
+        self.store_writes = counter("milvus_cdc_meta_store_writes", "Writes to the meta store, by what and outcome",
+                                    ["kind", "outcome"])
+        self.api_requests = counter("milvus_cdc_api_requests", "Requests to /cdc by request_type and code",
+                                    ["request_type", "code"])
+        self.api_seconds = Histogram("milvus_cdc_api_request_seconds", "Time to answer a request to /cdc",
+                                     ["request_type"], buckets=self.CALL_BUCKETS, registry=self.registry)
+        self.lock = threading.Lock()
+        self.series: dict[str, set[tuple]] = defaultdict(set)  # task id -> (metric, labels) it fed
+
+    def task(self, task_id: str) -> "TaskMetrics":
+        return TaskMetrics(self, task_id)
+
+    def _note(self, task_id: str, metric, labels: tuple) -> Any:
+        with self.lock:
+            self.series[task_id].add((metric, labels))
+        return metric.labels(*labels)
+
+    def forget(self, task_id: str) -> None:
+        """A deleted task's series go too."""
+        with self.lock:
+            series = self.series.pop(task_id, set())
+        for metric, labels in series:
+            with contextlib.suppress(KeyError):
+                metric.remove(*labels)
+
+    def exposition(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class TaskMetrics:
+    """The metrics of one task."""
+
+    def __init__(self, metrics: Metrics, task_id: str):
+        self.m, self.task_id = metrics, task_id
+
+    def replicated(self, collection: str, op: str, rows: int, size: int) -> None:
+        self.m._note(self.task_id, self.m.rows, (self.task_id, collection, op)).inc(rows)
+        self.m._note(self.task_id, self.m.bytes, (self.task_id, collection, op)).inc(size)
+
+    def ddl(self, operation: str) -> None:
+        self.m._note(self.task_id, self.m.ddl, (self.task_id, operation)).inc()
+
+    def read(self, counts: dict[str, int]) -> None:
+        for channel, count in counts.items():
+            self.m._note(self.task_id, self.m.messages, (self.task_id, channel)).inc(count)
+
+    def retried(self, operation: str, code: str) -> None:
+        self.m._note(self.task_id, self.m.retries, (self.task_id, operation, code)).inc()
+
+    def failed(self, operation: str, code: str) -> None:
+        self.m._note(self.task_id, self.m.failures, (self.task_id, operation, code)).inc()
+
+    def call_time(self, operation: str, seconds: float) -> None:
+        self.m.call_seconds.labels(operation).observe(seconds)
+
+
+###############################################################################
 # Meta store ###################################################################
 ###############################################################################
 
@@ -529,6 +619,7 @@ class MetaStore(ABC):
 
     def __init__(self, root_path: str):
         self.root_path = root_path
+        self.metrics: Metrics | None = None  # counts the writes when set
 
     @abstractmethod
     def _save_task(self, task_id: str, document: str) -> None: ...
@@ -553,29 +644,40 @@ class MetaStore(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
-    def _guard(self, what: str, call: Callable[[], Any]) -> Any:
+    def _guard(self, what: str, call: Callable[[], Any], write: str = "") -> Any:
+        outcome = "error"
         try:
-            return call()
+            result = call()
+            outcome = "ok"
+            return result
         except Exception as exc:
             if self._transient(exc):
+                outcome = "unavailable"
                 raise MetaStoreUnavailable(f"the meta store did not answer ({what}): {type(exc).__name__}: "
                                            f"{exc}") from None
             raise
+        finally:
+            if write and self.metrics is not None:
+                self.metrics.store_writes.labels(write, outcome).inc()
+
+    def ping(self) -> None:
+        """One cheap read: raises MetaStoreUnavailable when the store does not answer."""
+        self._guard("answering", lambda: self._load_positions("-"))
 
     def save_task(self, task_id: str, info: dict) -> None:
-        self._guard("saving a task", lambda: self._save_task(task_id, json.dumps(info)))
+        self._guard("saving a task", lambda: self._save_task(task_id, json.dumps(info)), write="task")
 
     def load_tasks(self) -> dict[str, dict]:
         return {task_id: json.loads(document)
                 for task_id, document in self._guard("loading the tasks", self._load_tasks).items()}
 
     def delete_task(self, task_id: str) -> None:
-        self._guard("deleting a task", lambda: self._delete_task(task_id))
+        self._guard("deleting a task", lambda: self._delete_task(task_id), write="delete")
 
     def save_checkpoints(self, task_id: str, checkpoints: Iterable[Checkpoint]) -> None:
         """Replace the task's whole set of checkpoints in one write."""
         document = json.dumps([c.to_json() for c in sorted(checkpoints)])
-        self._guard("saving checkpoints", lambda: self._save_positions(task_id, document))
+        self._guard("saving checkpoints", lambda: self._save_positions(task_id, document), write="checkpoint")
 
     def load_checkpoints(self, task_id: str) -> dict[str, Checkpoint]:
         document = self._guard("loading checkpoints", lambda: self._load_positions(task_id))
@@ -1564,9 +1666,9 @@ class TargetWriter:
     to repair or to stop on. ``ok_if`` tells which refusals mean the work is already done (a replay).
     """
 
-    def __init__(self, param: ConnectParam, patience: Patience):
+    def __init__(self, param: ConnectParam, patience: Patience, metrics: TaskMetrics | None = None):
         from pymilvus.grpc_gen import milvus_pb2_grpc
-        self.param, self.patience = param, patience
+        self.param, self.patience, self.metrics = param, patience, metrics
         self.grpc_channel = param.channel()
         self.stub = milvus_pb2_grpc.MilvusServiceStub(self.grpc_channel)
         self.call_timeout = max(30.0, param.connect_timeout)
@@ -1579,18 +1681,23 @@ class TargetWriter:
         import grpc
 
         def attempt():
+            started = time.monotonic()
             try:
                 response = getattr(self.stub, method)(request, timeout=self.call_timeout,
                                                       metadata=self.param.metadata(db_name))
             except grpc.RpcError as exc:
+                self._count(method, started, exc.code().name, exc.code().name in TRANSIENT_GRPC)
                 if exc.code().name in TRANSIENT_GRPC:
                     raise TransientError(f"{exc.code().name}: {exc.details()}") from None
                 raise TargetError(f"{op}: {exc.code().name}: {exc.details()}") from None
             status = status_of(response)
             if status_ok(status) or (ok_if is not None and ok_if(status)):
+                self._count(method, started)
                 return response
-            if status.code in TRANSIENT_CODES or status.error_code in TRANSIENT_ERROR_CODES or \
-                    (transient_if is not None and transient_if(status)):
+            transient = status.code in TRANSIENT_CODES or status.error_code in TRANSIENT_ERROR_CODES or \
+                (transient_if is not None and transient_if(status))
+            self._count(method, started, str(status.code or status.error_code), transient)
+            if transient:
                 raise TransientError(status_text(status))
             raise TargetRefusal(op, status)
         try:
@@ -1598,6 +1705,13 @@ class TargetWriter:
                                      pause=self._until_ready)
         except TaskHalt as halt:
             raise TaskHalt(f"writing to the target: {halt}") from None
+
+    def _count(self, method: str, started: float, code: str = "", transient: bool = False) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.call_time(method, time.monotonic() - started)
+        if code:
+            (self.metrics.retried if transient else self.metrics.failed)(method, code)
 
     def _until_ready(self, seconds: float) -> None:
         """Wait out a backoff, but no longer than until the target answers again: gRPC reconnects within its own
@@ -1811,9 +1925,12 @@ class TargetMirror:
         pending = list(repairs)
         while True:
             try:
-                return self.writer.call(op, method, request, db_name,
-                                        ok_if=(lambda s: answer_says(s, *ok_if)) if ok_if else None,
-                                        transient_if=transient_if)
+                answer = self.writer.call(op, method, request, db_name,
+                                          ok_if=(lambda s: answer_says(s, *ok_if)) if ok_if else None,
+                                          transient_if=transient_if)
+                if self.writer.metrics is not None:
+                    self.writer.metrics.ddl(method)
+                return answer
             except TargetRefusal as refusal:
                 repair = next((r for r in pending if r.applies(refusal)), None)
                 if repair is None:
@@ -2447,8 +2564,8 @@ class Replicator:
     CATALOG_INTERVAL = 0.1       # seconds between two polls of the source's catalog
 
     def __init__(self, task: TaskInfo, config: ServerConfig, store: MetaStore, clock: TargetClock,
-                 on_failure: Callable[["Replicator", str], None]):
-        self.task, self.config, self.store, self.clock = task, config, store, clock
+                 on_failure: Callable[["Replicator", str], None], metrics: TaskMetrics):
+        self.task, self.config, self.store, self.clock, self.metrics = task, config, store, clock, metrics
         self.on_failure = on_failure
         self.stop_event = threading.Event()
         self.read_queue: queue.Queue = queue.Queue(maxsize=config.source.read_chan_len)
@@ -2462,6 +2579,7 @@ class Replicator:
         self.started = threading.Event()  # set once the start positions are pinned in the meta store
         self.failed = False
         self.failure = ""
+        self.checkpoint_at = 0.0  # when the last checkpoint was stored (time.time())
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -2483,6 +2601,10 @@ class Replicator:
                 thread.join(max(0.0, deadline - time.monotonic()))
                 joined.add(thread)
         return not any(t.is_alive() for t in self.threads if t is not threading.current_thread())
+
+    def alive(self) -> bool:
+        """Are all of the task's threads running (once it has started them)?"""
+        return not self.stop_event.is_set() and all(t.is_alive() for t in self.threads)
 
     def lag(self) -> list[dict]:
         with self.status_lock:
@@ -2549,6 +2671,8 @@ class Replicator:
                 for message in messages:
                     if message.msg_type == common_pb2.TimeTick and message.channel != replicate:
                         self.source_clock.saw_tick(message.timestamp)
+                if messages:
+                    self.metrics.read(collections.Counter(m.channel for m in messages))
                 if time.monotonic() - last_fence >= self.FENCE_INTERVAL:
                     last_fence = time.monotonic()
                     before = self.source_clock.now()
@@ -2597,7 +2721,7 @@ class Replicator:
         meta = writer = None
         try:
             meta = SourceMeta(self.config.source, self.patience("applier"))
-            writer = TargetWriter(self.task.connect, self.patience("applier"))
+            writer = TargetWriter(self.task.connect, self.patience("applier"), self.metrics)
             Applier(self, meta, writer).run()
         except TaskStopping:
             pass
@@ -3125,6 +3249,7 @@ class Applier:
             self.store_retry_at, self.store_failures = None, []
             self.r.waits.clear("checkpoint")
         self.durable, self.checkpoint_dirty, self.last_checkpoint = applied, False, started
+        self.r.checkpoint_at = time.time()
         log.debug("task=%s checkpoint at ts %d (%.3fs behind)", self.tid, self.durable,
                   time.time() - ts_seconds(self.durable))
         self.r.publish({name: applied for name in self.order.names() if name != CATALOG_INPUT},
@@ -3187,6 +3312,8 @@ class Applier:
         partition_id = self.copies.partition(target, msg.partition_name, msg.partitionID, message.timestamp)
         shard = shard_index(msg.shardName)
         self.outbox.add(target.pchannels[shard], MessageRewriter.insert(msg, target, partition_id, shard))
+        self.r.metrics.replicated(target.qualified_name, "insert", msg.num_rows or len(msg.timestamps),
+                                  len(message.payload))
 
     def on_delete(self, message: SourceMessage) -> None:
         from pymilvus.grpc_gen import msg_pb2
@@ -3200,6 +3327,8 @@ class Applier:
             partition_id = self.copies.partition(target, msg.partition_name, msg.partitionID, message.timestamp)
         shard = shard_index(msg.shardName)
         self.outbox.add(target.pchannels[shard], MessageRewriter.delete(msg, target, partition_id, shard))
+        self.r.metrics.replicated(target.qualified_name, "delete", msg.num_rows or len(msg.timestamps),
+                                  len(message.payload))
 
     def on_create_collection(self, message: SourceMessage) -> None:
         from pymilvus.grpc_gen import msg_pb2
@@ -3421,6 +3550,49 @@ def parse_connect_param(param: Any) -> ConnectParam:
                         dial_config=tuple(sorted(dial.items())))
 
 
+class TaskGauges:
+    """The gauges of every task, read from the task manager when Prometheus scrapes (a prometheus_client
+    custom collector): state, lag per source channel (the figure `get` shows), checkpoint age, read queue
+    depth, and whether a fault is being waited out."""
+
+    def __init__(self, manager: "TaskManager"):
+        self.manager = manager
+
+    def describe(self):
+        return []  # computed at scrape time; nothing to check at registration
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+        state = GaugeMetricFamily("milvus_cdc_task_state", "1 for the state a task is in", labels=["task_id", "state"])
+        count = GaugeMetricFamily("milvus_cdc_tasks", "Tasks by state", labels=["state"])
+        lag = GaugeMetricFamily("milvus_cdc_channel_lag_seconds", "How far behind the source a channel is "
+                                "confirmed on the target", labels=["task_id", "channel"])
+        age = GaugeMetricFamily("milvus_cdc_checkpoint_age_seconds", "Seconds since the task last stored its "
+                                "checkpoint", labels=["task_id"])
+        depth = GaugeMetricFamily("milvus_cdc_read_queue_batches", "Batches waiting between reader and applier "
+                                  "(at most readChanLen)", labels=["task_id"])
+        waiting = GaugeMetricFamily("milvus_cdc_task_waiting", "1 while the task waits out a fault",
+                                    labels=["task_id"])
+        totals = dict.fromkeys(TaskState, 0)
+        now = time.time()
+        for task, replicator, stopped_lag in self.manager.snapshot():
+            totals[task.state] += 1
+            for each in TaskState:
+                state.add_metric([task.task_id, each.value], 1.0 if task.state == each else 0.0)
+            channels = replicator.lag() if replicator is not None else stopped_lag or []
+            for channel in channels:
+                if channel["lag_seconds"] is not None:
+                    lag.add_metric([task.task_id, channel["channel"]], channel["lag_seconds"])
+            if replicator is not None:
+                if replicator.checkpoint_at:
+                    age.add_metric([task.task_id], now - replicator.checkpoint_at)
+                depth.add_metric([task.task_id], replicator.read_queue.qsize())
+                waiting.add_metric([task.task_id], 1.0 if replicator.waits.snapshot() else 0.0)
+        for each, number in totals.items():
+            count.add_metric([each.value], number)
+        yield from (state, count, lag, age, depth, waiting)
+
+
 class TaskManager:
     """Owns the tasks: their stored state, their running replicators, and the tick clock of each target.
 
@@ -3436,8 +3608,10 @@ class TaskManager:
     PROBE_TIMEOUT = 30.0
     CREATE_SLOTS = 4  # creates in progress at once; the server's other threads always answer list and get
 
-    def __init__(self, config: ServerConfig, store: MetaStore):
+    def __init__(self, config: ServerConfig, store: MetaStore, metrics: Metrics | None = None):
         self.config, self.store = config, store
+        self.metrics = metrics or Metrics()
+        self.metrics.registry.register(TaskGauges(self))
         self.lock = threading.Lock()
         self.tasks: dict[str, TaskInfo] = {}
         self.replicators: dict[str, Replicator] = {}
@@ -3512,7 +3686,8 @@ class TaskManager:
             if clock is None:
                 clock = self.clocks[task.connect.address] = TargetClock(self.config.replication,
                                                                         task.connect.address)
-            replicator = Replicator(task, self.config, self.store, clock, self._on_failure)
+            replicator = Replicator(task, self.config, self.store, clock, self._on_failure,
+                                    self.metrics.task(task.task_id))
             self.replicators[task.task_id] = replicator
             task.state, task.reason = TaskState.RUNNING, ""
         replicator.start()
@@ -3646,6 +3821,7 @@ class TaskManager:
             with self.lock:
                 del self.tasks[task.task_id]
                 self.lags.pop(task.task_id, None)
+            self.metrics.forget(task.task_id)
         log.info("task=%s deleted", task_id)
 
     def pause(self, task_id: Any) -> None:
@@ -3694,6 +3870,24 @@ class TaskManager:
         with self.lock:
             return [t.public() for t in sorted(self.tasks.values(), key=lambda t: t.created_at)]
 
+    def snapshot(self) -> list[tuple[TaskInfo, Replicator | None, list[dict] | None]]:
+        """Every task with its running replicator (or None) and, for a stopped one, its last lag."""
+        with self.lock:
+            return [(t, self.replicators.get(t.task_id), self.lags.get(t.task_id)) for t in self.tasks.values()]
+
+    def readiness(self) -> str | None:
+        """None when the server can do its work, else why not: the meta store must answer and every running
+        task's threads must be alive."""
+        try:
+            self.store.ping()
+        except MetaStoreUnavailable as exc:
+            return str(exc)
+        for task, replicator, _ in self.snapshot():
+            if task.state == TaskState.RUNNING and (replicator is None or not replicator.alive()):
+                why = replicator.failure if replicator is not None and replicator.failure else "its threads stopped"
+                return f"task {task.task_id} is running but not replicating: {why}"
+        return None
+
     def positions(self, task_id: Any) -> list[dict]:
         with self.lock:
             task = self._get(task_id)
@@ -3717,6 +3911,9 @@ class CdcApi:
         self.api_token = api_token.encode()
         self.app = bottle.Bottle()
         self.app.route("/cdc", method="POST", callback=self.handle)
+        self.app.route("/metrics", method="GET", callback=self.metrics)
+        self.app.route("/healthz", method="GET", callback=lambda: self.reply(200, "serving", status="ok"))
+        self.app.route("/readyz", method="GET", callback=self.ready)
         self.app.route("/cdc", method=["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"],
                        callback=lambda: self.reply(405, "use POST for /cdc"))
         for status in (400, 404, 405, 413, 500):
@@ -3729,26 +3926,47 @@ class CdcApi:
         return json.dumps({"code": status, "message": messages.get(status, "bad request" if status < 500
                                                                    else "internal error, see the server log")})
 
-    def reply(self, code: int, message: str = "", data: Any = None):
-        body = {"code": code, "message": message}
+    def reply(self, code: int, message: str = "", data: Any = None, **extra):
+        body = {"code": code, "message": message, **extra}
         if data is not None:
             body["data"] = data
         return self.bottle.HTTPResponse(json.dumps(body), status=code, headers={"Content-Type": "application/json"})
 
     def handle(self):
+        started, kind = time.monotonic(), "unknown"
         try:
             self._authorize()
-            return self.reply(200, "", self.dispatch(self._body()))
+            body = self._body()
+            kind = body.get("request_type") if body.get("request_type") in self.REQUEST_TYPES else "unknown"
+            answer = self.reply(200, "", self.dispatch(body))
         except ApiError as exc:
             if exc.code >= 500:
                 log.error("api: %s", exc.message)
-            return self.reply(exc.code, exc.message)
+            answer = self.reply(exc.code, exc.message)
         except MetaStoreUnavailable as exc:
             log.warning("api: %s", exc)
-            return self.reply(503, f"{exc}; try again")
+            answer = self.reply(503, f"{exc}; try again")
         except Exception:  # noqa: BLE001 - the client gets a short message, the log gets the trace
             log.exception("api: internal error")
-            return self.reply(500, "internal error, see the server log")
+            answer = self.reply(500, "internal error, see the server log")
+        metrics = self.manager.metrics
+        metrics.api_requests.labels(kind, str(answer.status_code)).inc()
+        metrics.api_seconds.labels(kind).observe(time.monotonic() - started)
+        return answer
+
+    def metrics(self):
+        try:
+            self._authorize()
+        except ApiError as exc:
+            return self.reply(exc.code, exc.message)
+        text, content_type = self.manager.metrics.exposition()
+        return self.bottle.HTTPResponse(text, status=200, headers={"Content-Type": content_type})
+
+    def ready(self):
+        problem = self.manager.readiness()
+        if problem:
+            return self.reply(503, problem, status="not ready")
+        return self.reply(200, "ready", status="ready")
 
     def _authorize(self) -> None:
         if not self.api_token:
@@ -3832,7 +4050,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"meta store ({config.meta_store.store_type}) is not reachable: {type(exc).__name__}: {exc}",
               file=sys.stderr)
         return 2
-    manager = TaskManager(config, store)
+    metrics = Metrics()
+    store.metrics = metrics
+    manager = TaskManager(config, store, metrics)
     import waitress
     try:
         server = waitress.create_server(CdcApi(manager, config.api_token).app, host=config.host, port=config.port,
