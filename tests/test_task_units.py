@@ -69,6 +69,8 @@ def test_task_info_hides_the_token_from_the_public_view_and_keeps_it_stored():
 class ScriptedWriter:
     """A target writer that answers each call from a script: a status to refuse with, or success."""
 
+    metrics = None
+
     def __init__(self, answers: dict[str, list]):
         self.answers, self.calls = answers, []
 
