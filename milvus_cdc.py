@@ -53,6 +53,9 @@ class ConfigError(Exception):
     """A configuration value is missing or wrong; the message names the key and what is wrong."""
 
 
+TLS_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
+
+
 @dataclass(frozen=True)
 class EtcdSettings:
     endpoints: tuple[str, ...]
@@ -62,6 +65,7 @@ class EtcdSettings:
     cert: str = ""
     key: str = ""
     tls: bool = False
+    tls_min_version: str = ""  # with tls: every endpoint must offer at least this version (checked at start)
 
     def client(self, timeout: float = 10.0):
         """A pyetcd client over every endpoint, failing over between them. An endpoint that failed is tried
@@ -84,6 +88,27 @@ class EtcdSettings:
     @property
     def enable_auth(self) -> bool:
         return bool(self.username)
+
+    def check_tls_floor(self, timeout: float = 5.0) -> str | None:
+        """With TLS and tlsMinVersion set: why an endpoint that answers does not offer that version, else None.
+        gRPC negotiates the highest version both sides offer, so an endpoint that offers it is used with it."""
+        import socket
+        import ssl
+        if not self.tls or not self.tls_min_version:
+            return None
+        context = ssl.create_default_context(cafile=self.ca_cert or None)
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # only the version is in question
+        context.minimum_version = getattr(ssl.TLSVersion, "TLSv" + self.tls_min_version.replace(".", "_"))
+        for endpoint in self.endpoints:
+            host, port = split_host_port(endpoint, 2379)
+            try:
+                with socket.create_connection((host, port), timeout=timeout) as raw, context.wrap_socket(raw):
+                    pass
+            except ssl.SSLError as exc:
+                return f"etcd at {endpoint} does not offer TLS {self.tls_min_version} or newer ({exc.reason})"
+            except OSError:
+                continue  # not reachable now: the clients wait for it
+        return None
 
 
 @dataclass(frozen=True)
@@ -258,8 +283,9 @@ def _read_etcd(reader: ConfigReader, default_address: list[str] | None) -> EtcdS
         password=reader.value("password", str, "") if auth else "",
         tls=tls,
         cert=reader.value("tlsCertPath", str, ""), key=reader.value("tlsKeyPath", str, ""),
-        ca_cert=reader.value("tlsCACertPath", str, ""))
-    reader.value("tlsMinVersion", str, "1.3")
+        ca_cert=reader.value("tlsCACertPath", str, ""),
+        tls_min_version=reader.value("tlsMinVersion", str, "", lambda v: v in TLS_VERSIONS,
+                                     f"one of {', '.join(TLS_VERSIONS)}"))
     if not auth:
         reader.value("username", str, "")
         reader.value("password", str, "")
@@ -343,8 +369,10 @@ def load_config(path: str) -> tuple[ServerConfig, list[str]]:
                  "sasl": {k: kafka_reader.section("sasl").value(k, str, "")
                           for k in ("mechanisms", "securityProtocol", "username", "password")}}
     if pulsar_reader.data:
+        if pulsar_reader.has("webAddress"):
+            raise ConfigError("config: sourceConfig.pulsar.webAddress is not used by this CDC (it reads through "
+                              "the broker's pulsar:// address only); remove it")
         pulsar = {"address": pulsar_reader.value("address", str, expect="a pulsar:// URL"),
-                  "webAddress": pulsar_reader.value("webAddress", str, ""),
                   "maxMessageSize": pulsar_reader.value("maxMessageSize", int, 5242880, lambda v: v > 0,
                                                         "a positive integer"),
                   "tenant": pulsar_reader.value("tenant", str, "public"),
@@ -1367,6 +1395,8 @@ class PulsarChannelReader(ChannelReader):
     """pulsar-client readers on ``persistent://{tenant}/{namespace}/{channel}``; a message id is the serialized
     Pulsar MessageIdData, as Milvus stores it."""
 
+    PREFETCH_BYTES = 256 << 20
+
     def __init__(self, settings: dict):
         import pulsar
         self.pulsar = pulsar
@@ -1375,6 +1405,8 @@ class PulsarChannelReader(ChannelReader):
             options["authentication"] = pulsar.Authentication(settings["authPlugin"], settings.get("authParams", ""))
         self.client = pulsar.Client(settings["address"], **options)
         tenant, namespace = settings.get("tenant") or "public", settings.get("namespace") or "default"
+        # Prefetch per channel, bounded in bytes by the largest message the source may write (maxMessageSize)
+        self.receiver_queue = max(10, min(1000, self.PREFETCH_BYTES // settings.get("maxMessageSize", 5242880)))
         self.topic_prefix = f"persistent://{tenant}/{namespace}/"
         self.readers: dict[str, Any] = {}
         self.stash: list[SourceMessage] = []  # read by at_end, returned by the next read
@@ -1398,7 +1430,7 @@ class PulsarChannelReader(ChannelReader):
             message_id, inclusive = self.pulsar.MessageId.deserialize(start.msg_id), start.kind == "at"
         self.readers[channel] = self.client.create_reader(self.topic_prefix + channel, message_id,
                                                           start_message_id_inclusive=inclusive,
-                                                          receiver_queue_size=1000)
+                                                          receiver_queue_size=self.receiver_queue)
         return start
 
     def remove(self, channel):
@@ -4044,6 +4076,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
     for warning in warnings:
         log.warning(warning)
+    for what, etcd in (("sourceConfig.etcd", config.source.etcd), ("metaStoreConfig.etcd", config.meta_store.etcd)):
+        problem = etcd.check_tls_floor() if etcd is not None else None
+        if problem:
+            print(f"config: {what}.tlsMinVersion: {problem}", file=sys.stderr)
+            return 2
     try:
         store = open_meta_store(config.meta_store)
     except Exception as exc:  # noqa: BLE001 - one clear line instead of a trace

@@ -79,8 +79,10 @@ def test_the_repository_config_loads_without_warnings():
     assert config.source.mq_type == "kafka" and config.source.read_chan_len == 4
 
 
-def test_every_key_of_the_usage_document_loads(tmp_path):
-    config, warnings = m.load_config(write(tmp_path, SEED_TEMPLATE))
+def test_every_key_of_the_usage_document_loads_but_the_one_that_would_do_nothing(tmp_path):
+    with pytest.raises(m.ConfigError, match="sourceConfig.pulsar.webAddress is not used by this CDC"):
+        m.load_config(write(tmp_path, SEED_TEMPLATE))
+    config, warnings = m.load_config(write(tmp_path, SEED_TEMPLATE.replace("    webAddress: localhost:80\n", "")))
     assert warnings == []
     assert config.meta_store.store_type == "mysql"
     assert config.meta_store.mysql == {"host": "127.0.0.1", "port": 3306, "user": "root", "password": "root",
@@ -89,6 +91,50 @@ def test_every_key_of_the_usage_document_loads(tmp_path):
     assert (config.source.root_path, config.source.meta_sub_path) == ("by-dev", "meta")
     assert config.source.etcd.username == "root" and config.source.etcd.password == "root123456"
     assert config.source.replicate_chan == "by-dev-replicate-msg"
+    assert config.source.etcd.tls_min_version == "1.3" and config.source.pulsar["maxMessageSize"] == 5242880
+    assert config.source.default_partition_name == "_default"
+
+
+def test_max_message_size_bounds_the_pulsar_prefetch():
+    reader = m.PulsarChannelReader.__new__(m.PulsarChannelReader)
+    assert max(10, min(1000, reader.PREFETCH_BYTES // 5242880)) == 51
+    assert max(10, min(1000, reader.PREFETCH_BYTES // (1 << 30))) == 10
+
+
+def tls_server(max_version) -> int:
+    """A TLS server (Python's ssl) offering at most ``max_version``: stands in for an etcd endpoint."""
+    import socket
+    import ssl
+    import threading
+    from tls_certs import make_certs
+    import tempfile
+    certs = make_certs(Path(tempfile.mkdtemp()))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certs["server_pem"], certs["server_key"])
+    context.maximum_version = max_version
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+
+    def serve():
+        while True:
+            conn, _ = listener.accept()
+            try:
+                with context.wrap_socket(conn, server_side=True):
+                    pass
+            except (ssl.SSLError, OSError):
+                pass
+    threading.Thread(target=serve, daemon=True).start()
+    return listener.getsockname()[1]
+
+
+def test_tls_min_version_refuses_an_endpoint_that_offers_less():
+    import ssl
+    port = tls_server(ssl.TLSVersion.TLSv1_2)
+    settings = m.EtcdSettings((f"https://127.0.0.1:{port}",), tls=True, tls_min_version="1.3")
+    assert "does not offer TLS 1.3" in settings.check_tls_floor()
+    assert m.EtcdSettings((f"https://127.0.0.1:{port}",), tls=True, tls_min_version="1.2").check_tls_floor() is None
+    assert m.EtcdSettings((f"https://127.0.0.1:{port}",), tls=False, tls_min_version="1.3").check_tls_floor() is None
 
 
 def test_an_unknown_key_is_a_warning_naming_it(tmp_path):
@@ -134,6 +180,10 @@ DELETE = object()
     ({"sourceConfig.etcd.enableAuth": "sometimes"}, "sourceConfig.etcd.enableAuth"),
     ({"replication.checkpointInterval": 0}, "replication.checkpointInterval"),
     ({"replication.retryTimeout": -5}, "replication.retryTimeout"),
+    ({"apiToken": "short"}, "apiToken"),
+    ({"sourceConfig.etcd.tlsMinVersion": "1.4"}, "sourceConfig.etcd.tlsMinVersion"),
+    ({"sourceConfig.kafka": DELETE, "sourceConfig.pulsar": {"address": "pulsar://h:6650", "webAddress": "h:80"}},
+     "sourceConfig.pulsar.webAddress"),
 ])
 def test_a_wrong_value_is_refused_naming_the_key(tmp_path, changes, named):
     data = base()
