@@ -3944,6 +3944,7 @@ class CdcApi:
         self.app = bottle.Bottle()
         self.app.route("/cdc", method="POST", callback=self.handle)
         self.app.route("/metrics", method="GET", callback=self.metrics)
+        self.app.route("/cdc/metrics", method="GET", callback=self.metrics)  # the Go CDC's path
         self.app.route("/healthz", method="GET", callback=lambda: self.reply(200, "serving", status="ok"))
         self.app.route("/readyz", method="GET", callback=self.ready)
         self.app.route("/cdc", method=["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"],

@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import CdcServer, TcpRelay, client, server_config, wait_until
+from helpers import CdcServer, TcpRelay, server_config, wait_until
 from test_faults import PrivateEtcd
 from test_recovery import loaded_collection
 
@@ -92,6 +92,15 @@ def test_metrics_follow_a_real_replication(stack, server, unique_name):
     relay.restore()
     wait_until(lambda: value(scrape(server), "milvus_cdc_task_waiting", task_id=task_id) == 0, 30,
                what="the wait over")
+
+    # Every metric the dashboard plots is one the server exports.
+    import re
+    from pathlib import Path
+    exported = {n for n, _ in scrape(server)}
+    dashboard = json.loads((Path(__file__).resolve().parent.parent / "grafana-dashboard.json").read_text())
+    wanted = {name for panel in dashboard["panels"] for target in panel["targets"]
+              for name in re.findall(r"milvus_cdc_[a-z_]+", target["expr"])}
+    assert wanted and wanted <= exported, sorted(wanted - exported)
 
     # A paused task shows in the state gauge.
     server.call("pause", task_id=task_id)
