@@ -217,3 +217,48 @@ def test_a_target_down_for_a_minute_is_retried_and_the_task_recovers_by_itself(s
     assert task["state"] == "Running" and "retrying" not in task
     drop_everywhere(source, target, name)
     relay.cut()
+
+
+def test_a_task_that_cannot_start_is_an_error_not_a_200(stack, tmp_path):
+    """The source's etcd does not answer: the task cannot pin its start positions, create says why, and nothing of
+    the task is kept."""
+    from stack import free_ports
+    config = server_config(stack, tmp_path, **{"replication.retryTimeout": 2, "replication.retryMaxBackoff": 0.5})
+    config["sourceConfig"]["etcd"]["address"] = [f"http://127.0.0.1:{free_ports(1)[0]}"]
+    server = CdcServer(config, tmp_path).start()
+    try:
+        status, answer = server.post({"request_type": "create", "request_data": {
+            "milvus_connect_param": {"uri": stack["target_milvus"], "connect_timeout": 5},
+            "collection_infos": [{"name": "*"}]}})
+        assert status == 500 and answer["code"] == 500, answer
+        assert "could not start" in answer["message"] and "etcd" in answer["message"], answer
+        assert server.call("list")["tasks"] == []
+    finally:
+        server.stop()
+
+
+def test_a_deleted_task_leaves_no_checkpoint_behind(stack, tmp_path, unique_name):
+    """Delete stops the task's threads before its rows go: no late checkpoint write brings them back."""
+    import pyetcd
+    config = server_config(stack, tmp_path, store="etcd", **{"replication.checkpointInterval": 0.05})
+    server = CdcServer(config, tmp_path).start()
+    host, port = stack["etcd"].split(":")
+    store = pyetcd.client(host=host, port=int(port))
+    prefix = config["metaStoreConfig"]["rootPath"]
+    try:
+        source = client(stack["source_milvus"])
+        name = unique_name("orphan")
+        make_collection(source, name, shards=2)
+        for round_ in range(3):
+            task_id = server.create_task(stack["target_milvus"], collections=[name])
+            for start in range(0, 600, 200):
+                source.insert(name, rows(round_ * 1000 + start, 200))
+            server.call("delete", task_id=task_id)
+            time.sleep(1)
+            assert store.get(f"{prefix}/task_position/{task_id}")[0] is None
+            assert store.get(f"{prefix}/task_info/{task_id}")[0] is None
+        source.release_collection(name)
+        source.drop_collection(name)
+    finally:
+        server.stop()
+        store.close()
