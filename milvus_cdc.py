@@ -25,6 +25,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import sqlite3
 import struct
 import sys
@@ -141,6 +142,12 @@ class ReplicationSettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    server_id: str
+    lease_ttl: float = 10.0
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str
     port: int
@@ -151,6 +158,7 @@ class ServerConfig:
     source: SourceSettings
     replication: ReplicationSettings
     api_token: str = field(default="", repr=False)  # when set, every request needs "Authorization: Bearer <it>"
+    cluster: ClusterSettings | None = None           # several servers sharing the meta store's tasks
 
 
 class ConfigReader:
@@ -400,9 +408,21 @@ def load_config(path: str) -> tuple[ServerConfig, list[str]]:
                                       "a number of seconds from 0.01 to 60"),
         retry_timeout=rep.value("retryTimeout", float, 600.0, lambda v: v >= 0, "a number of seconds >= 0"),
         retry_max_backoff=rep.value("retryMaxBackoff", float, 10.0, lambda v: v > 0, "a number of seconds > 0"))
+    cluster_reader = root.section("cluster")
+    cluster = None
+    if cluster_reader.value("enabled", bool, False):
+        if store_type == "sqlite":
+            raise ConfigError("config: cluster.enabled needs metaStoreConfig.storeType etcd or mysql (the servers "
+                              "share its tasks); sqlite is for one server")
+        server_id = cluster_reader.value("serverId", str, "") or \
+            f"{socket.gethostname() if host in ('0.0.0.0', '::', '') else host}:{port}"
+        cluster = ClusterSettings(server_id, cluster_reader.value(
+            "leaseTTL", float, 10.0, lambda v: 3 <= v <= 300, "a number of seconds from 3 to 300"))
+    else:
+        cluster_reader.read_keys.update(cluster_reader.data)
     level = {"WARN": "WARNING"}.get(log_level.upper(), log_level.upper())
     config = ServerConfig(host, port, max_task_num, max_name_length, level, meta_store, source, replication,
-                          api_token)
+                          api_token, cluster)
     return config, [f"config: unknown key {k} ignored" for k in root.unknown_keys()]
 
 
@@ -637,6 +657,37 @@ class MetaStoreUnavailable(Exception):
     task tries again later: nothing is lost, since the target is never ticked past what is stored."""
 
 
+class MetaStoreInUse(Exception):
+    """The embedded store's file is another server's."""
+
+
+class LeaseLost(Exception):
+    """This server no longer holds the lease on a target: its tasks there stop before anything else is written."""
+
+
+@dataclass
+class Lease:
+    """This server's hold on the targets it owns, as the meta store granted it (one lease per server run).
+
+    ``valid`` is the local fence: true only until the start of the last successful renewal plus the TTL, less a
+    margin, so a server that stalls (GC pause, SIGSTOP, a cut to the store) stops writing before anyone else may
+    have taken over, even before it learns from the store that it lost."""
+    server_id: str
+    token: str          # what the store holds for this run of the server: f"{server_id}/{nonce}"
+    ttl: float
+    renewed_at: float   # time.monotonic() when the last successful grant or renewal was sent
+    store_id: int = 0   # the etcd lease id
+
+    MARGIN = 1.0
+
+    def valid(self) -> bool:
+        return time.monotonic() < self.renewed_at + self.ttl - self.MARGIN
+
+    @staticmethod
+    def server_of(token: str) -> str:
+        return token.rsplit("/", 1)[0]
+
+
 class MetaStore(ABC):
     """Where tasks and their checkpoints live. Each call is one atomic write or read.
 
@@ -702,10 +753,49 @@ class MetaStore(ABC):
     def delete_task(self, task_id: str) -> None:
         self._guard("deleting a task", lambda: self._delete_task(task_id), write="delete")
 
-    def save_checkpoints(self, task_id: str, checkpoints: Iterable[Checkpoint]) -> None:
-        """Replace the task's whole set of checkpoints in one write."""
+    def save_checkpoints(self, task_id: str, checkpoints: Iterable[Checkpoint],
+                         fence: tuple[Lease, str] | None = None) -> None:
+        """Replace the task's whole set of checkpoints in one write. With ``fence`` (the lease and the target),
+        only while this server holds that target and the task still exists; else LeaseLost and nothing is
+        written."""
         document = json.dumps([c.to_json() for c in sorted(checkpoints)])
-        self._guard("saving checkpoints", lambda: self._save_positions(task_id, document), write="checkpoint")
+        if fence is None:
+            self._guard("saving checkpoints", lambda: self._save_positions(task_id, document), write="checkpoint")
+        elif not self._guard("saving checkpoints", lambda: self._save_fenced(task_id, document, *fence),
+                             write="checkpoint"):
+            raise LeaseLost(f"target {fence[1]} is no longer held by this server, or task {task_id} is gone")
+
+    # -- cluster: leases on targets (etcd and MySQL; sqlite is for one server) -------------------------------
+
+    def _save_fenced(self, task_id: str, document: str, lease: Lease, target: str) -> bool:
+        raise NotImplementedError(f"{type(self).__name__} does not share tasks between servers")
+
+    def join(self, server_id: str, ttl: float) -> Lease:
+        """Enter the cluster: a lease for this run of the server, and its presence."""
+        raise NotImplementedError(f"{type(self).__name__} does not share tasks between servers")
+
+    def renew(self, lease: Lease) -> bool:
+        """Keep the lease (and every target held with it) alive; False when it is gone."""
+        raise NotImplementedError
+
+    def servers(self) -> dict[str, str]:
+        """The live servers: server id -> lease token."""
+        raise NotImplementedError
+
+    def acquire(self, lease: Lease, target: str) -> bool:
+        """Take a target that no live server holds (or that this one holds already)."""
+        raise NotImplementedError
+
+    def release(self, lease: Lease, target: str) -> None:
+        raise NotImplementedError
+
+    def owners(self) -> dict[str, str]:
+        """Target -> the server id holding it."""
+        raise NotImplementedError
+
+    def leave(self, lease: Lease) -> None:
+        """Give up the lease and everything held with it (a clean shutdown: others take over at once)."""
+        raise NotImplementedError
 
     def load_checkpoints(self, task_id: str) -> dict[str, Checkpoint]:
         document = self._guard("loading checkpoints", lambda: self._load_positions(task_id))
@@ -786,8 +876,16 @@ class SqliteMetaStore(SqlMetaStore):
     MARK, REPLACE, TEXT, KEY = "?", "INSERT OR REPLACE INTO", "TEXT", "TEXT"
 
     def __init__(self, path: str, root_path: str):
+        import fcntl
         super().__init__(root_path)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.owner = open(path + ".lock", "a")  # held while the server runs: one server per sqlite file
+        try:
+            fcntl.flock(self.owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.owner.close()
+            raise MetaStoreInUse(f"another CDC server uses the sqlite meta store {path}; sqlite is for one server "
+                                 f"(several servers share an etcd or mysql store)") from None
         self.lock = threading.Lock()
         self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -817,6 +915,7 @@ class SqliteMetaStore(SqlMetaStore):
     def close(self):
         with self.lock:
             self.db.close()
+        self.owner.close()
 
 
 class MySQLMetaStore(SqlMetaStore):
@@ -838,7 +937,9 @@ class MySQLMetaStore(SqlMetaStore):
                 cur.execute(f"CREATE DATABASE IF NOT EXISTS `{database.replace('`', '``')}`")
         finally:
             bootstrap.close()
-        self.connect = lambda: pymysql.connect(**params, database=database, autocommit=False, **self.TIMEOUTS)
+        # FOUND_ROWS: an UPDATE counts the rows it matched, which is what taking a lease asks
+        self.connect = lambda: pymysql.connect(**params, database=database, autocommit=False, **self.TIMEOUTS,
+                                               client_flag=pymysql.constants.CLIENT.FOUND_ROWS)
         self.idle: queue.LifoQueue = queue.LifoQueue()
         self._create_tables()
 
@@ -865,6 +966,100 @@ class MySQLMetaStore(SqlMetaStore):
     def _transient(self, error):
         import pymysql
         return isinstance(error, (pymysql.err.OperationalError, pymysql.err.InterfaceError))
+
+    # Presence and ownership are rows with an expiry in the database's own time (NOW(6)), renewed by heartbeat;
+    # a target is taken with a conditional update, and a checkpoint is written only under a lock on its row.
+
+    def _create_cluster_tables(self) -> None:
+        with self._transaction() as cur:
+            cur.execute(f"CREATE TABLE IF NOT EXISTS cdc_server (root_path {self.KEY} NOT NULL, server_id {self.KEY} "
+                        f"NOT NULL, token {self.KEY} NOT NULL, expires_at DATETIME(6) NOT NULL, "
+                        f"PRIMARY KEY (root_path, server_id))")
+            cur.execute(f"CREATE TABLE IF NOT EXISTS cdc_owner (root_path {self.KEY} NOT NULL, target {self.KEY} "
+                        f"NOT NULL, token {self.KEY} NOT NULL, expires_at DATETIME(6) NOT NULL, "
+                        f"PRIMARY KEY (root_path, target))")
+
+    def _save_fenced(self, task_id, document, lease, target):
+        with self._transaction() as cur:
+            cur.execute("SELECT 1 FROM cdc_owner WHERE root_path = %s AND target = %s AND token = %s AND "
+                        "expires_at > NOW(6) FOR UPDATE", (self.root_path, target, lease.token))
+            held = cur.fetchone() is not None
+            cur.execute("SELECT 1 FROM task_info WHERE root_path = %s AND task_id = %s FOR UPDATE",
+                        (self.root_path, task_id))
+            if not held or cur.fetchone() is None:
+                return False
+            cur.execute(f"{self.REPLACE} task_position VALUES (%s, %s, %s)", (self.root_path, task_id, document))
+        return True
+
+    def join(self, server_id, ttl):
+        def enter():
+            self._create_cluster_tables()
+            with self._transaction() as cur:
+                cur.execute("REPLACE INTO cdc_server VALUES (%s, %s, %s, NOW(6) + INTERVAL %s MICROSECOND)",
+                            (self.root_path, server_id, token, int(ttl * 1e6)))
+        token = f"{server_id}/{uuid.uuid4().hex[:12]}"
+        started = time.monotonic()
+        self._guard("joining the cluster", enter)
+        return Lease(server_id, token, ttl, started)
+
+    def renew(self, lease):
+        def heartbeat():
+            with self._transaction() as cur:
+                cur.execute("UPDATE cdc_server SET expires_at = NOW(6) + INTERVAL %s MICROSECOND WHERE root_path = %s "
+                            "AND server_id = %s AND token = %s AND expires_at > NOW(6)",
+                            (int(lease.ttl * 1e6), self.root_path, lease.server_id, lease.token))
+                alive = cur.rowcount == 1
+                if alive:
+                    cur.execute("UPDATE cdc_owner SET expires_at = NOW(6) + INTERVAL %s MICROSECOND WHERE "
+                                "root_path = %s AND token = %s AND expires_at > NOW(6)",
+                                (int(lease.ttl * 1e6), self.root_path, lease.token))
+            return alive
+        started = time.monotonic()
+        if not self._guard("renewing the lease", heartbeat):
+            return False
+        lease.renewed_at = started
+        return True
+
+    def servers(self):
+        def read():
+            with self._transaction() as cur:
+                cur.execute("SELECT server_id, token FROM cdc_server WHERE root_path = %s AND expires_at > NOW(6)",
+                            (self.root_path,))
+                return dict(cur.fetchall())
+        return self._guard("listing servers", read)
+
+    def acquire(self, lease, target):
+        def take():
+            with self._transaction() as cur:
+                cur.execute("INSERT IGNORE INTO cdc_owner VALUES (%s, %s, '', NOW(6))", (self.root_path, target))
+                cur.execute("UPDATE cdc_owner SET token = %s, expires_at = NOW(6) + INTERVAL %s MICROSECOND WHERE "
+                            "root_path = %s AND target = %s AND (token = %s OR expires_at <= NOW(6))",
+                            (lease.token, int(lease.ttl * 1e6), self.root_path, target, lease.token))
+                return cur.rowcount == 1
+        return self._guard("taking a target", take)
+
+    def release(self, lease, target):
+        def give():
+            with self._transaction() as cur:
+                cur.execute("UPDATE cdc_owner SET token = '', expires_at = NOW(6) WHERE root_path = %s AND "
+                            "target = %s AND token = %s", (self.root_path, target, lease.token))
+        self._guard("handing over a target", give)
+
+    def owners(self):
+        def read():
+            with self._transaction() as cur:
+                cur.execute("SELECT target, token FROM cdc_owner WHERE root_path = %s AND expires_at > NOW(6) AND "
+                            "token <> ''", (self.root_path,))
+                return {target: Lease.server_of(token) for target, token in cur.fetchall()}
+        return self._guard("listing owners", read)
+
+    def leave(self, lease):
+        def out():
+            with self._transaction() as cur:
+                cur.execute("UPDATE cdc_owner SET token = '', expires_at = NOW(6) WHERE root_path = %s AND token = %s",
+                            (self.root_path, lease.token))
+                cur.execute("DELETE FROM cdc_server WHERE root_path = %s AND token = %s", (self.root_path, lease.token))
+        self._guard("leaving the cluster", out)
 
     def close(self):
         while True:
@@ -907,6 +1102,60 @@ class EtcdMetaStore(MetaStore):
 
     def _transient(self, error):
         return etcd_fault(error)
+
+    def _save_fenced(self, task_id, document, lease, target):
+        ops = self.client.transactions
+        succeeded, _ = self.client.transaction(
+            compare=[ops.value(self._key("owner", target)) == lease.token,
+                     ops.version(self._key("task_info", task_id)) > 0],
+            success=[ops.put(self._key("task_position", task_id), document)], failure=[])
+        return succeeded
+
+    # Presence and ownership keys are bound to the server's etcd lease: when it expires, etcd deletes them.
+
+    def join(self, server_id, ttl):
+        started = time.monotonic()
+        granted = self._guard("joining the cluster", lambda: self.client.lease(int(max(2, round(ttl)))))
+        lease = Lease(server_id, f"{server_id}/{uuid.uuid4().hex[:12]}", ttl, started, granted.id)
+        self._guard("joining the cluster", lambda: self.client.put(self._key("servers", server_id), lease.token,
+                                                                   lease=granted.id))
+        return lease
+
+    def renew(self, lease):
+        started = time.monotonic()
+        answers = self._guard("renewing the lease", lambda: list(self.client.refresh_lease(lease.store_id)))
+        if not answers or answers[-1].TTL <= 0:
+            return False
+        lease.renewed_at = started
+        return True
+
+    def servers(self):
+        prefix = self._key("servers")
+        return {meta.key.decode()[len(prefix):]: value.decode()
+                for value, meta in self._guard("listing servers", lambda: list(self.client.get_prefix(prefix)))}
+
+    def acquire(self, lease, target):
+        ops, key = self.client.transactions, self._key("owner", target)
+        succeeded, answers = self._guard("taking a target", lambda: self.client.transaction(
+            compare=[ops.version(key) == 0], success=[ops.put(key, lease.token, lease=lease.store_id)],
+            failure=[ops.get(key)]))
+        if succeeded:
+            return True
+        held = answers[0][0][0] if answers and answers[0] else None
+        return held is not None and held.decode() == lease.token
+
+    def release(self, lease, target):
+        ops, key = self.client.transactions, self._key("owner", target)
+        self._guard("handing over a target", lambda: self.client.transaction(
+            compare=[ops.value(key) == lease.token], success=[ops.delete(key)], failure=[]))
+
+    def owners(self):
+        prefix = self._key("owner")
+        return {meta.key.decode()[len(prefix):]: Lease.server_of(value.decode())
+                for value, meta in self._guard("listing owners", lambda: list(self.client.get_prefix(prefix)))}
+
+    def leave(self, lease):
+        self._guard("leaving the cluster", lambda: self.client.revoke_lease(lease.store_id))
 
     def close(self):
         self.client.close()
@@ -1698,9 +1947,10 @@ class TargetWriter:
     to repair or to stop on. ``ok_if`` tells which refusals mean the work is already done (a replay).
     """
 
-    def __init__(self, param: ConnectParam, patience: Patience, metrics: TaskMetrics | None = None):
+    def __init__(self, param: ConnectParam, patience: Patience, metrics: TaskMetrics | None = None,
+                 fence: tuple[Lease, str] | None = None):
         from pymilvus.grpc_gen import milvus_pb2_grpc
-        self.param, self.patience, self.metrics = param, patience, metrics
+        self.param, self.patience, self.metrics, self.fence = param, patience, metrics, fence
         self.grpc_channel = param.channel()
         self.stub = milvus_pb2_grpc.MilvusServiceStub(self.grpc_channel)
         self.call_timeout = max(30.0, param.connect_timeout)
@@ -1713,6 +1963,8 @@ class TargetWriter:
         import grpc
 
         def attempt():
+            if self.fence is not None and not self.fence[0].valid():
+                raise LeaseLost(f"the lease on target {self.fence[1]} ran out before {op}")
             started = time.monotonic()
             try:
                 response = getattr(self.stub, method)(request, timeout=self.call_timeout,
@@ -2477,6 +2729,7 @@ class TargetClock:
         self.channels: set[str] = set()
         self.param: ConnectParam | None = None
         self.posted = 0                   # bumped at every change, so the ticker knows it has work
+        self.fence: Lease | None = None   # in a cluster: ticks only while this server holds the target
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
 
@@ -2525,7 +2778,9 @@ class TargetClock:
             with self.changed:
                 while self.posted == seen and not self.stopping.is_set():
                     self.changed.wait(1.0)
-                seen, param = self.posted, self.param
+                seen, param, fence = self.posted, self.param, self.fence
+                if fence is not None and not fence.valid():
+                    continue  # the target may be another server's by now
                 tick = min(self.watermarks.values()) if self.watermarks else 0
                 due = sorted(c for c in self.channels if tick > sent.get(c, 0))
             if not due:
@@ -2596,8 +2851,10 @@ class Replicator:
     CATALOG_INTERVAL = 0.1       # seconds between two polls of the source's catalog
 
     def __init__(self, task: TaskInfo, config: ServerConfig, store: MetaStore, clock: TargetClock,
-                 on_failure: Callable[["Replicator", str], None], metrics: TaskMetrics):
+                 on_failure: Callable[["Replicator", str], None], metrics: TaskMetrics,
+                 fence: tuple[Lease, str] | None = None):
         self.task, self.config, self.store, self.clock, self.metrics = task, config, store, clock, metrics
+        self.fence = fence  # in a cluster: the lease this server holds the task's target with
         self.on_failure = on_failure
         self.stop_event = threading.Event()
         self.read_queue: queue.Queue = queue.Queue(maxsize=config.source.read_chan_len)
@@ -2671,6 +2928,12 @@ class Replicator:
             # this very thread.
             threading.Thread(target=self.on_failure, args=(self, reason), daemon=True).start()
 
+    def _lose(self, error: LeaseLost) -> None:
+        """The target went to another server: stop at once, without a pause (the task goes on there)."""
+        if not self.stop_event.is_set():
+            self.stop_event.set()
+            log.warning("task=%s stops here: %s", self.task.task_id, error)
+
     def _hand_over(self, target: queue.Queue, item) -> None:
         """Put into a bounded queue, waiting while it is full, until the task stops."""
         while not self.stop_event.is_set():
@@ -2716,6 +2979,8 @@ class Replicator:
                     self._hand_over(self.read_queue, messages)
         except TaskStopping:
             pass
+        except LeaseLost as exc:
+            self._lose(exc)
         except TaskHalt as exc:
             self._fail(str(exc))
         except Exception as exc:  # noqa: BLE001 - any reader failure pauses the task with its text
@@ -2753,10 +3018,12 @@ class Replicator:
         meta = writer = None
         try:
             meta = SourceMeta(self.config.source, self.patience("applier"))
-            writer = TargetWriter(self.task.connect, self.patience("applier"), self.metrics)
+            writer = TargetWriter(self.task.connect, self.patience("applier"), self.metrics, self.fence)
             Applier(self, meta, writer).run()
         except TaskStopping:
             pass
+        except LeaseLost as exc:
+            self._lose(exc)
         except TaskHalt as exc:
             self._fail(str(exc))
         except TargetError as exc:
@@ -3270,7 +3537,7 @@ class Applier:
             if resume is not None:
                 checkpoints.append(Checkpoint(name, resume.msg_id, applied, resume.kind))
         try:
-            self.r.store.save_checkpoints(self.tid, checkpoints)
+            self.r.store.save_checkpoints(self.tid, checkpoints, fence=self.r.fence)
         except MetaStoreUnavailable as exc:
             if strict or force:
                 raise
@@ -3710,7 +3977,7 @@ class TaskManager:
         self.store.save_task(changed.task_id, changed.to_store())
         return changed
 
-    def _run(self, task: TaskInfo) -> Replicator:
+    def _run(self, task: TaskInfo, fence: tuple[Lease, str] | None = None) -> Replicator:
         with self.lock:
             if task.task_id in self.replicators:  # a pause whose threads did not stop yet
                 raise ApiError(503, f"the threads of task {task.task_id} are still stopping; try again")
@@ -3719,7 +3986,7 @@ class TaskManager:
                 clock = self.clocks[task.connect.address] = TargetClock(self.config.replication,
                                                                         task.connect.address)
             replicator = Replicator(task, self.config, self.store, clock, self._on_failure,
-                                    self.metrics.task(task.task_id))
+                                    self.metrics.task(task.task_id), fence)
             self.replicators[task.task_id] = replicator
             task.state, task.reason = TaskState.RUNNING, ""
         replicator.start()
@@ -3927,6 +4194,269 @@ class TaskManager:
 
 
 ###############################################################################
+# Cluster: several servers, one set of tasks ##################################
+###############################################################################
+
+class ClusterAgent:
+    """This server's part in a cluster of servers sharing one meta store (same rootPath).
+
+    Each target (all the tasks replicating to one target address, which share its time ticks) is held by one
+    live server through a lease in the store; the agent keeps this server's lease alive, takes its share of the
+    targets (targets in name order dealt round-robin over the live servers in name order), hands over the
+    targets another server should have, and has the task manager run exactly the tasks of the targets it holds,
+    as the store says they should be. A lease that could not be renewed in time stops every task it covered
+    before anything else is written (the fence: writes are conditional on the lease, and checked locally)."""
+
+    SYNC_INTERVAL = 1.0
+
+    def __init__(self, manager: "ClusterTaskManager", store: MetaStore, server_id: str, ttl: float):
+        self.manager, self.store, self.server_id, self.ttl = manager, store, server_id, ttl
+        self.stopping = threading.Event()
+        self.woken = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.lease: Lease | None = None
+        self.held: set[str] = set()
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="cdc-cluster", daemon=True)
+        self.thread.start()
+
+    def wake(self) -> None:
+        self.woken.set()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.woken.set()
+        if self.thread is not None:
+            self.thread.join(self.manager.STOP_TIMEOUT)
+        self.manager.sync(set(), None, None)
+        if self.lease is not None and self.lease.valid():
+            with contextlib.suppress(MetaStoreUnavailable):
+                self.store.leave(self.lease)  # the others take over at once rather than after the TTL
+
+    def _run(self) -> None:
+        renewed = 0.0
+        while not self.stopping.is_set():
+            try:
+                if self.lease is None:
+                    self.lease = self.store.join(self.server_id, self.ttl)
+                    renewed = time.monotonic()
+                    log.info("cluster: server %s joined (lease ttl %gs)", self.server_id, self.ttl)
+                elif time.monotonic() - renewed >= self.ttl / 3:
+                    if self.store.renew(self.lease):
+                        renewed = time.monotonic()
+                    else:
+                        self._lost("its lease expired in the store")
+                        continue
+                self._sync()
+            except MetaStoreUnavailable as exc:
+                log.warning("cluster: %s", exc)
+            except Exception:  # noqa: BLE001 - the loop must go on; the trace goes to the log
+                log.exception("cluster: sync failed")
+            if self.lease is not None and not self.lease.valid() and self.held:
+                self._lost("its lease could not be renewed in time")
+            self.woken.wait(min(self.SYNC_INTERVAL, self.ttl / 6))
+            self.woken.clear()
+
+    def _lost(self, why: str) -> None:
+        log.warning("cluster: server %s lost its targets %s: %s", self.server_id, sorted(self.held), why)
+        self.held = set()
+        self.manager.sync(set(), None, None)
+        self.lease = None  # join again, with a new token: nothing held with the old one counts
+
+    def _sync(self) -> None:
+        tasks = self.manager.stored_tasks()
+        servers = sorted(self.store.servers())
+        owners = self.store.owners()
+        targets = sorted({t.connect.address for t in tasks.values()})
+        share = {t: servers[i % len(servers)] for i, t in enumerate(targets)} if servers else {}
+        for target in sorted(self.held):
+            if owners.get(target) != self.server_id:
+                log.warning("cluster: target %s is no longer held by %s", target, self.server_id)
+                self.held.discard(target)
+            elif share.get(target) != self.server_id:  # no task left there, or another server's share now
+                self.held.discard(target)
+                self.manager.sync(self.held, self.lease, tasks)  # its tasks stop before the lease goes
+                self.store.release(self.lease, target)
+                log.info("cluster: %s handed target %s over to %s", self.server_id, target,
+                         share.get(target, "nobody (no task left)"))
+        for target in targets:
+            if share[target] == self.server_id and target not in self.held and self.lease.valid() and \
+                    self.store.acquire(self.lease, target):
+                self.held.add(target)
+                log.info("cluster: %s took target %s", self.server_id, target)
+        self.manager.sync(self.held, self.lease, tasks)
+
+
+class ClusterTaskManager(TaskManager):
+    """The task manager of a server in a cluster: the meta store holds what every task should be, the servers
+    divide the targets (ClusterAgent), and each runs the tasks of the targets it holds. Any server answers the
+    API for every task: a change is written to the store, and the server holding the task's target follows it
+    within a second or two. `list` and `get` read the store, and show each task's ``owner``."""
+
+    PICKUP_TIMEOUT = 60.0
+
+    def __init__(self, config: ServerConfig, store: MetaStore, metrics: Metrics, server_id: str, ttl: float):
+        super().__init__(config, store, metrics)
+        self.server_id = server_id
+        self.agent = ClusterAgent(self, store, server_id, ttl)
+
+    def restore(self) -> None:
+        self.agent.start()
+
+    def shutdown(self) -> None:
+        self.agent.stop()
+        super().shutdown()
+
+    def stored_tasks(self) -> dict[str, TaskInfo]:
+        found = {}
+        for task_id, data in self.store.load_tasks().items():
+            try:
+                found[task_id] = TaskInfo.from_store(data)
+            except (KeyError, TypeError, ValueError) as exc:
+                log.error("task=%s is damaged in the store and left out: %r", task_id, exc)
+        return found
+
+    def sync(self, held: set[str], lease: Lease | None, tasks: dict[str, TaskInfo] | None) -> None:
+        """Run exactly the Running tasks of the targets held; stop the others (the agent's thread only)."""
+        tasks = tasks if tasks is not None else {}
+        with self.lock:
+            running = dict(self.replicators)
+            for address, clock in self.clocks.items():
+                clock.fence = lease if address in held else Lease("", "", 0, 0)  # an invalid fence: no ticks
+        for task_id, replicator in running.items():
+            task = tasks.get(task_id)
+            if task is None or task.connect.address not in held or task.state != TaskState.RUNNING or \
+                    not replicator.alive() and replicator.stop_event.is_set() and not replicator.failed:
+                with contextlib.suppress(ApiError):
+                    self._halt(task_id)
+                if task is not None:
+                    log.info("task=%s stopped here (%s)", task_id, "paused" if task.state != TaskState.RUNNING
+                             else "its target is not held by this server")
+        with self.lock:
+            self.tasks = tasks
+        for task_id, task in sorted(tasks.items()):
+            if task.state == TaskState.RUNNING and task.connect.address in held and task_id not in self.replicators:
+                with contextlib.suppress(ApiError):
+                    self._run(task, fence=(lease, task.connect.address))
+                    log.info("task=%s runs here, on server %s", task_id, self.server_id)
+
+    def _on_failure(self, replicator: Replicator, reason: str) -> None:
+        """A task stopped itself: store it as paused, as long as this server still holds its target."""
+        delay = 0.5
+        while replicator.fence is None or replicator.fence[0].valid():
+            try:
+                self._store(replicator.task, state=TaskState.PAUSED, reason=reason)
+                self.agent.wake()
+                return
+            except MetaStoreUnavailable as exc:
+                log.warning("task=%s cannot store its pause yet: %s", replicator.task.task_id, exc)
+            time.sleep(delay)
+            delay = min(delay * 2, self.config.replication.retry_max_backoff)
+
+    def _find(self, task_id: Any) -> TaskInfo:
+        if not isinstance(task_id, str) or not task_id:
+            raise ApiError(400, "request_data.task_id is required (a task id from create or list)")
+        task = self.stored_tasks().get(task_id)
+        if task is None:
+            raise ApiError(404, f"not found the task, task_id: {task_id}")
+        return task
+
+    def _show(self, task: TaskInfo, owners: dict[str, str]) -> dict:
+        shown = task.public()
+        shown["owner"] = owners.get(task.connect.address)
+        return shown
+
+    # -- requests: to the store; the target's holder follows -------------------------------------------------
+
+    def create(self, data: Any) -> str:
+        task = parse_create_request(data, self.config.max_name_length)
+        with self.lock:
+            self.tasks = self.stored_tasks()
+            self._check_room(task)
+        if not self.creates.acquire(blocking=False):
+            raise ApiError(503, f"{self.CREATE_SLOTS} creates are already checking their targets; try again")
+        try:
+            problem = probe_target(task.connect, min(task.connect.connect_timeout, self.PROBE_TIMEOUT))
+            if problem:
+                raise ApiError(400, problem)
+            self._store(task, state=TaskState.RUNNING)
+            self.agent.wake()
+            # Answer once its start positions are pinned (by whichever server holds its target).
+            deadline = time.monotonic() + self.PICKUP_TIMEOUT
+            while time.monotonic() < deadline:
+                stored = self.stored_tasks().get(task.task_id)
+                if stored is not None and stored.state == TaskState.PAUSED and stored.reason:
+                    with contextlib.suppress(MetaStoreUnavailable):
+                        self.store.delete_task(task.task_id)
+                    raise ApiError(500, f"the task could not start: {stored.reason}")
+                if self.store.load_checkpoints(task.task_id):
+                    break
+                time.sleep(0.2)
+            else:
+                with contextlib.suppress(MetaStoreUnavailable):
+                    self.store.delete_task(task.task_id)
+                raise ApiError(500, f"no server started the task within {self.PICKUP_TIMEOUT:g}s")
+        finally:
+            self.creates.release()
+        log.info("task=%s created for target %s, collections %s", task.task_id, task.connect.uri,
+                 [c["name"] for c in task.collection_infos])
+        return task.task_id
+
+    def pause(self, task_id: Any) -> None:
+        task = self._find(task_id)
+        if task.state == TaskState.PAUSED:
+            raise ApiError(400, f"task {task_id} is already paused")
+        self._store(task, state=TaskState.PAUSED, reason=self.PAUSED_BY_USER)
+        self.agent.wake()
+        log.info("task=%s paused", task_id)
+
+    def resume(self, task_id: Any) -> None:
+        task = self._find(task_id)
+        if task.state == TaskState.RUNNING:
+            raise ApiError(400, f"task {task_id} is already running")
+        self._store(task, state=TaskState.RUNNING, reason="")
+        self.agent.wake()
+        log.info("task=%s resumed", task_id)
+
+    def delete(self, task_id: Any) -> None:
+        task = self._find(task_id)
+        self.store.delete_task(task.task_id)  # a late checkpoint write of its holder finds it gone: not written
+        self.agent.wake()
+        self.metrics.forget(task.task_id)
+        log.info("task=%s deleted", task_id)
+
+    def get(self, task_id: Any) -> dict:
+        task = self._find(task_id)
+        shown = self._show(task, self.store.owners())
+        with self.lock:
+            replicator = self.replicators.get(task.task_id)
+        if replicator is not None:
+            shown.update(replicator.progress())
+        else:
+            shown["channels"] = self._stored_lag(task.task_id)
+        return shown
+
+    def list(self) -> list[dict]:
+        owners = self.store.owners()
+        return [self._show(t, owners) for t in sorted(self.stored_tasks().values(), key=lambda t: t.created_at)]
+
+    def readiness(self) -> str | None:
+        try:
+            self.store.ping()
+        except MetaStoreUnavailable as exc:
+            return str(exc)
+        if self.agent.lease is None:
+            return "this server has not joined the cluster yet"
+        held = set(self.agent.held)
+        for task, replicator, _ in self.snapshot():
+            if task.state == TaskState.RUNNING and task.connect.address in held and \
+                    (replicator is None or not replicator.alive()):
+                return f"task {task.task_id} is held here but not replicating"
+        return None
+
+
+###############################################################################
 # HTTP API #####################################################################
 ###############################################################################
 
@@ -4084,13 +4614,19 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         store = open_meta_store(config.meta_store)
+    except MetaStoreInUse as exc:
+        print(exc, file=sys.stderr)
+        return 2
     except Exception as exc:  # noqa: BLE001 - one clear line instead of a trace
         print(f"meta store ({config.meta_store.store_type}) is not reachable: {type(exc).__name__}: {exc}",
               file=sys.stderr)
         return 2
     metrics = Metrics()
     store.metrics = metrics
-    manager = TaskManager(config, store, metrics)
+    if config.cluster is not None:
+        manager = ClusterTaskManager(config, store, metrics, config.cluster.server_id, config.cluster.lease_ttl)
+    else:
+        manager = TaskManager(config, store, metrics)
     import waitress
     try:
         server = waitress.create_server(CdcApi(manager, config.api_token).app, host=config.host, port=config.port,
