@@ -2943,83 +2943,11 @@ class Replicator:
             except queue.Full:
                 continue
 
-    # -- reader thread ------------------------------------------------------------------------------------
-
-    def _run_reader(self, reader: ChannelReader) -> None:
-        from pymilvus.grpc_gen import common_pb2
-        replicate = self.config.source.replicate_chan
-        patience = self.patience("reader")
-        last_fence = 0.0
+    def _ending(self, what: str, body: Callable[[], None], *closables) -> None:
+        """Run one thread's body; how it ends decides what becomes of the task: a stop is quiet, a lost lease
+        stops it here (it goes on elsewhere), anything else pauses it with the reason."""
         try:
-            while not self.stop_event.is_set():
-                while True:
-                    try:
-                        command, channel, start = self.reader_commands.get_nowait()
-                    except queue.Empty:
-                        break
-                    if command == "add":
-                        patience.run(f"seeking {channel} in the source MQ",
-                                     functools.partial(reader.add, channel, start), reader.transient)
-                    else:
-                        reader.remove(channel)
-                messages = patience.run("reading the source MQ", lambda: reader.read(0.1), reader.transient)
-                for message in messages:
-                    if message.msg_type == common_pb2.TimeTick and message.channel != replicate:
-                        self.source_clock.saw_tick(message.timestamp)
-                if messages:
-                    self.metrics.read(collections.Counter(m.channel for m in messages))
-                if time.monotonic() - last_fence >= self.FENCE_INTERVAL:
-                    last_fence = time.monotonic()
-                    before = self.source_clock.now()
-                    if reader.at_end(replicate):
-                        # Read to the end observed after `before` was read: every operation the source
-                        # completed before issuing `before` is read.
-                        messages.append(SourceMessage(replicate, b"", common_pb2.TimeTick, before, b""))
-                if messages:
-                    self._hand_over(self.read_queue, messages)
-        except TaskStopping:
-            pass
-        except LeaseLost as exc:
-            self._lose(exc)
-        except TaskHalt as exc:
-            self._fail(str(exc))
-        except Exception as exc:  # noqa: BLE001 - any reader failure pauses the task with its text
-            log.exception("task=%s reading the source MQ failed", self.task.task_id)
-            self._fail(f"reading the source MQ: {type(exc).__name__}: {exc}")
-        finally:
-            try:
-                reader.close()
-            except Exception:  # noqa: BLE001
-                pass
-
-    # -- catalog thread -----------------------------------------------------------------------------------
-
-    def _run_catalog(self, poller: CatalogPoller) -> None:
-        try:
-            while not self.stop_event.wait(self.CATALOG_INTERVAL):
-                before = self.source_clock.now()
-                changes = poller.poll()
-                # Started after `before` was read: every catalog write made before it was issued is here.
-                self._hand_over(self.catalog_queue, (before, changes))
-        except TaskStopping:
-            pass
-        except TaskHalt as exc:
-            self._fail(str(exc))
-        except Exception as exc:  # noqa: BLE001
-            log.exception("task=%s reading the source etcd failed", self.task.task_id)
-            self._fail(f"reading the source etcd: {type(exc).__name__}: {exc}")
-        finally:
-            poller.meta.close()
-
-    # -- applier thread -----------------------------------------------------------------------------------
-
-    def _run_applier(self) -> None:
-        task_id = self.task.task_id
-        meta = writer = None
-        try:
-            meta = SourceMeta(self.config.source, self.patience("applier"))
-            writer = TargetWriter(self.task.connect, self.patience("applier"), self.metrics, self.fence)
-            Applier(self, meta, writer).run()
+            body()
         except TaskStopping:
             pass
         except LeaseLost as exc:
@@ -3029,16 +2957,71 @@ class Replicator:
         except TargetError as exc:
             self._fail(f"writing to the target: {exc}")
         except Exception as exc:  # noqa: BLE001 - the reason is shown to the user, the trace goes to the log
-            log.exception("task=%s applier failed", task_id)
-            self._fail(f"{type(exc).__name__}: {exc}")
+            log.exception("task=%s %s failed", self.task.task_id, what)
+            self._fail(f"{what}: {type(exc).__name__}: {exc}")
         finally:
-            self.clock.leave(task_id)
-            for closable in (meta, writer):
+            for closable in closables:
                 if closable is not None:
-                    try:
+                    with contextlib.suppress(Exception):
                         closable.close()
-                    except Exception:  # noqa: BLE001
-                        pass
+
+    # -- reader thread ------------------------------------------------------------------------------------
+
+    def _run_reader(self, reader: ChannelReader) -> None:
+        self._ending("reading the source MQ", lambda: self._read(reader), reader)
+
+    def _read(self, reader: ChannelReader) -> None:
+        from pymilvus.grpc_gen import common_pb2
+        replicate = self.config.source.replicate_chan
+        patience = self.patience("reader")
+        last_fence = 0.0
+        while not self.stop_event.is_set():
+            while True:
+                try:
+                    command, channel, start = self.reader_commands.get_nowait()
+                except queue.Empty:
+                    break
+                if command == "add":
+                    patience.run(f"seeking {channel} in the source MQ",
+                                 functools.partial(reader.add, channel, start), reader.transient)
+                else:
+                    reader.remove(channel)
+            messages = patience.run("reading the source MQ", lambda: reader.read(0.1), reader.transient)
+            for message in messages:
+                if message.msg_type == common_pb2.TimeTick and message.channel != replicate:
+                    self.source_clock.saw_tick(message.timestamp)
+            if messages:
+                self.metrics.read(collections.Counter(m.channel for m in messages))
+            if time.monotonic() - last_fence >= self.FENCE_INTERVAL:
+                last_fence = time.monotonic()
+                before = self.source_clock.now()
+                if reader.at_end(replicate):
+                    # Read to the end observed after `before` was read: every operation the source
+                    # completed before issuing `before` is read.
+                    messages.append(SourceMessage(replicate, b"", common_pb2.TimeTick, before, b""))
+            if messages:
+                self._hand_over(self.read_queue, messages)
+
+    # -- catalog thread -----------------------------------------------------------------------------------
+
+    def _run_catalog(self, poller: CatalogPoller) -> None:
+        def poll():
+            while not self.stop_event.wait(self.CATALOG_INTERVAL):
+                before = self.source_clock.now()
+                changes = poller.poll()
+                # Started after `before` was read: every catalog write made before it was issued is here.
+                self._hand_over(self.catalog_queue, (before, changes))
+        self._ending("reading the source etcd", poll, poller.meta)
+
+    # -- applier thread -----------------------------------------------------------------------------------
+
+    def _run_applier(self) -> None:
+        meta = SourceMeta(self.config.source, self.patience("applier"))
+        writer = TargetWriter(self.task.connect, self.patience("applier"), self.metrics, self.fence)
+        try:
+            self._ending("applying", lambda: Applier(self, meta, writer).run(), meta, writer)
+        finally:
+            self.clock.leave(self.task.task_id)
 
 
 ###############################################################################

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import signal
@@ -59,6 +60,19 @@ def server_config(stack: dict, workdir: Path, store: str = "sqlite", **overrides
             node = node.setdefault(key, {})
         node[last] = value
     return config
+
+
+@contextlib.contextmanager
+def running_server(stack: dict, workdir: Path, store: str = "sqlite", **overrides):
+    """A CDC server for one test; its tasks are deleted and it is stopped afterwards."""
+    server = CdcServer(server_config(stack, workdir, store, **overrides), workdir).start()
+    try:
+        yield server
+    finally:
+        if server.alive():
+            for task in server.call("list")["tasks"]:
+                server.call("delete", task_id=task["task_id"])
+        server.stop()
 
 
 class CdcServer:

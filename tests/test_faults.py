@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import CdcServer, TcpRelay, client, server_config, wait_until
+from helpers import CdcServer, TcpRelay, client, running_server, server_config, wait_until
 from stack import free_ports
 from test_recovery import InsertLoad, finish, loaded_collection
 
@@ -192,12 +192,8 @@ def freeze(stack: dict, part: str, seconds: float) -> None:
 @pytest.fixture
 def patient(stack, tmp_path):
     """A server whose tasks wait out a minute of trouble."""
-    server = CdcServer(server_config(stack, tmp_path, **{"replication.retryTimeout": 120,
-                                                           "replication.retryMaxBackoff": 2}), tmp_path).start()
-    yield server
-    for task in server.call("list")["tasks"]:
-        server.call("delete", task_id=task["task_id"])
-    server.stop()
+    with running_server(stack, tmp_path, **{"replication.retryTimeout": 120, "replication.retryMaxBackoff": 2}) as s:
+        yield s
 
 
 def test_the_source_etcd_and_broker_frozen(stack, patient, unique_name):
@@ -224,7 +220,6 @@ def test_the_target_killed_and_restarted(stack, patient, tmp_path, unique_name):
     extra = ExtraTarget(stack, 0, workdir=tmp_path / "extra").start()
     try:
         task_id = server.create_task(extra.uri)
-        target = client(extra.uri)
         name = unique_name("restarted")
         source, _ = loaded_collection(stack, name)
         with InsertLoad(stack["source_milvus"], name):

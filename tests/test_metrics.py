@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import CdcServer, TcpRelay, server_config, wait_until
+from helpers import CdcServer, TcpRelay, running_server, server_config, wait_until
 from test_faults import PrivateEtcd
 from test_recovery import loaded_collection
 
@@ -38,12 +38,8 @@ def probe(server: CdcServer, path: str) -> tuple[int, dict]:
 
 @pytest.fixture
 def server(stack, tmp_path):
-    running = CdcServer(server_config(stack, tmp_path, **{"replication.retryTimeout": 60,
-                                                            "replication.retryMaxBackoff": 1}), tmp_path).start()
-    yield running
-    for task in running.call("list")["tasks"]:
-        running.call("delete", task_id=task["task_id"])
-    running.stop()
+    with running_server(stack, tmp_path, **{"replication.retryTimeout": 60, "replication.retryMaxBackoff": 1}) as s:
+        yield s
 
 
 def test_metrics_follow_a_real_replication(stack, server, unique_name):

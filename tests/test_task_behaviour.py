@@ -7,17 +7,13 @@ import time
 import pytest
 from pymilvus import DataType, MilvusClient
 
-from helpers import CdcServer, TcpRelay, assert_same_rows, client, server_config, wait_until
+from helpers import CdcServer, TcpRelay, assert_same_rows, client, running_server, server_config, wait_until
 
 
 @pytest.fixture
 def server(stack, tmp_path):
-    config = server_config(stack, tmp_path, **{"replication.retryTimeout": 8, "replication.retryMaxBackoff": 1})
-    running = CdcServer(config, tmp_path).start()
-    yield running
-    for task in running.call("list")["tasks"]:
-        running.call("delete", task_id=task["task_id"])
-    running.stop()
+    with running_server(stack, tmp_path, **{"replication.retryTimeout": 8, "replication.retryMaxBackoff": 1}) as s:
+        yield s
 
 
 def make_collection(milvus, name: str, shards: int = 1, load: bool = True) -> None:
@@ -177,12 +173,8 @@ def test_a_refusal_nothing_explains_pauses_the_task_at_once_with_the_reason(stac
 
 @pytest.fixture
 def patient_server(stack, tmp_path):
-    config = server_config(stack, tmp_path, **{"replication.retryTimeout": 300, "replication.retryMaxBackoff": 2})
-    running = CdcServer(config, tmp_path).start()
-    yield running
-    for task in running.call("list")["tasks"]:
-        running.call("delete", task_id=task["task_id"])
-    running.stop()
+    with running_server(stack, tmp_path, **{"replication.retryTimeout": 300, "replication.retryMaxBackoff": 2}) as s:
+        yield s
 
 
 def test_a_target_down_for_a_minute_is_retried_and_the_task_recovers_by_itself(stack, patient_server, unique_name):
