@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import base64
+import concurrent.futures
 import contextlib
+import copy
 import dataclasses
 import enum
 import functools
@@ -139,6 +141,7 @@ class ReplicationSettings:
     checkpoint_interval: float = 0.2
     retry_timeout: float = 600.0
     retry_max_backoff: float = 10.0
+    write_ahead: int = 4  # rounds of messages sent to the target before the oldest must be acknowledged
 
 
 @dataclass(frozen=True)
@@ -407,7 +410,8 @@ def load_config(path: str) -> tuple[ServerConfig, list[str]]:
         checkpoint_interval=rep.value("checkpointInterval", float, 0.2, lambda v: 0.01 <= v <= 60,
                                       "a number of seconds from 0.01 to 60"),
         retry_timeout=rep.value("retryTimeout", float, 600.0, lambda v: v >= 0, "a number of seconds >= 0"),
-        retry_max_backoff=rep.value("retryMaxBackoff", float, 10.0, lambda v: v > 0, "a number of seconds > 0"))
+        retry_max_backoff=rep.value("retryMaxBackoff", float, 10.0, lambda v: v > 0, "a number of seconds > 0"),
+        write_ahead=rep.value("writeAhead", int, 4, lambda v: 1 <= v <= 64, "an integer from 1 to 64"))
     cluster_reader = root.section("cluster")
     cluster = None
     if cluster_reader.value("enabled", bool, False):
@@ -1958,6 +1962,12 @@ class TargetWriter:
     def close(self) -> None:
         self.grpc_channel.close()
 
+    def sibling(self, patience: Patience) -> "TargetWriter":
+        """A writer on the same connection for another thread, with that thread's own patience."""
+        twin = copy.copy(self)
+        twin.patience = patience
+        return twin
+
     def call(self, op: str, method: str, request, db_name: str = "", ok_if: Callable[[Any], bool] | None = None,
              transient_if: Callable[[Any], bool] | None = None):
         import grpc
@@ -2154,21 +2164,76 @@ def speaks_tls(param: ConnectParam, timeout: float) -> bool:
 # Target mirror ################################################################
 ###############################################################################
 
-class Outbox:
-    """Rewritten messages by target pchannel, sent before any call that must come after them."""
+class SendLane:
+    """One target pchannel's messages, sent by a thread of its own, one call at a time, in the order given (the
+    target produces each call's messages to that channel in arrival order, so one lane per channel keeps it)."""
 
-    def __init__(self, writer: TargetWriter, task_id: str):
+    def __init__(self, pchannel: str, writer: TargetWriter, task_id: str):
+        self.pchannel, self.writer, self.task_id = pchannel, writer, task_id
+        self.work: queue.SimpleQueue = queue.SimpleQueue()
+        self.last: concurrent.futures.Future | None = None
+        self.thread = threading.Thread(target=self._run, name=f"cdc-send-{task_id[:8]}-{pchannel[-8:]}",
+                                       daemon=True)
+        self.thread.start()
+
+    def submit(self, messages: list[bytes]) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.work.put((messages, future))
+        self.last = future
+        return future
+
+    def close(self) -> None:
+        self.work.put(None)
+
+    def _run(self) -> None:
+        failed: BaseException | None = None
+        while (item := self.work.get()) is not None:
+            messages, future = item
+            if failed is not None:  # after a failure nothing more goes out on this channel: order first
+                future.set_exception(failed)
+                continue
+            try:
+                self.writer.replicate(self.pchannel, messages)
+            except BaseException as exc:  # noqa: BLE001 - handed to the applier through the future
+                failed = exc
+                future.set_exception(exc)
+            else:
+                future.set_result(len(messages))
+                log.debug("task=%s sent %d message(s) to %s", self.task_id, len(messages), self.pchannel)
+
+
+class Outbox:
+    """Rewritten messages by target pchannel. ``send`` hands them to the pchannels' lanes, which write to the
+    target in parallel, each in order, while the applier goes on; ``flush`` also waits until every lane has
+    written everything, before a call that must come after the data."""
+
+    def __init__(self, writer: TargetWriter, task_id: str, lane_writer: Callable[[str], TargetWriter] | None = None):
         self.writer, self.task_id = writer, task_id
+        self.lane_writer = lane_writer or (lambda pchannel: writer)
         self.messages: dict[str, list[bytes]] = defaultdict(list)
+        self.lanes: dict[str, SendLane] = {}
 
     def add(self, pchannel: str, message: bytes) -> None:
         self.messages[pchannel].append(message)
 
-    def flush(self) -> None:
+    def send(self) -> list[concurrent.futures.Future]:
+        sent = []
         for pchannel in list(self.messages):
-            messages = self.messages.pop(pchannel)
-            self.writer.replicate(pchannel, messages)
-            log.debug("task=%s sent %d message(s) to %s", self.task_id, len(messages), pchannel)
+            lane = self.lanes.get(pchannel)
+            if lane is None:
+                lane = self.lanes[pchannel] = SendLane(pchannel, self.lane_writer(pchannel), self.task_id)
+            sent.append(lane.submit(self.messages.pop(pchannel)))
+        return sent
+
+    def flush(self) -> None:
+        self.send()
+        for lane in self.lanes.values():
+            if lane.last is not None:
+                lane.last.result()  # a lane's failure is raised here
+
+    def close(self) -> None:
+        for lane in self.lanes.values():
+            lane.close()
 
 
 @dataclass(frozen=True)
@@ -2540,6 +2605,7 @@ class ChangeOrder:
         self.inputs: dict[str, _Input] = {}
         self.seq = 0
         self.added = False  # an input was added since the last take(): the watermark must be recomputed
+        self.out: set[int] = set()  # seqs handed out, not committed
 
     def add_input(self, name: str, kind: InputKind, start: StartAt | None = None, skip_until: int = 0) -> None:
         if name not in self.inputs:
@@ -2578,17 +2644,24 @@ class ChangeOrder:
         return max(self.applied, min(promises))
 
     def take(self) -> tuple[list[Change], int]:
-        """The changes ready to apply, in order, and the watermark they were taken at."""
+        """The changes ready to apply, in order (but those handed out already), and the watermark they were
+        taken at."""
         self.added = False
         watermark = self.watermark()
-        ready = sorted(c for source in self.inputs.values() for c in source.pending if c.ts <= watermark)
+        ready = sorted(c for source in self.inputs.values() for c in source.pending
+                       if c.ts <= watermark and c.seq not in self.out)
         return ready, watermark
 
+    def hand_out(self, changes: list[Change]) -> None:
+        """These are applied but not yet on the target for sure: not taken again, not committed yet."""
+        self.out.update(c.seq for c in changes)
+
     def commit(self, done: list[Change], upto: int) -> None:
-        """``done`` are applied, and so is everything of the inputs at or below ``upto``."""
-        applied = {(c.input, c.seq) for c in done}
+        """``done`` are on the target, and so is everything of the inputs at or below ``upto``."""
+        applied = {c.seq for c in done}
         for source in self.inputs.values():
-            source.pending = [c for c in source.pending if (c.input, c.seq) not in applied]
+            source.pending = [c for c in source.pending if c.seq not in applied]
+        self.out -= applied
         self.applied = max(self.applied, upto)
 
     def resume(self, name: str) -> StartAt | None:
@@ -3249,6 +3322,14 @@ class TargetCopies:
 CATALOG_INPUT = "source catalog (etcd)"
 
 
+@dataclass
+class SentRound:
+    """A round whose messages are on their way to the target: committed once every future is done."""
+    sent: list[concurrent.futures.Future]
+    done: list[Change]
+    upto: int
+
+
 class Applier:
     """The applier thread: takes the task's changes in ChangeOrder's order and applies each with its handler.
 
@@ -3266,7 +3347,8 @@ class Applier:
         self.replicate_chan = self.settings.replicate_chan
         self.catalog = SourceCatalog(meta, self.filter)
         self.mirror = TargetMirror(writer, self.tid)
-        self.outbox = Outbox(writer, self.tid)
+        self.outbox = Outbox(writer, self.tid,
+                             lambda pchannel: writer.sibling(replicator.patience(f"sending to {pchannel}")))
         self.copies = TargetCopies(self.tid, self.catalog, meta, self.mirror, self.outbox, replicator.clock,
                                    self.settings.default_partition_name, self._follow, self._unfollow)
         self.order = ChangeOrder()
@@ -3275,6 +3357,8 @@ class Applier:
         self.durable = 0
         self.last_checkpoint = 0.0
         self.checkpoint_dirty = False
+        self.sent: collections.deque[SentRound] = collections.deque()  # rounds handed to the send lanes
+        self.write_ahead = replicator.config.replication.write_ahead
         self.store_retry_at: float | None = None   # the meta store is down: when to try it again
         self.store_failures: list[float] = []
         self.patience = replicator.patience("applier")
@@ -3321,6 +3405,7 @@ class Applier:
         try:
             self._loop()
         finally:
+            self.outbox.close()
             if not self.r.failed:
                 try:
                     self._save_checkpoint(force=True)
@@ -3416,6 +3501,8 @@ class Applier:
                     continue
             self._receive()
             barrier = self._round()
+            if barrier:
+                self._commit_sent(until_empty=True)
             self._save_checkpoint(now=barrier)
 
     def _receive(self) -> None:
@@ -3465,8 +3552,9 @@ class Applier:
             self.order.offer(CATALOG_INPUT, self.catalog_fence + 1, change)
 
     def _round(self) -> bool:
-        """Apply what is ready, in order; commit it once the outbox is on the target. True when the round stopped
-        at a flush, which must wait until what comes before it is durable and ticked."""
+        """Apply what is ready, in order, and hand the outbox to the send lanes; the round is committed once its
+        messages are on the target (``_commit_sent``), up to ``writeAhead`` rounds later. True when the round
+        stopped at a flush, which must wait until what comes before it is durable and ticked."""
         from pymilvus.grpc_gen import common_pb2
         ready, watermark = self.order.take()
         done: list[Change] = []
@@ -3474,8 +3562,8 @@ class Applier:
         for change in ready:
             if self.stop.is_set():
                 raise TaskStopping()
-            if (done or self.durable < self.order.applied) and change.kind == InputKind.OPERATIONS and \
-                    change.item.msg_type == common_pb2.Flush:
+            if (done or self.sent or self.durable < self.order.applied) and change.kind == InputKind.OPERATIONS \
+                    and change.item.msg_type == common_pb2.Flush:
                 # The target flushes a channel only once its datanode watches it, which takes a first tick
                 # after the collection's creation: a collection made in this round has had none yet.
                 barrier = True
@@ -3493,17 +3581,30 @@ class Applier:
             done.append(change)
             if self.order.added:
                 break  # a channel was added: what is still ready must wait for its promise
-        self.outbox.flush()
         if len(done) == len(ready):
             upto = watermark
         elif barrier:
             upto = ready[len(done)].ts - 1  # everything before the flush
         else:  # broken off after a channel was added: only below the change that added it
             upto = done[-1].ts - 1
-        if done or upto > self.order.applied:
-            self.order.commit(done, upto)
-            self.checkpoint_dirty = True
+        if done or upto > (self.sent[-1].upto if self.sent else self.order.applied):
+            self.order.hand_out(done)
+            self.sent.append(SentRound(self.outbox.send(), done, upto))
+        self._commit_sent(until_empty=False)
         return barrier
+
+    def _commit_sent(self, until_empty: bool) -> None:
+        """Commit, oldest first, the rounds whose messages the target has taken; wait for the oldest while more
+        than ``writeAhead`` are out (or for all of them). A failed send is raised here."""
+        while self.sent:
+            oldest = self.sent[0]
+            if not (until_empty or len(self.sent) > self.write_ahead) and not all(f.done() for f in oldest.sent):
+                return
+            for future in oldest.sent:
+                future.result()
+            self.sent.popleft()
+            self.order.commit(oldest.done, oldest.upto)
+            self.checkpoint_dirty = True
 
     def _save_checkpoint(self, force: bool = False, now: bool = False, strict: bool = False) -> bool:
         """Persist the checkpoints (at most once per checkpointInterval unless ``now``), then tick the target up

@@ -145,3 +145,19 @@ def test_release_before_drop_whatever_input_carries_them():
     order.promise("rep", 150)
     assert items(order.take()[0]) == ["load collection@100", "partition P created@110", "insert into P@120",
                                       "load state changed (P released)", "drop P@140"]
+
+
+def test_changes_handed_out_are_not_taken_again_until_committed():
+    order = order_with(("a", InputKind.DATA))
+    for ts, n in ((10, 1), (20, 2)):
+        order.offer("a", ts, f"m{ts}", pos(n))
+    order.promise("a", 15)
+    first, watermark = order.take()
+    order.hand_out(first)  # on its way to the target, not yet acknowledged
+    order.promise("a", 25)
+    second, _ = order.take()
+    assert items(first) == ["m10"] and items(second) == ["m20"], "m10 is not sent twice"
+    assert order.resume("a") == m.StartAt("at", pos(1)), "a restart resumes at what is not acknowledged"
+    order.hand_out(second)
+    order.commit(first, watermark)
+    assert order.applied == 15 and order.resume("a") == m.StartAt("at", pos(2))

@@ -120,3 +120,46 @@ def test_transient_and_refusing_answers_are_told_apart():
     assert 1 in m.TRANSIENT_CODES  # not ready
     assert 65535 not in m.TRANSIENT_CODES and 100 not in m.TRANSIENT_CODES  # refusals: unexpected, not found
     assert "UNAVAILABLE" in m.TRANSIENT_GRPC and "UNAUTHENTICATED" not in m.TRANSIENT_GRPC
+
+
+class SlowWriter:
+    """Records what each channel received, in order; one channel can be made to fail."""
+
+    def __init__(self, failing: str = ""):
+        import threading
+        self.got, self.failing, self.lock = [], failing, threading.Lock()
+
+    def replicate(self, pchannel, messages):
+        import time
+        time.sleep(0.01)
+        if pchannel == self.failing:
+            raise m.TaskHalt(f"replicate to {pchannel}: refused")
+        with self.lock:
+            self.got += [(pchannel, x) for x in messages]
+
+
+def test_send_lanes_keep_each_channels_order_and_raise_a_failure():
+    writer = SlowWriter()
+    outbox = m.Outbox(writer, "t1")
+    futures = []
+    for i in range(20):
+        outbox.add(f"ch{i % 3}", b"%d" % i)
+        futures += outbox.send()
+    outbox.flush()
+    assert all(f.done() for f in futures)
+    for channel in ("ch0", "ch1", "ch2"):
+        assert [x for c, x in writer.got if c == channel] == [b"%d" % i for i in range(20) if f"ch{i % 3}" == channel]
+    outbox.close()
+    failing = m.Outbox(SlowWriter(failing="bad"), "t2")
+    failing.add("bad", b"1")
+    failing.add("good", b"2")
+    first = failing.send()
+    failing.add("bad", b"3")
+    try:
+        failing.flush()
+    except m.TaskHalt as halt:
+        assert "refused" in str(halt)
+    else:
+        raise AssertionError("a lane's failure must reach the applier")
+    assert first[0].exception() is not None
+    failing.close()
