@@ -1497,12 +1497,15 @@ def load_key_collection(key: str) -> int:
 
 @dataclass(frozen=True)
 class SourceMessage:
-    """One record of a source channel: its MQ id, its Milvus type and timestamp, and the raw protobuf bytes."""
+    """One record of a source channel: its MQ id, its Milvus type and timestamp, and the raw protobuf bytes;
+    data messages are parsed once, by the reader, and carried parsed (``parsed``) to the applier."""
     channel: str
     msg_id: bytes
     msg_type: int
     timestamp: int
-    payload: bytes
+    payload: bytes  # empty once parsed
+    parsed: Any = field(default=None, compare=False, repr=False)
+    size: int = 0   # bytes as read
 
 
 @dataclass(frozen=True)
@@ -1519,12 +1522,15 @@ LATEST, EARLIEST = StartAt("latest"), StartAt("earliest")
 def decode_source_message(channel: str, msg_id: bytes, payload: bytes) -> SourceMessage:
     from pymilvus.grpc_gen import common_pb2, msg_pb2
     base = common_pb2.MsgHeader.FromString(payload).base
-    timestamp = base.timestamp
-    if base.msg_type in (common_pb2.Insert, common_pb2.Delete) and not timestamp:
-        # An upsert's Insert half carries its time only per row.
-        cls = msg_pb2.InsertRequest if base.msg_type == common_pb2.Insert else msg_pb2.DeleteRequest
-        timestamp = max(cls.FromString(payload).timestamps, default=0)
-    return SourceMessage(channel, msg_id, base.msg_type, timestamp, payload)
+    timestamp, parsed = base.timestamp, None
+    if base.msg_type in (common_pb2.Insert, common_pb2.Delete):
+        parsed = (msg_pb2.InsertRequest if base.msg_type == common_pb2.Insert else msg_pb2.DeleteRequest
+                  ).FromString(payload)
+        if not timestamp:  # an upsert's Insert half carries its time only per row
+            timestamp = max(parsed.timestamps, default=0)
+    # A parsed message does not keep its bytes too: what is buffered between reader and target stays one copy.
+    return SourceMessage(channel, msg_id, base.msg_type, timestamp, b"" if parsed is not None else payload, parsed,
+                         len(payload))
 
 
 class ChannelReader(ABC):
@@ -3686,8 +3692,7 @@ class Applier:
     # -- data channel handlers --------------------------------------------------------------------------------
 
     def on_insert(self, message: SourceMessage) -> None:
-        from pymilvus.grpc_gen import msg_pb2
-        msg = msg_pb2.InsertRequest.FromString(message.payload)
+        msg = message.parsed
         copy = self.copies.of(msg.collectionID)
         if copy is None:
             return
@@ -3696,11 +3701,10 @@ class Applier:
         shard = shard_index(msg.shardName)
         self.outbox.add(target.pchannels[shard], MessageRewriter.insert(msg, target, partition_id, shard))
         self.r.metrics.replicated(target.qualified_name, "insert", msg.num_rows or len(msg.timestamps),
-                                  len(message.payload))
+                                  message.size)
 
     def on_delete(self, message: SourceMessage) -> None:
-        from pymilvus.grpc_gen import msg_pb2
-        msg = msg_pb2.DeleteRequest.FromString(message.payload)
+        msg = message.parsed
         copy = self.copies.of(msg.collectionID)
         if copy is None:
             return
@@ -3711,7 +3715,7 @@ class Applier:
         shard = shard_index(msg.shardName)
         self.outbox.add(target.pchannels[shard], MessageRewriter.delete(msg, target, partition_id, shard))
         self.r.metrics.replicated(target.qualified_name, "delete", msg.num_rows or len(msg.timestamps),
-                                  len(message.payload))
+                                  message.size)
 
     def on_create_collection(self, message: SourceMessage) -> None:
         from pymilvus.grpc_gen import msg_pb2
