@@ -1577,9 +1577,10 @@ class KafkaChannelReader(ChannelReader):
             options.update(security_protocol=sasl.get("securityProtocol") or "SASL_PLAINTEXT",
                            sasl_mechanism=sasl.get("mechanisms") or "PLAIN",
                            sasl_plain_username=sasl["username"], sasl_plain_password=sasl.get("password", ""))
+        # fetch_max_wait_ms: a broker holds a fetch that finds nothing new that long; ticks come every 200 ms
         self.consumer = KafkaConsumer(bootstrap_servers=settings["address"].split(","), enable_auto_commit=False,
-                                      group_id=None, fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20,
-                                      request_timeout_ms=30000, **options)
+                                      group_id=None, fetch_max_bytes=16 << 20, max_partition_fetch_bytes=8 << 20,
+                                      fetch_max_wait_ms=50, request_timeout_ms=30000, **options)
         self.partitions: dict[str, Any] = {}
 
     @staticmethod
@@ -2218,12 +2219,14 @@ class Outbox:
         self.lane_writer = lane_writer or (lambda pchannel: writer)
         self.messages: dict[str, list[bytes]] = defaultdict(list)
         self.lanes: dict[str, SendLane] = {}
+        self.size = 0  # bytes added since the last send
 
     def add(self, pchannel: str, message: bytes) -> None:
         self.messages[pchannel].append(message)
+        self.size += len(message)
 
     def send(self) -> list[concurrent.futures.Future]:
-        sent = []
+        sent, self.size = [], 0
         for pchannel in list(self.messages):
             lane = self.lanes.get(pchannel)
             if lane is None:
@@ -2658,13 +2661,19 @@ class ChangeOrder:
                        if c.ts <= watermark and c.seq not in self.out)
         return ready, watermark
 
-    def hand_out(self, changes: list[Change]) -> None:
-        """These are applied but not yet on the target for sure: not taken again, not committed yet."""
-        self.out.update(c.seq for c in changes)
+    def hand_out(self, changes: list[Change]) -> list[int]:
+        """These are applied but not yet on the target for sure: not taken again, not committed yet. Only their
+        places stay (their items are let go: what was applied needs no memory here). Returns their seqs."""
+        seqs = {c.seq for c in changes}
+        self.out |= seqs
+        for source in self.inputs.values():
+            source.pending = [dataclasses.replace(c, item=None) if c.seq in seqs else c for c in source.pending]
+        return sorted(seqs)
 
-    def commit(self, done: list[Change], upto: int) -> None:
-        """``done`` are on the target, and so is everything of the inputs at or below ``upto``."""
-        applied = {c.seq for c in done}
+    def commit(self, done: Iterable[int], upto: int) -> None:
+        """The changes ``done`` (seqs) are on the target, and so is everything of the inputs at or below
+        ``upto``."""
+        applied = set(done)
         for source in self.inputs.values():
             source.pending = [c for c in source.pending if c.seq not in applied]
         self.out -= applied
@@ -2894,17 +2903,24 @@ class SourceClock:
     FALLBACK_AFTER = 1.0
 
     def __init__(self):
-        self.lock = threading.Lock()
+        self.moved = threading.Condition()
         self.tick, self.tick_at = 0, 0.0
 
     def saw_tick(self, ts: int) -> None:
-        with self.lock:
+        with self.moved:
             if ts > self.tick:
                 self.tick, self.tick_at = ts, time.monotonic()
+                self.moved.notify_all()
+
+    def wait_past(self, ts: int, timeout: float) -> None:
+        """Until a tick above ``ts`` is read, or ``timeout``: a catalog poll right after each new tick keeps the
+        catalog's promise as close behind the source as the ticks themselves."""
+        with self.moved:
+            self.moved.wait_for(lambda: self.tick > ts, timeout)
 
     def now(self) -> int:
         from pymilvus.client.utils import mkts_from_unixtime
-        with self.lock:
+        with self.moved:
             tick, tick_at = self.tick, self.tick_at
         if time.monotonic() - tick_at > self.FALLBACK_AFTER:
             return max(tick, mkts_from_unixtime(time.time() - self.FALLBACK_AFTER))
@@ -2926,8 +2942,9 @@ class Replicator:
     The task owns its threads and stops them on pause, delete and shutdown.
     """
 
-    FENCE_INTERVAL = 0.1         # seconds between two promises of the replicate channel
-    CATALOG_INTERVAL = 0.1       # seconds between two polls of the source's catalog
+    FENCE_INTERVAL = 0.05        # seconds between two promises of the replicate channel, at most
+    CATALOG_SPACING = 0.03       # seconds between two polls of the source's catalog, at least
+    CATALOG_IDLE = 0.5           # seconds between two polls when no new tick comes
 
     def __init__(self, task: TaskInfo, config: ServerConfig, store: MetaStore, clock: TargetClock,
                  on_failure: Callable[["Replicator", str], None], metrics: TaskMetrics,
@@ -3085,7 +3102,9 @@ class Replicator:
 
     def _run_catalog(self, poller: CatalogPoller) -> None:
         def poll():
-            while not self.stop_event.wait(self.CATALOG_INTERVAL):
+            before = 0
+            while not self.stop_event.wait(self.CATALOG_SPACING):
+                self.source_clock.wait_past(before, self.CATALOG_IDLE)
                 before = self.source_clock.now()
                 changes = poller.poll()
                 # Started after `before` was read: every catalog write made before it was issued is here.
@@ -3332,8 +3351,9 @@ CATALOG_INPUT = "source catalog (etcd)"
 class SentRound:
     """A round whose messages are on their way to the target: committed once every future is done."""
     sent: list[concurrent.futures.Future]
-    done: list[Change]
+    done: list[int]   # the seqs of its changes
     upto: int
+    size: int         # bytes of its messages
 
 
 class Applier:
@@ -3342,6 +3362,8 @@ class Applier:
     It owns the order, what it knows of the source (SourceCatalog), which source collection has which copy on
     the target, the channels it follows, and the checkpoint. The target's side is TargetMirror's.
     """
+
+    WRITE_AHEAD_BYTES = 64 << 20  # messages on their way to the target before the oldest round must be acknowledged
 
     def __init__(self, replicator: Replicator, meta: SourceMeta, writer: TargetWriter):
         from pymilvus.grpc_gen import common_pb2
@@ -3594,8 +3616,8 @@ class Applier:
         else:  # broken off after a channel was added: only below the change that added it
             upto = done[-1].ts - 1
         if done or upto > (self.sent[-1].upto if self.sent else self.order.applied):
-            self.order.hand_out(done)
-            self.sent.append(SentRound(self.outbox.send(), done, upto))
+            size = self.outbox.size
+            self.sent.append(SentRound(self.outbox.send(), self.order.hand_out(done), upto, size))
         self._commit_sent(until_empty=False)
         return barrier
 
@@ -3604,7 +3626,8 @@ class Applier:
         than ``writeAhead`` are out (or for all of them). A failed send is raised here."""
         while self.sent:
             oldest = self.sent[0]
-            if not (until_empty or len(self.sent) > self.write_ahead) and not all(f.done() for f in oldest.sent):
+            over = len(self.sent) > self.write_ahead or sum(r.size for r in self.sent) > self.WRITE_AHEAD_BYTES
+            if not (until_empty or over) and not all(f.done() for f in oldest.sent):
                 return
             for future in oldest.sent:
                 future.result()

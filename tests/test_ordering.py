@@ -64,7 +64,7 @@ def test_a_change_at_or_below_what_is_applied_is_ready_at_once():
     order.promise("dml", 100)
     order.promise("rep", 100)
     ready, watermark = order.take()
-    order.commit(ready, watermark)
+    order.commit([c.seq for c in ready], watermark)
     order.offer("rep", 90, "late index@90")  # an operation whose write lagged its own timestamp
     ready, _ = order.take()
     assert items(ready) == ["late index@90"]
@@ -82,7 +82,7 @@ def test_an_input_added_holds_the_watermark_until_it_promises():
     # that added it; what follows waits for that channel.
     order.add_input("dml_1", InputKind.DATA)
     assert order.added
-    order.commit(ready[:1], ready[0].ts - 1)
+    order.commit([ready[0].seq], ready[0].ts - 1)
     order.offer("dml_1", 20, "insert X@20", pos(7))
     ready, watermark = order.take()
     assert ready == [] and watermark == 9 and not order.added
@@ -97,7 +97,7 @@ def test_commit_removes_what_was_applied_and_keeps_the_rest():
         order.offer("a", ts, f"m{ts}", pos(n))
     order.promise("a", 25)
     ready, watermark = order.take()
-    order.commit(ready, watermark)
+    order.commit([c.seq for c in ready], watermark)
     assert order.applied == 25 and [c.item for c in order.inputs["a"].pending] == ["m30"]
 
 
@@ -114,7 +114,7 @@ def test_a_restart_skips_what_was_applied_and_resumes_at_the_first_unapplied_mes
     assert ready == [] and watermark == 510
     order.promise("dml", 530, pos(13))
     ready, watermark = order.take()
-    order.commit(ready, watermark)
+    order.commit([c.seq for c in ready], watermark)
     assert order.resume("dml") == m.StartAt("after", pos(13))
     fresh = m.ChangeOrder()
     fresh.add_input("new", InputKind.DATA)
@@ -153,11 +153,11 @@ def test_changes_handed_out_are_not_taken_again_until_committed():
         order.offer("a", ts, f"m{ts}", pos(n))
     order.promise("a", 15)
     first, watermark = order.take()
-    order.hand_out(first)  # on its way to the target, not yet acknowledged
+    first_seqs = order.hand_out(first)  # on its way to the target, not yet acknowledged
     order.promise("a", 25)
     second, _ = order.take()
     assert items(first) == ["m10"] and items(second) == ["m20"], "m10 is not sent twice"
     assert order.resume("a") == m.StartAt("at", pos(1)), "a restart resumes at what is not acknowledged"
     order.hand_out(second)
-    order.commit(first, watermark)
+    order.commit(first_seqs, watermark)
     assert order.applied == 15 and order.resume("a") == m.StartAt("at", pos(2))
