@@ -1,121 +1,866 @@
-"""Benchmark: replication throughput, lag and memory of milvus_cdc.py on the real stack.
+"""Benchmark: what a CDC can promise, measured together with the bounds it is held to, on one stack.
 
-    python tests/bench_replication.py [--rows 100000] [--dim 64] [--shards 2]
+    python tests/bench_replication.py [--phases bounds,catchup,lag] [--rows 100000,1000000]
+                                      [--go-cdc PATH] [--out FILE.md] [--json FILE.json] ...
 
-Uses the running stack of `python tests/stack.py up` (or starts one). The task is paused while the rows are
-inserted on the source, then resumed: the time until the target holds every row is the CDC's catch-up
-throughput, free of the source's own insert rate. Prints one JSON line of results. Not a test: numbers on a
-shared machine vary; README.md records measured runs.
+Phases (``--phases``, any subset, always in this order):
+
+  bounds   (a) READ bound: the source's DML records of one collection (--bound-rows rows, dim --dim, --shards
+           shards) read from Kafka with confluent-kafka and decoded as Milvus messages (MsgHeader, then
+           InsertRequest): rows/s and MB/s (best of --read-passes); also fetched without decoding, and read
+           through the Python CDC's own reader (kafka-python), for comparison.
+           (b) WRITE bound: the same Insert messages, rewritten for a collection on the target the way the CDC
+           addresses them (milvus_cdc.MessageRewriter), sent with ReplicateMessage as fast as the target takes
+           them: one thread per target pchannel with a time tick after each request (as a CDC ticks), and
+           1..n threads (--write-concurrency) with one tick at the end; each ends with count(*) on the target
+           waiting for the last tick, which must equal the rows sent.
+           LAG floor: a minimal CDC (tests/bench_bounds.py lag_floor) forwards --floor-batches batches of 100
+           rows one at a time, as soon as a source time tick covers each: the live lag no CDC reading this
+           source can go below.
+  catchup  (c) per CDC and per --rows N: a task is paused, N rows are inserted on the source, the task is
+           resumed, and the time until count(*) on the target reaches N is the catch-up time; its rate is
+           compared with min(read bound, write bound). Also the CDC's idle cost (--idle-seconds).
+  lag      (d) per CDC, per --lag-rates rate: rows inserted at that rate for --lag-seconds, in
+           --lag-batches-per-second batches a second; each batch's lag is the time from its insert returning to
+           a count(*) on the target with the insert's timestamp as guarantee_timestamp returning with every
+           row written so far (when it answers a few ms early, as Milvus 2.3.5 sometimes does, count(*) is
+           polled until it does); p50 / p99 / max, and the end lag: last insert returned -> count(*) equals all
+           rows.
+  (e) every CDC phase reports the CDC process's CPU seconds (and % of one core) and peak RSS (/proc).
+  (f) with --go-cdc PATH (the binary, or its .gz) the Go milvus-cdc runs the same catchup and lag phases after
+      the Python CDC has finished, been deleted and stopped (never two CDCs on one target).
+
+Every CDC phase checks the rows exactly: count(*) on the target equals the rows inserted, and (unless
+--no-key-check) every primary key is read back once. No number is asserted: a shared machine's numbers vary.
+The report (markdown: date, machine, versions, tables, phase durations, problems seen) goes to stdout and to
+--out; progress goes to stderr. The exit status is 1 only when a phase failed (an error, rows not exact), never
+for a number.
+
+The stack: the one whose state file (`python tests/stack.py up`'s JSON) CDC_TEST_STACK names, else a new one
+started here and stopped at the end. Both CDCs replicate `*` (the Go CDC v1.0.0 accepts nothing else), so the
+source should hold no other collections: the script refuses to start a task while it does, unless
+--allow-other-collections.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import json
-import random
+import logging
+import math
+import os
+import platform
+import shutil
+import statistics
 import sys
 import tempfile
 import threading
 import time
+import traceback
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pymilvus import DataType, MilvusClient  # noqa: E402
+from bench_bounds import (
+    Offsets,
+    end_offsets,
+    lag_floor,
+    read_cdc_reader,
+    read_confluent,
+    replicate_base,
+    write_bound,
+)
+from bench_cdcs import (
+    GoCdc,
+    ProcessMeter,
+    PythonCdc,
+    RowWriter,
+    check_status,
+    count_rows,
+    hybrid_now,
+    keys_exact,
+    milvus_stub,
+    numpy,
+)
+from helpers import client
+from stack import Stack
 
-from helpers import CdcServer, client, count_of, server_config, wait_until  # noqa: E402
-from stack import STATE_FILE, Stack  # noqa: E402
+PHASES = ("bounds", "catchup", "lag")
+MB = 1e6
 
 
-def rss_kib(pid: int) -> tuple[int, int]:
-    """(current, peak) resident memory of a process, KiB."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, default=100_000)
-    parser.add_argument("--dim", type=int, default=64)
+def int_list(text: str) -> list[int]:
+    return [int(float(v)) for v in text.replace("_", "").split(",") if v.strip()]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--phases", default="bounds,catchup,lag",
+                        help="comma-separated subset of bounds,catchup,lag (default: all)")
+    parser.add_argument("--rows", default="100000,1000000", help="catch-up sizes (default 100000,1000000)")
+    parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--shards", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=5_000)
-    args = parser.parse_args()
+    parser.add_argument("--batch", type=int, default=10_000, help="rows per source insert in bulk phases")
+    parser.add_argument("--bound-rows", type=int, default=200_000, help="rows the bounds are measured on")
+    parser.add_argument("--read-passes", type=int, default=3)
+    parser.add_argument("--write-concurrency", default="1,2,4",
+                        help="sender threads for the write bound with one tick at the end (default 1,2,4)")
+    parser.add_argument("--write-passes", type=int, default=2,
+                        help="passes of each write mode; the best counts (the machine is shared)")
+    parser.add_argument("--write-request-mb", type=int, default=16,
+                        help="largest ReplicateMessage request, MB (the Python CDC's chunk size: 16)")
+    parser.add_argument("--floor-batches", type=int, default=20,
+                        help="batches of 100 rows the lag floor is measured on (0: skip)")
+    parser.add_argument("--lag-rates", default="1000,5000,20000", help="source insert rates, rows/s")
+    parser.add_argument("--lag-seconds", type=float, default=30.0, help="seconds per rate")
+    parser.add_argument("--lag-batches-per-second", type=float, default=10.0)
+    parser.add_argument("--idle-seconds", type=float, default=10.0,
+                        help="the CDC's idle cost is measured this long (0: skip)")
+    parser.add_argument("--go-cdc", help="the Go milvus-cdc binary (or cdc-v1.0.0.gz): also measure it")
+    parser.add_argument("--go-database", default="gocdc", help="MariaDB database of the Go CDC's meta store")
+    parser.add_argument("--cdcs", help="which CDCs to run: python,go (default: python, and go with --go-cdc)")
+    parser.add_argument("--no-key-check", action="store_true",
+                        help="check count(*) only, without reading every primary key back")
+    parser.add_argument("--allow-other-collections", action="store_true",
+                        help="start `*` tasks even though the source holds collections of its own")
+    parser.add_argument("--out", help="also write the markdown report here")
+    parser.add_argument("--json", help="write the raw results here")
+    parser.add_argument("--keep", action="store_true", help="keep the run's work directory (logs)")
+    args = parser.parse_args(argv)
+    args.phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    unknown = set(args.phases) - set(PHASES)
+    if unknown:
+        parser.error(f"unknown phase(s) {sorted(unknown)}; choose from {', '.join(PHASES)}")
+    args.rows = int_list(args.rows)
+    args.write_concurrency = int_list(args.write_concurrency)
+    args.lag_rates = int_list(args.lag_rates)
+    args.cdcs = [c.strip() for c in (args.cdcs or ("python,go" if args.go_cdc else "python")).split(",")]
+    if set(args.cdcs) - {"python", "go"}:
+        parser.error(f"unknown CDC(s) {sorted(set(args.cdcs) - {'python', 'go'})}: choose from python, go")
+    if "go" in args.cdcs and not args.go_cdc:
+        parser.error("--cdcs go needs --go-cdc PATH")
+    return args
 
-    own_stack = None
-    if STATE_FILE.exists():
-        endpoints = json.loads(STATE_FILE.read_text())["endpoints"]
-    else:
-        own_stack = Stack(Path(tempfile.mkdtemp(prefix="milvus-cdc-bench-")))
-        endpoints = own_stack.up()
-    workdir = Path(tempfile.mkdtemp(prefix="milvus-cdc-bench-server-"))
-    server = CdcServer(server_config(endpoints, workdir), workdir).start()
-    try:
-        source, target = client(endpoints["source_milvus"]), client(endpoints["target_milvus"])
-        name = f"bench_{int(time.time())}"
+
+# ---------------------------------------------------------------------------------------------------------
+# Machine and versions
+# ---------------------------------------------------------------------------------------------------------
+
+def machine_info() -> dict:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem_kib = 0
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    return {"cores": os.cpu_count(), "cpu": model, "ram_gib": round(mem_kib / 1024 / 1024, 1),
+            "kernel": platform.release(), "load_avg": os.getloadavg()}
+
+
+def versions(source_uri: str, target_uri: str) -> dict:
+    import confluent_kafka
+    import google.protobuf
+    import grpc
+    import kafka
+    import pymilvus
+    found = {"python": platform.python_version(), "pymilvus": pymilvus.__version__,
+             "confluent-kafka": f"{getattr(confluent_kafka, '__version__', '?')} "
+                                f"(librdkafka {confluent_kafka.libversion()[0]})",
+             "kafka-python": kafka.__version__, "grpcio": grpc.__version__, "protobuf": google.protobuf.__version__,
+             "numpy": numpy.__version__ if numpy is not None else "(not installed)"}
+    for side, uri in (("source Milvus", source_uri), ("target Milvus", target_uri)):
+        with contextlib.suppress(Exception):
+            found[side] = client(uri).get_server_version()
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The benchmark
+# ---------------------------------------------------------------------------------------------------------
+
+def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+class Bench:
+    def __init__(self, args, endpoints: dict, workdir: Path):
+        self.args, self.endpoints, self.workdir = args, endpoints, workdir
+        self.source = client(endpoints["source_milvus"])
+        self.target = client(endpoints["target_milvus"])
+        self.source_channel, self.source_stub = milvus_stub(endpoints["source_milvus"])
+        self.target_channel, self.target_stub = milvus_stub(endpoints["target_milvus"])
+        self.suffix = uuid.uuid4().hex[:6]
+        self.results: dict = {"bounds": {}, "cdcs": {}, "durations": [], "problems": []}
+        self.bytes_per_row: float | None = None
+        self.bytes_per_row_measured = False
+        self.leftovers: list[str] = []   # target copies whose drop a CDC did not replicate
+
+    # -- bookkeeping -------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        log(f"--- {name}")
+        started = time.monotonic()
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - a failed phase is reported, the run goes on
+            self.problem(f"{name} failed: {type(exc).__name__}: {exc}")
+            log(traceback.format_exc())
+        finally:
+            seconds = time.monotonic() - started
+            self.results["durations"].append((name, seconds))
+            own = ProcessMeter(os.getpid()).status_kib()
+            log(f"--- {name}: {seconds:.1f} s (this script: RSS {own.get('VmRSS', 0) / 1024:.0f} MiB, peak "
+                f"{own.get('VmHWM', 0) / 1024:.0f} MiB)")
+
+    def problem(self, text: str, failure: bool = True) -> None:
+        """Something to report; a ``failure`` (an error, rows not exact) also makes the exit status 1."""
+        log(f"PROBLEM: {text}")
+        self.results["problems"].append(text)
+        if failure:
+            self.results["failures"] = self.results.get("failures", 0) + 1
+
+    def payload_bytes_per_row(self) -> float:
+        if self.bytes_per_row is None:
+            # Not measured (no bounds phase): the size of the Insert request, plus a row's timestamp and row id.
+            writer = RowWriter(self.endpoints["source_milvus"], "estimate", self.args.dim)
+            try:
+                self.bytes_per_row = writer.request(0, 1000).ByteSize() / 1000 + 16
+            finally:
+                writer.close()
+        return self.bytes_per_row
+
+    # -- source collections -------------------------------------------------------------------------------------
+
+    def make_source_collection(self, name: str, load: bool = True):
+        from pymilvus import DataType, MilvusClient
+        from pymilvus.grpc_gen import milvus_pb2
         schema = MilvusClient.create_schema(auto_id=False)
         schema.add_field("id", DataType.INT64, is_primary=True)
         schema.add_field("label", DataType.VARCHAR, max_length=64)
-        schema.add_field("v", DataType.FLOAT_VECTOR, dim=args.dim)
-        task_id = server.create_task(endpoints["target_milvus"], collections=[name])
-        source.create_collection(name, schema=schema, shards_num=args.shards)
-        params = source.prepare_index_params()
+        schema.add_field("v", DataType.FLOAT_VECTOR, dim=self.args.dim)
+        self.source.create_collection(name, schema=schema, shards_num=self.args.shards)
+        params = self.source.prepare_index_params()
         params.add_index("v", index_type="FLAT", metric_type="L2")
-        source.create_index(name, params)
-        source.load_collection(name)
-        wait_until(lambda: target.has_collection(name) and
-                   str(target.get_load_state(name)["state"]).endswith("Loaded"), 120, what="the copy loaded")
+        self.source.create_index(name, params)
+        if load:
+            self.source.load_collection(name)
+        described = self.source_stub.DescribeCollection(
+            milvus_pb2.DescribeCollectionRequest(collection_name=name), timeout=60)
+        check_status(described.status, f"describe {name}")
+        return described
 
-        server.call("pause", task_id=task_id)
-        rng = random.Random(0)
+    def wait_copy_loaded(self, name: str, timeout: float = 300.0) -> float:
         started = time.monotonic()
-        for start in range(0, args.rows, args.batch):
-            source.insert(name, [{"id": i, "label": f"row-{i}", "v": [rng.random() for _ in range(args.dim)]}
-                                 for i in range(start, min(args.rows, start + args.batch))])
-        source_seconds = time.monotonic() - started
+        while time.monotonic() - started < timeout:
+            with contextlib.suppress(Exception):
+                if self.target.has_collection(name) and \
+                        str(self.target.get_load_state(name)["state"]).endswith("Loaded"):
+                    return time.monotonic() - started
+            time.sleep(0.3)
+        raise RuntimeError(f"the copy of {name} was not created and loaded on the target within {timeout:.0f} s")
 
-        peak = [0]
-        sampling = threading.Event()
+    def drop_replicated(self, name: str, timeout: float = 120.0) -> None:
+        """Drop a source collection while its CDC runs, and wait for the drop to reach the target.
 
-        def sample():
-            while not sampling.is_set():
-                peak[0] = max(peak[0], rss_kib(server.proc.pid)[0])
-                time.sleep(0.1)
-        sampler = threading.Thread(target=sample, daemon=True)
-        rss_before = rss_kib(server.proc.pid)[0]
-        sampler.start()
-        started = time.monotonic()
-        server.call("resume", task_id=task_id)
-        wait_until(lambda: count_of(target, name, "Eventually") >= args.rows, 1800, interval=0.2,
-                   what="every row on the target")
-        catch_up = time.monotonic() - started
-        sampling.set()
-        sampler.join()
-        wait_until(lambda: count_of(target, name) == args.rows, 120, what="an exact count with Strong reads")
-
-        lags = []
-        for _ in range(20):
-            lags += [c["lag_seconds"] for c in server.task(task_id)["channels"]
-                     if c["lag_seconds"] is not None and "dml" in c["channel"]]
+        Dropped while loaded, with no release first: the Go CDC v1.0.0 applies a ReleaseCollection (replicate
+        channel) that it reads after the drop (DML channels) to the dropped copy, retries it forever, and then
+        applies no later operation (a new collection's index and load never reach the target)."""
+        self.source.drop_collection(name)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                if not self.target.has_collection(name):
+                    return
             time.sleep(0.5)
-        payload_mb = args.rows * (args.dim * 4 + 8 + 10) / 1e6
-        print(json.dumps({
-            "rows": args.rows, "dim": args.dim, "shards": args.shards,
-            "source_insert_seconds": round(source_seconds, 2),
-            "catch_up_seconds": round(catch_up, 2),
-            "rows_per_second": round(args.rows / catch_up),
-            "payload_mb_per_second": round(payload_mb / catch_up, 1),
-            "server_rss_mib_idle": round(rss_before / 1024, 1),
-            "server_rss_mib_peak": round(peak[0] / 1024, 1),
-            "idle_lag_seconds_median": sorted(lags)[len(lags) // 2] if lags else None,
-        }))
-        source.release_collection(name)
-        source.drop_collection(name)
-        wait_until(lambda: not target.has_collection(name), 120, what="the drop")
-        server.call("delete", task_id=task_id)
+        self.problem(f"the drop of {name} did not reach the target within {timeout:.0f} s: dropped there by the "
+                     "benchmark after the CDC stopped")
+        self.leftovers.append(name)
+
+    def abandon(self, cdc, task_id: str | None, name: str) -> None:
+        """A phase failed: its task running again, its collection dropped (on the target too, one way or
+        another), so the next phase starts clean."""
+        with contextlib.suppress(Exception):
+            if task_id is not None and cdc.state(task_id) == "Paused":
+                cdc.resume(task_id)
+        try:
+            self.drop_replicated(name, timeout=60)
+        except Exception as exc:  # noqa: BLE001
+            self.problem(f"could not drop {name} after the failure: {exc}")
+
+    def drop_target_leftovers(self) -> None:
+        """Copies whose drop a CDC did not replicate: dropped on the target as the CDC would (drop messages,
+        DropCollection with replicateInfo, a tick). Only while no CDC writes to the target."""
+        from pymilvus.grpc_gen import common_pb2, milvus_pb2
+
+        import milvus_cdc
+        for name in self.leftovers:
+            try:
+                described = self.target_stub.DescribeCollection(
+                    milvus_pb2.DescribeCollectionRequest(collection_name=name), timeout=60)
+                if described.status.code != 0 or described.status.error_code != 0:
+                    continue
+                target = milvus_cdc.TargetCollection(
+                    id=described.collectionID, db_name="default", name=name, created_ts=described.created_timestamp,
+                    vchannels=sorted(described.virtual_channel_names, key=milvus_cdc.shard_index), fields={},
+                    partitions={})
+                ts = hybrid_now()
+                for pchannel, message in milvus_cdc.MessageRewriter.drop_collection(target, ts, ts):
+                    check_status(self.target_stub.ReplicateMessage(milvus_pb2.ReplicateMessageRequest(
+                        channel_name=pchannel, Msgs=[message]), timeout=60).status, f"drop message to {pchannel}")
+                answer = self.target_stub.DropCollection(milvus_pb2.DropCollectionRequest(
+                    base=replicate_base(common_pb2.DropCollection, ts), collection_name=name), timeout=60)
+                check_status(answer, f"drop {name} on the target")
+                for pchannel in sorted(set(target.pchannels)):
+                    self.target_stub.ReplicateMessage(milvus_pb2.ReplicateMessageRequest(
+                        channel_name=pchannel, Msgs=[milvus_cdc.MessageRewriter.time_tick(ts + 1)]), timeout=60)
+            except Exception as exc:  # noqa: BLE001
+                self.problem(f"could not drop leftover {name} on the target: {exc}")
+        self.leftovers = []
+
+    def exact(self, name: str, expected: int, guarantee_ts: int) -> dict:
+        """count(*) on the target once it has consumed up to the last write, and every key once."""
+        counted = count_rows(self.target_stub, name, guarantee_ts=guarantee_ts, timeout=300)
+        deadline = time.monotonic() + 10
+        while counted < expected and time.monotonic() < deadline:  # 2.3.5 may answer a few ms early (live lag)
+            time.sleep(0.05)
+            counted = count_rows(self.target_stub, name)
+        check = {"count": counted, "expected": expected, "count_ok": counted == expected}
+        if not self.args.no_key_check:
+            ok, detail = keys_exact(self.target, name, 0, expected)
+            check.update(keys_ok=ok, keys=detail)
+        check["ok"] = check["count_ok"] and check.get("keys_ok", True)
+        if not check["ok"]:
+            self.problem(f"{name}: rows not exact on the target: count(*) {counted}, expected {expected}"
+                         f"{'; ' + check['keys'] if 'keys' in check else ''}")
+        return check
+
+    # -- (a), (b) ------------------------------------------------------------------------------------------------
+
+    def run_bounds(self) -> None:
+        args, kafka = self.args, self.endpoints["kafka"]
+        name = f"bench_bounds_{self.suffix}"
+        described = self.make_source_collection(name, load=False)
+        try:
+            pchannels = sorted(described.physical_channel_names)
+            offsets = Offsets(start=end_offsets(kafka, pchannels))
+            writer = RowWriter(self.endpoints["source_milvus"], name, args.dim)
+            try:
+                _, insert_seconds = writer.insert_rows(0, args.bound_rows, args.batch)
+            finally:
+                writer.close()
+            offsets.end = end_offsets(kafka, pchannels)
+            bounds = self.results["bounds"]
+            bounds["rows"] = args.bound_rows
+            bounds["source_insert_rows_per_s"] = args.bound_rows / insert_seconds
+            log(f"source took {args.bound_rows} rows in {insert_seconds:.1f} s")
+            reads, payloads = [], []
+            reads.append(read_confluent(kafka, offsets, described.collectionID, decode=False))
+            for i in range(max(1, args.read_passes)):
+                reads.append(read_confluent(kafka, offsets, described.collectionID, keep=payloads if i == 0 else None))
+            reads.append(read_cdc_reader(kafka, offsets, described.collectionID))
+            for r in reads:
+                log(f"read {r.how}: {r.rows} rows, {r.records} records in {r.seconds:.2f} s = "
+                    f"{r.rows / r.seconds:,.0f} rows/s, {r.mb_per_s:.1f} MB/s")
+                if "+ decode" in r.how and r.rows != args.bound_rows:
+                    self.problem(f"read bound ({r.how}) decoded {r.rows} rows, expected {args.bound_rows}")
+            bounds["reads"] = [{**asdict(r), "rows_per_s": r.rows_per_s if r.rows else None,
+                                "mb_per_s": r.mb_per_s} for r in reads]
+            decoded = [r for r in reads if r.how == "confluent-kafka + decode"]
+            best = max(decoded, key=lambda r: r.rows_per_s)
+            bounds["read"] = {"rows_per_s": best.rows_per_s, "mb_per_s": best.mb_per_s}
+            self.bytes_per_row, self.bytes_per_row_measured = best.payload_bytes / best.rows, True
+
+            writes = []
+            modes = [("ticks", len(pchannels))] + [("end", c) for c in args.write_concurrency]
+            for mode, concurrency in modes:
+                passes = []
+                for _ in range(max(1, args.write_passes)):
+                    w = write_bound(self.endpoints["target_milvus"], described.schema, args.shards, payloads,
+                                    concurrency, request_bytes=args.write_request_mb << 20, tick_each=mode == "ticks")
+                    how = "a tick after each request, one thread per pchannel" if w.tick_each else "one tick at end"
+                    log(f"write, {how}, {w.concurrency} thread(s), {w.requests} requests: sent in "
+                        f"{w.send_seconds:.2f} s, visible in {w.visible_seconds:.2f} s = {w.rows_per_s:,.0f} rows/s, "
+                        f"{w.mb_per_s:.1f} MB/s; count(*) {w.count}")
+                    if w.count != w.rows:
+                        self.problem(f"write bound ({w.concurrency} threads): count(*) {w.count} on the target, "
+                                     f"{w.rows} rows sent")
+                    passes.append(w)
+                w = max(passes, key=lambda x: x.rows_per_s)
+                writes.append({**asdict(w), "rows_per_s": w.rows_per_s, "mb_per_s": w.mb_per_s,
+                               "send_rows_per_s": w.send_rows_per_s, "passes": len(passes),
+                               "all_rows_per_s": [x.rows_per_s for x in passes]})
+            del payloads
+            bounds["writes"] = writes
+            best_write = max(writes, key=lambda w: w["rows_per_s"])
+            bounds["write"] = {"rows_per_s": best_write["rows_per_s"], "mb_per_s": best_write["mb_per_s"]}
+            bounds["min_rows_per_s"] = min(bounds["read"]["rows_per_s"], bounds["write"]["rows_per_s"])
+            if args.floor_batches > 0:
+                writer = RowWriter(self.endpoints["source_milvus"], name, args.dim, seed=2)
+                try:
+                    samples = lag_floor(kafka, self.endpoints["target_milvus"], writer, described, args.bound_rows,
+                                        batches=args.floor_batches)
+                finally:
+                    writer.close()
+                totals = [x.total_s for x in samples]
+                bounds["floor"] = {"batches": len(samples), "p50_s": pct(totals, 50), "p99_s": pct(totals, 99),
+                                   "max_s": max(totals),
+                                   "source_tick_p50_s": pct([x.source_tick_s for x in samples], 50),
+                                   "target_p50_s": pct([x.target_s for x in samples], 50)}
+                f = bounds["floor"]
+                log(f"lag floor ({len(samples)} batches): p50 {f['p50_s']:.3f} s, p99 {f['p99_s']:.3f} s, max "
+                    f"{f['max_s']:.3f} s (source tick read p50 {f['source_tick_p50_s']:.3f} s, target p50 "
+                    f"{f['target_p50_s']:.3f} s)")
+        finally:
+            self.source.drop_collection(name)
+
+    # -- (c), (d), (e) per CDC -----------------------------------------------------------------------------------
+
+    def run_cdc(self, cdc) -> None:
+        args = self.args
+        result = self.results["cdcs"].setdefault(cdc.label, {"catchup": [], "lag": []})
+        others = [n for n in self.source.list_collections()]
+        if others and not args.allow_other_collections:
+            raise RuntimeError(f"the source holds collections {others[:10]}: a `*` task would replicate them too "
+                               "(drop them, or pass --allow-other-collections)")
+        started = time.monotonic()
+        try:
+            cdc.start()
+            result["version"] = cdc.version()
+            meter = ProcessMeter(cdc.pid())
+            result["rss_start_mib"] = meter.status_kib().get("VmRSS", 0) / 1024
+            task_id = cdc.create_task()
+            deadline = time.monotonic() + 60
+            while cdc.state(task_id) != "Running":
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{cdc.label} task not Running: {cdc.state(task_id)}")
+                time.sleep(0.3)
+        except BaseException:
+            log(f"{cdc.label} did not start; its log ends:\n{cdc.log_tail()}")
+            cdc.stop()
+            raise
+        self.results["durations"].append((f"{cdc.label}: start, create the `*` task", time.monotonic() - started))
+        try:
+            if "catchup" in args.phases:
+                for i, rows in enumerate(args.rows):
+                    with self.phase(f"{cdc.label}: catch-up {rows:,} rows"):
+                        result["catchup"].append(self.catch_up(cdc, meter, task_id, rows, idle=i == 0))
+            if "lag" in args.phases:
+                with self.phase(f"{cdc.label}: live lag"):
+                    result["lag"] = self.live_lag(cdc, meter)
+        finally:
+            with self.phase(f"{cdc.label}: stop"):
+                with contextlib.suppress(Exception):
+                    result["rss_end_mib"] = meter.status_kib().get("VmRSS", 0) / 1024
+                try:
+                    if cdc.state(task_id) == "Paused":
+                        cdc.resume(task_id)
+                    cdc.delete(task_id)
+                except Exception as exc:  # noqa: BLE001
+                    self.problem(f"{cdc.label}: deleting its task failed: {exc}")
+                log_tail = cdc.log_tail(200000)
+                result["log_errors"] = sum(1 for line in log_tail.splitlines()
+                                           if "[ERROR]" in line or " ERROR " in line)
+                cdc.stop()
+                self.drop_target_leftovers()
+
+    def catch_up(self, cdc, meter: ProcessMeter, task_id: str, rows: int, idle: bool) -> dict:
+        args = self.args
+        name = f"bench_{cdc.label}_catchup_{rows}_{self.suffix}"
+        self.make_source_collection(name)
+        try:
+            copy_seconds = self.wait_copy_loaded(name)
+            entry: dict = {"rows": rows, "copy_created_and_loaded_s": copy_seconds}
+            log(f"{cdc.label}: copy of {name} created and loaded on the target after {copy_seconds:.1f} s")
+            if idle and args.idle_seconds > 0:
+                window = meter.window()
+                time.sleep(args.idle_seconds)
+                entry["idle"] = window.stop()
+                self.results["cdcs"][cdc.label]["idle"] = entry["idle"]
+                log(f"{cdc.label}: idle {entry['idle']['cpu_pct']:.1f}% of a core, "
+                    f"RSS {entry['idle']['rss_end_mib']:.0f} MiB")
+            cdc.pause(task_id)
+            window = meter.window()
+            writer = RowWriter(self.endpoints["source_milvus"], name, args.dim)
+            try:
+                last_ts, insert_seconds = writer.insert_rows(0, rows, args.batch)
+            finally:
+                writer.close()
+            entry["source_insert_s"] = insert_seconds
+            entry["paused"] = window.stop()
+            log(f"{cdc.label}: {rows:,} rows inserted on the source in {insert_seconds:.1f} s "
+                f"({rows / insert_seconds:,.0f} rows/s) while the task was paused")
+            window = meter.window()
+            calls_before = cdc.replicate_call_seconds()
+            started = time.monotonic()
+            cdc.resume(task_id)
+            first = None
+            timeout = max(600.0, rows / 500)
+            while True:
+                counted = count_rows(self.target_stub, name)
+                now = time.monotonic()
+                if counted and first is None:
+                    first = (now - started, counted)
+                if counted >= rows:
+                    break
+                if now - started > timeout:
+                    raise RuntimeError(f"{cdc.label}: only {counted} of {rows} rows on the target after {timeout:.0f} s")
+                time.sleep(0.2)
+            seconds = time.monotonic() - started
+            entry["catchup"] = window.stop()
+            calls_after = cdc.replicate_call_seconds()
+            if calls_before is not None and calls_after is not None:
+                entry["replicate_call_s"] = calls_after - calls_before
+            entry["catchup_s"] = seconds
+            entry["rows_per_s"] = rows / seconds
+            entry["mb_per_s"] = rows * self.payload_bytes_per_row() / MB / seconds
+            entry["first_rows_s"] = first[0] if first else None
+            if first and seconds > first[0]:
+                entry["after_first_rows_per_s"] = (rows - first[1]) / (seconds - first[0])
+            bound = self.results["bounds"].get("min_rows_per_s")
+            entry["ratio_to_bound"] = entry["rows_per_s"] / bound if bound else None
+            log(f"{cdc.label}: caught up {rows:,} rows in {seconds:.2f} s = {entry['rows_per_s']:,.0f} rows/s "
+                f"(first rows after {entry['first_rows_s'] or 0:.2f} s); CPU {entry['catchup']['cpu_s']:.1f} s, "
+                f"peak RSS {entry['catchup']['peak_rss_mib']:.0f} MiB")
+            entry["exact"] = self.exact(name, rows, last_ts)
+            self.drop_replicated(name)
+            return entry
+        except BaseException:
+            self.abandon(cdc, task_id, name)
+            raise
+
+    def live_lag(self, cdc, meter: ProcessMeter) -> list[dict]:
+        args = self.args
+        name = f"bench_{cdc.label}_lag_{self.suffix}"
+        self.make_source_collection(name)
+        try:
+            self.wait_copy_loaded(name)
+            writer = RowWriter(self.endpoints["source_milvus"], name, args.dim, seed=1)
+            entries, next_id, last_ts = [], 0, 0
+            try:
+                for rate in args.lag_rates:
+                    entry, next_id, last_ts = self.one_rate(cdc, meter, writer, name, rate, next_id)
+                    entries.append(entry)
+            finally:
+                writer.close()
+            if entries:
+                entries[-1]["exact"] = self.exact(name, next_id, last_ts)
+            self.drop_replicated(name)
+            return entries
+        except BaseException:
+            self.abandon(cdc, None, name)
+            raise
+
+    def one_rate(self, cdc, meter: ProcessMeter, writer: RowWriter, name: str, rate: int, first_id: int):
+        from pymilvus.grpc_gen import common_pb2, milvus_pb2
+        args = self.args
+        batch = max(1, round(rate / args.lag_batches_per_second))
+        interval = batch / rate
+        batches = max(1, round(args.lag_seconds * rate / batch))
+        vectors = writer.random_vectors(batch)
+        lags: list[float | None] = [None] * batches
+        late: list[tuple] = []      # (batch, counted, expected, first answer s, visible s)
+        failures: list[str] = []
+        lock = threading.Lock()
+        done = threading.Semaphore(0)
+        followers = ThreadPoolExecutor(4)
+
+        def follow(k: int, returned: float, expected: int, counted: int, answered: float) -> None:
+            """The guarantee-ts query answered with fewer rows than written up to batch k (Milvus 2.3.5 can
+            answer while the last insert before the tick is still being applied): poll until they are counted."""
+            try:
+                while counted < expected:
+                    if time.monotonic() - returned > 600:
+                        raise RuntimeError(f"rows of batch {k} not visible after 600 s")
+                    time.sleep(0.005)
+                    counted = count_rows(self.target_stub, name)
+                at = time.monotonic()
+                with lock:
+                    lags[k] = at - returned
+                    late.append((k, round(answered - returned, 3), round(at - answered, 3)))
+            except Exception as exc:  # noqa: BLE001
+                with lock:
+                    failures.append(f"batch {k}: {exc}")
+            finally:
+                done.release()
+
+        def visible(k: int, returned: float, expected: int, future) -> None:
+            at = time.monotonic()
+            try:
+                answer = future.result()
+                if answer.status.code != 0 or answer.status.error_code != 0:
+                    raise RuntimeError(answer.status.reason)
+                counted = answer.fields_data[0].scalars.long_data.data[0]
+                if counted < expected:
+                    followers.submit(follow, k, returned, expected, counted, at)
+                    return
+                with lock:
+                    lags[k] = at - returned
+            except Exception as exc:  # noqa: BLE001
+                with lock:
+                    failures.append(f"batch {k}: {exc}")
+            done.release()
+
+        log(f"{cdc.label}: {rate:,} rows/s for {args.lag_seconds:.0f} s ({batches} batches of {batch})")
+        window = meter.window()
+        calls_before = cdc.replicate_call_seconds()
+        started = time.monotonic()
+        last_ts = 0
+        for k in range(batches):
+            delay = started + k * interval - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            last_ts = writer.insert(writer.request(first_id + k * batch, batch, vectors))
+            returned = time.monotonic()
+            request = milvus_pb2.QueryRequest(
+                collection_name=name, expr="", output_fields=["count(*)"], use_default_consistency=False,
+                consistency_level=common_pb2.ConsistencyLevel.Customized, guarantee_timestamp=last_ts)
+            future = self.target_stub.Query.future(request, timeout=600)
+            future.add_done_callback(lambda f, k=k, r=returned, e=first_id + (k + 1) * batch: visible(k, r, e, f))
+        last_returned = time.monotonic()
+        insert_seconds = last_returned - started
+        total = first_id + batches * batch
+        while count_rows(self.target_stub, name) < total:
+            if time.monotonic() - last_returned > 600:
+                raise RuntimeError(f"{cdc.label}: rows of the {rate} rows/s run not all visible after 600 s")
+            time.sleep(0.02)
+        end_lag = time.monotonic() - last_returned
+        for _ in range(batches):
+            if not done.acquire(timeout=600):
+                failures.append("a visibility query did not answer within 600 s")
+                break
+        followers.shutdown(wait=False)
+        stats = window.stop()
+        calls_after = cdc.replicate_call_seconds()
+        measured = [v for v in lags if v is not None]
+        entry = {"rate": rate, "seconds": args.lag_seconds, "batch": batch, "batches": batches,
+                 "achieved_rows_per_s": batches * batch / insert_seconds, "end_lag_s": end_lag,
+                 "p50_s": pct(measured, 50) if measured else None, "p99_s": pct(measured, 99) if measured else None,
+                 "max_s": max(measured) if measured else None,
+                 "mean_s": statistics.fmean(measured) if measured else None, "measured": len(measured),
+                 "late": sorted(late), "late_max_s": max((x[2] for x in late), default=None), "cdc": stats,
+                 "replicate_call_s": calls_after - calls_before if None not in (calls_before, calls_after) else None, "count_at_end": count_rows(self.target_stub, name),
+                 "expected_at_end": total}
+        if failures:
+            self.problem(f"{cdc.label} at {rate} rows/s: {len(failures)} visibility queries failed: {failures[:3]}")
+        if late:
+            extra = [x[2] for x in late]
+            log(f"{cdc.label} at {rate} rows/s: for {len(late)} batches the query waiting for the write's "
+                f"timestamp answered before counting all of them; counted {max(extra):.3f} s later at most")
+        if entry["count_at_end"] != total:
+            self.problem(f"{cdc.label} at {rate} rows/s: count(*) {entry['count_at_end']}, expected {total}")
+        if entry["achieved_rows_per_s"] < 0.95 * rate:
+            self.problem(f"{cdc.label}: the source took only {entry['achieved_rows_per_s']:,.0f} of {rate:,} rows/s",
+                         failure=False)
+        log(f"{cdc.label}: {rate:,} rows/s (achieved {entry['achieved_rows_per_s']:,.0f}): lag p50 "
+            f"{entry['p50_s']:.2f} s, p99 {entry['p99_s']:.2f} s, max {entry['max_s']:.2f} s, end lag "
+            f"{end_lag:.2f} s; CPU {stats['cpu_pct']:.0f}% of a core, peak RSS {stats['peak_rss_mib']:.0f} MiB")
+        return entry, total, last_ts
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------------------
+
+def fmt(value, digits: int = 0, suffix: str = "") -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float) and math.isnan(value):
+        return "?"
+    return f"{value:,.{digits}f}{suffix}"
+
+
+def report(bench: Bench, args, machine: dict, found_versions: dict, stack_note: str, total_s: float) -> str:
+    r = bench.results
+    load_start = ", ".join(f"{v:.1f}" for v in machine["load_avg"])
+    load_end = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    cdcs = "; ".join(f"{label}: {c.get('version', '?')}" for label, c in r["cdcs"].items()) or "none"
+    measured = "" if bench.bytes_per_row_measured else " (estimated: no bounds phase)"
+    out = [f"# Replication benchmark, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}", "",
+           (f"- machine: {machine['cores']} cores ({machine['cpu']}), {machine['ram_gib']} GiB RAM, Linux "
+           f"{machine['kernel']}; load average at start {load_start}, at end {load_end}"),
+           f"- stack: {stack_note}",
+           "- versions: " + "; ".join(f"{k} {v}" for k, v in found_versions.items()),
+           f"- CDCs: {cdcs}",
+           (f"- data: dim {args.dim}, {args.shards} shards, fields id (int64 key), label (varchar), v (float "
+           f"vector); bulk inserts of {args.batch:,} rows; MB = the source's Insert messages as stored in Kafka, "
+           f"{fmt(bench.bytes_per_row, 1)} bytes a row{measured}"),
+           f"- phases: {', '.join(args.phases)}; whole run {total_s / 60:.1f} min", ""]
+    b = r["bounds"]
+    if b.get("reads"):
+        out += [f"## Bounds ({b['rows']:,} rows; the source took them at {b['source_insert_rows_per_s']:,.0f} rows/s)",
+                "", "| bound | how | rows/s | MB/s | seconds |", "| --- | --- | ---: | ---: | ---: |"]
+        for read in b["reads"]:
+            out.append(f"| read | {read['how']} | {fmt(read['rows_per_s'])} | {fmt(read['mb_per_s'], 1)} | "
+                       f"{read['seconds']:.2f} |")
+        for w in b.get("writes", []):
+            how = ("ReplicateMessage, 1 thread per pchannel, a tick after each request" if w["tick_each"] else
+                   f"ReplicateMessage, {w['concurrency']} thread(s), one tick at the end")
+            passes = ", ".join(fmt(x) for x in w.get("all_rows_per_s", []))
+            passes = f"; passes {passes} rows/s" if len(w.get("all_rows_per_s", [])) > 1 else ""
+            out.append(f"| write | {how} ({w['requests']} requests, all answered after {w['send_seconds']:.2f} s = "
+                       f"{fmt(w['send_rows_per_s'])} rows/s{passes}) | {fmt(w['rows_per_s'])} | "
+                       f"{fmt(w['mb_per_s'], 1)} | {w['visible_seconds']:.2f} |")
+        if b.get("write"):
+            out += ["", (f"READ bound (a), the best confluent-kafka + decode pass: **{fmt(b['read']['rows_per_s'])} "
+                    f"rows/s, {fmt(b['read']['mb_per_s'], 1)} MB/s**. WRITE bound (b), the best way and pass until "
+                    f"count(*) on the target has every row: **{fmt(b['write']['rows_per_s'])} rows/s, "
+                    f"{fmt(b['write']['mb_per_s'], 1)} MB/s**. min(a, b) = **{fmt(b['min_rows_per_s'])} rows/s**. "
+                    "Both are measured on this stack, on --bound-rows rows, while the machine does whatever else it "
+                    "does: a CDC above 1.0 x min(a, b) met a quieter moment (or a larger run, whose fixed costs "
+                    "weigh less). The bound tells where the ceiling is, not to the percent.")]
+        if b.get("floor"):
+            f = b["floor"]
+            out += ["", (f"LAG floor (a minimal CDC forwarding {f['batches']} batches of 100 rows one at a time, each "
+                    f"as soon as a source tick covers it): p50 **{f['p50_s']:.2f} s**, p99 {f['p99_s']:.2f} s, max "
+                    f"{f['max_s']:.2f} s; of the p50, {f['source_tick_p50_s']:.2f} s until the source's tick is read "
+                    f"(the source ticks every 200 ms) and {f['target_p50_s']:.2f} s on the target.")]
+        out.append("")
+    catchups = [(label, e) for label, c in r["cdcs"].items() for e in c["catchup"]]
+    if catchups:
+        out += ["## Catch-up (task paused, rows inserted, resumed; until count(*) on the target has them all)", "",
+                ("| CDC | rows | source insert s | catch-up s | first rows after s | rows/s | MB/s | / min(a, b) "
+                "| in ReplicateMessage s | CPU s | CPU % core | peak RSS MiB | exact |"),
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+        for label, e in catchups:
+            c = e["catchup"]
+            out.append(f"| {label} | {e['rows']:,} | {e['source_insert_s']:.1f} | {e['catchup_s']:.2f} | "
+                       f"{fmt(e['first_rows_s'], 2)} | {fmt(e['rows_per_s'])} | {fmt(e['mb_per_s'], 1)} | "
+                       f"{fmt(e['ratio_to_bound'], 2)} | {fmt(e.get('replicate_call_s'), 1)} | "
+                       f"{fmt(c['cpu_s'], 1)} | {fmt(c['cpu_pct'])} | {fmt(c['peak_rss_mib'])} | "
+                       f"{exact_text(e.get('exact'))} |")
+        out += ["", ("First rows after: resume -> the first count(*) above 0. In ReplicateMessage: seconds the CDC "
+                "spent in ReplicateMessage calls with data over the phase, summed over calls made at the same time "
+                "(from its own metrics, milvus_cdc_target_call_seconds; the Python CDC only): as long as the phase "
+                "or longer means the CDC was waiting for the target all along."), ""]
+    lags = [(label, e) for label, c in r["cdcs"].items() for e in c["lag"]]
+    if lags:
+        out += [(f"## Live lag (insert returned -> rows counted on the target; {args.lag_batches_per_second:g} "
+                "batches a second)"), "",
+                ("| CDC | rows/s asked | achieved | seconds | batches x rows | p50 s | p99 s | max s | end lag s "
+                "| early answers (max s) | in ReplicateMessage s | CPU s | CPU % core | peak RSS MiB | exact |"),
+                ("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+                "| --- |")]
+        for label, e in lags:
+            c = e["cdc"]
+            if "exact" in e:
+                exact = exact_text(e["exact"])
+            else:
+                exact = "count " + ("ok" if e["count_at_end"] == e["expected_at_end"] else "WRONG")
+            late = str(len(e.get("late", [])))
+            if e.get("late_max_s") is not None:
+                late += f" ({e['late_max_s']:.2f})"
+            out.append(f"| {label} | {e['rate']:,} | {fmt(e['achieved_rows_per_s'])} | {e['seconds']:g} | "
+                       f"{e['batches']} x {e['batch']} | {fmt(e['p50_s'], 2)} | {fmt(e['p99_s'], 2)} | "
+                       f"{fmt(e['max_s'], 2)} | {fmt(e['end_lag_s'], 2)} | {late} | "
+                       f"{fmt(e.get('replicate_call_s'), 1)} | {fmt(c['cpu_s'], 1)} | {fmt(c['cpu_pct'])} | "
+                       f"{fmt(c['peak_rss_mib'])} | {exact} |")
+        out += ["", ("A batch's lag ends when a count(*) on the target, waiting for the insert's timestamp "
+                "(guarantee_timestamp), answers with every row written up to it. Early answers: batches whose "
+                "query answered before count(*) included them (a Milvus 2.3.5 target does this too for writes made "
+                "directly with ReplicateMessage, by a few ms); their lag is taken when a count(*) first included "
+                "them, and (max s) is the longest such wait. End lag: last insert returned -> count(*) equal to all "
+                "rows."), ""]
+    if r["cdcs"]:
+        out += ["## CDC process", "", ("| CDC | RSS at start MiB | idle CPU % core | idle RSS MiB | RSS at end MiB "
+                "| ERROR lines in its log |"), "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for label, c in r["cdcs"].items():
+            idle = c.get("idle") or {}
+            out.append(f"| {label} | {fmt(c.get('rss_start_mib'))} | {fmt(idle.get('cpu_pct'), 1)} | "
+                       f"{fmt(idle.get('rss_end_mib'))} | {fmt(c.get('rss_end_mib'))} | {fmt(c.get('log_errors'))} |")
+        out += ["", ("CPU: user + system seconds of the CDC process over the phase (% of one core = CPU s / wall s); "
+                "peak RSS: its high-water mark over the phase (reset at the start of each phase, and sampled every "
+                "0.1 s). A catch-up phase counts from resume to the last row counted."), ""]
+    out += ["## Phase durations", "", "| phase | seconds |", "| --- | ---: |"]
+    out += [f"| {name} | {seconds:.1f} |" for name, seconds in r["durations"]]
+    out += ["", "## Problems seen", ""]
+    out += [f"- {p}" for p in r["problems"]] or ["- none"]
+    return "\n".join(out) + "\n"
+
+
+def exact_text(check: dict | None) -> str:
+    if not check:
+        return "–"
+    text = f"count {check['count']:,}" + (" ok" if check["count_ok"] else f" != {check['expected']:,}")
+    if "keys_ok" in check:
+        text += ", keys " + ("ok" if check["keys_ok"] else "WRONG")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
+    run_started = time.monotonic()
+    machine = machine_info()
+    workdir = Path(tempfile.mkdtemp(prefix="milvus-cdc-bench-"))
+    own_stack = None
+    durations: list = []
+    reuse = os.environ.get("CDC_TEST_STACK")
+    started = time.monotonic()
+    if reuse:
+        endpoints = json.loads(Path(reuse).read_text())["endpoints"]
+        stack_note = f"running stack of {reuse} (etcd, Tansu, source Milvus on Kafka, target Milvus ttMsgEnabled=false)"
+    else:
+        log("starting a stack (tests/stack.py)")
+        own_stack = Stack(workdir / "stack", with_pulsar=False)
+        endpoints = own_stack.up()
+        stack_note = "started by this run (etcd, Tansu, source Milvus on Kafka, target Milvus ttMsgEnabled=false)"
+    durations.append(("stack " + ("reused" if reuse else "start"), time.monotonic() - started))
+    bench = None
+    code = 0
+    try:
+        bench = Bench(args, endpoints, workdir)
+        bench.results["durations"] = durations
+        found_versions = versions(endpoints["source_milvus"], endpoints["target_milvus"])
+        if "bounds" in args.phases:
+            with bench.phase("bounds (a) read, (b) write"):
+                bench.run_bounds()
+        if "catchup" in args.phases or "lag" in args.phases:
+            for label in args.cdcs:
+                (workdir / f"{label}-cdc").mkdir()
+                if label == "python":
+                    cdc = PythonCdc(endpoints, workdir / "python-cdc")
+                else:
+                    cdc = GoCdc(args.go_cdc, endpoints, workdir / "go-cdc", database=args.go_database)
+                with bench.phase(f"{label} CDC"):
+                    bench.run_cdc(cdc)
+        bench.results["machine"], bench.results["versions"] = machine, found_versions
     finally:
-        server.stop()
         if own_stack is not None:
+            started = time.monotonic()
+            log("stopping the stack")
             own_stack.down()
-    return 0
+            durations.append(("stack stop", time.monotonic() - started))
+    text = report(bench, args, machine, found_versions, stack_note, time.monotonic() - run_started)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(bench.results, indent=2, default=str))
+    code = 1 if bench.results.get("failures") else 0
+    if args.keep or code:
+        log(f"work directory (logs) kept: {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return code
 
 
 if __name__ == "__main__":
