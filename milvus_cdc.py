@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import enum
 import functools
+import hashlib
 import hmac
 import json
 import logging
@@ -883,13 +884,16 @@ class SqliteMetaStore(SqlMetaStore):
         import fcntl
         super().__init__(root_path)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.owner = open(path + ".lock", "a")  # held while the server runs: one server per sqlite file
+        # Held while the server runs: one server per sqlite file and rootPath (tenants with their own rootPath
+        # share a file safely, their rows never meet).
+        tenant = hashlib.sha256(root_path.encode()).hexdigest()[:16]
+        self.owner = open(f"{path}.{tenant}.lock", "a")
         try:
             fcntl.flock(self.owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self.owner.close()
-            raise MetaStoreInUse(f"another CDC server uses the sqlite meta store {path}; sqlite is for one server "
-                                 f"(several servers share an etcd or mysql store)") from None
+            raise MetaStoreInUse(f"another CDC server uses the sqlite meta store {path} with rootPath {root_path!r}; "
+                                 f"sqlite is for one server (several servers share an etcd or mysql store)") from None
         self.lock = threading.Lock()
         self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -1178,12 +1182,13 @@ def open_meta_store(settings: MetaStoreSettings) -> MetaStore:
 ###############################################################################
 
 def _declare_etcd_messages() -> dict[str, type]:
-    """Protobuf classes for the few Milvus-internal etcd values the CDC reads (not shipped by pymilvus).
+    """Protobuf classes the CDC declares itself: the few Milvus-internal etcd values it reads (not shipped by
+    pymilvus), and a projection of data messages.
 
     Only the fields used are declared; protobuf skips the others. Enums are read as int32 (same wire format).
     """
     from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-    from pymilvus.grpc_gen import common_pb2, schema_pb2  # noqa: F401 - registers common.proto, schema.proto
+    from pymilvus.grpc_gen import common_pb2, msg_pb2, schema_pb2  # noqa: F401 - registers common, schema
 
     f = descriptor_pb2.FieldDescriptorProto
     kinds = {"int64": f.TYPE_INT64, "uint64": f.TYPE_UINT64, "int32": f.TYPE_INT32, "string": f.TYPE_STRING,
@@ -1208,6 +1213,10 @@ def _declare_etcd_messages() -> dict[str, type]:
                       ("user_index_params", 12, "*.milvus.proto.common.KeyValuePair")],
         "FieldIndex": [("index_info", 1, ".milvus_cdc.etcd.IndexInfo"), ("deleted", 2, "bool"),
                        ("create_time", 3, "uint64")],
+        # Only the row times of an Insert or Delete (same field in both): an upsert's Insert half has no time of
+        # its own, and reading just this field costs nothing next to a full parse.
+        "RowTimes": [("timestamps", msg_pb2.InsertRequest.DESCRIPTOR.fields_by_name["timestamps"].number,
+                      "*uint64")],
     }
     pool = descriptor_pool.Default()
     file_name = "milvus_cdc_etcd_meta.proto"
@@ -1497,15 +1506,15 @@ def load_key_collection(key: str) -> int:
 
 @dataclass(frozen=True)
 class SourceMessage:
-    """One record of a source channel: its MQ id, its Milvus type and timestamp, and the raw protobuf bytes;
-    data messages are parsed once, by the reader, and carried parsed (``parsed``) to the applier."""
+    """One record of a source channel: its MQ id, its Milvus type and timestamp, and the raw protobuf bytes.
+
+    The reader reads only the header (and an upsert's row times); the applier parses a message fully, once, when
+    it applies it. Bytes are the compact form to buffer: a parsed message takes several times their size."""
     channel: str
     msg_id: bytes
     msg_type: int
     timestamp: int
-    payload: bytes  # empty once parsed
-    parsed: Any = field(default=None, compare=False, repr=False)
-    size: int = 0   # bytes as read
+    payload: bytes
 
 
 @dataclass(frozen=True)
@@ -1520,17 +1529,13 @@ LATEST, EARLIEST = StartAt("latest"), StartAt("earliest")
 
 
 def decode_source_message(channel: str, msg_id: bytes, payload: bytes) -> SourceMessage:
-    from pymilvus.grpc_gen import common_pb2, msg_pb2
+    from pymilvus.grpc_gen import common_pb2
     base = common_pb2.MsgHeader.FromString(payload).base
-    timestamp, parsed = base.timestamp, None
-    if base.msg_type in (common_pb2.Insert, common_pb2.Delete):
-        parsed = (msg_pb2.InsertRequest if base.msg_type == common_pb2.Insert else msg_pb2.DeleteRequest
-                  ).FromString(payload)
-        if not timestamp:  # an upsert's Insert half carries its time only per row
-            timestamp = max(parsed.timestamps, default=0)
-    # A parsed message does not keep its bytes too: what is buffered between reader and target stays one copy.
-    return SourceMessage(channel, msg_id, base.msg_type, timestamp, b"" if parsed is not None else payload, parsed,
-                         len(payload))
+    timestamp = base.timestamp
+    if base.msg_type in (common_pb2.Insert, common_pb2.Delete) and not timestamp:
+        # An upsert's Insert half carries its time only per row.
+        timestamp = max(ETCD_MESSAGES["RowTimes"].FromString(payload).timestamps, default=0)
+    return SourceMessage(channel, msg_id, base.msg_type, timestamp, payload)
 
 
 class ChannelReader(ABC):
@@ -1579,7 +1584,7 @@ class KafkaChannelReader(ChannelReader):
                            sasl_plain_username=sasl["username"], sasl_plain_password=sasl.get("password", ""))
         # fetch_max_wait_ms: a broker holds a fetch that finds nothing new that long; ticks come every 200 ms
         self.consumer = KafkaConsumer(bootstrap_servers=settings["address"].split(","), enable_auto_commit=False,
-                                      group_id=None, fetch_max_bytes=16 << 20, max_partition_fetch_bytes=8 << 20,
+                                      group_id=None, fetch_max_bytes=4 << 20, max_partition_fetch_bytes=4 << 20,
                                       fetch_max_wait_ms=50, request_timeout_ms=30000, **options)
         self.partitions: dict[str, Any] = {}
 
@@ -2192,21 +2197,36 @@ class SendLane:
     def close(self) -> None:
         self.work.put(None)
 
+    MERGE_BYTES = 8 << 20  # what queued up meanwhile goes out in one call, up to this much
+
     def _run(self) -> None:
         failed: BaseException | None = None
-        while (item := self.work.get()) is not None:
-            messages, future = item
-            if failed is not None:  # after a failure nothing more goes out on this channel: order first
-                future.set_exception(failed)
-                continue
-            try:
-                self.writer.replicate(self.pchannel, messages)
-            except BaseException as exc:  # noqa: BLE001 - handed to the applier through the future
-                failed = exc
-                future.set_exception(exc)
-            else:
-                future.set_result(len(messages))
-                log.debug("task=%s sent %d message(s) to %s", self.task_id, len(messages), self.pchannel)
+        closing = False
+        while not closing and (item := self.work.get()) is not None:
+            # The target takes a few large calls much faster than many small ones: what the applier queued
+            # while the last call was out goes in the next one, in order.
+            messages, futures = list(item[0]), [item[1]]
+            size = sum(len(m) for m in messages)
+            while size < self.MERGE_BYTES:
+                try:
+                    more = self.work.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    closing = True
+                    break
+                messages += more[0]
+                futures.append(more[1])
+                size += sum(len(m) for m in more[0])
+            if failed is None:
+                try:
+                    self.writer.replicate(self.pchannel, messages)
+                except BaseException as exc:  # noqa: BLE001 - handed to the applier through the futures
+                    failed = exc
+                else:
+                    log.debug("task=%s sent %d message(s) to %s", self.task_id, len(messages), self.pchannel)
+            for future in futures:  # after a failure nothing more goes out on this channel: order first
+                future.set_exception(failed) if failed is not None else future.set_result(None)
 
 
 class Outbox:
@@ -2943,6 +2963,7 @@ class Replicator:
     """
 
     FENCE_INTERVAL = 0.05        # seconds between two promises of the replicate channel, at most
+    READ_BATCH_BYTES = 4 << 20   # one batch of the read queue
     CATALOG_SPACING = 0.03       # seconds between two polls of the source's catalog, at least
     CATALOG_IDLE = 0.5           # seconds between two polls when no new tick comes
 
@@ -3095,8 +3116,17 @@ class Replicator:
                     # Read to the end observed after `before` was read: every operation the source
                     # completed before issuing `before` is read.
                     messages.append(SourceMessage(replicate, b"", common_pb2.TimeTick, before, b""))
-            if messages:
-                self._hand_over(self.read_queue, messages)
+            # readChanLen counts batches: each at most READ_BATCH_BYTES, so the buffer's size is bounded too
+            batch: list[SourceMessage] = []
+            size = 0
+            for message in messages:
+                batch.append(message)
+                size += len(message.payload)
+                if size >= self.READ_BATCH_BYTES:
+                    self._hand_over(self.read_queue, batch)
+                    batch, size = [], 0
+            if batch:
+                self._hand_over(self.read_queue, batch)
 
     # -- catalog thread -----------------------------------------------------------------------------------
 
@@ -3363,7 +3393,8 @@ class Applier:
     the target, the channels it follows, and the checkpoint. The target's side is TargetMirror's.
     """
 
-    WRITE_AHEAD_BYTES = 64 << 20  # messages on their way to the target before the oldest round must be acknowledged
+    WRITE_AHEAD_BYTES = 16 << 20  # messages on their way to the target before the oldest round must be acknowledged
+    ROUND_BYTES = 4 << 20         # messages one round hands to the send lanes, at most
 
     def __init__(self, replicator: Replicator, meta: SourceMeta, writer: TargetWriter):
         from pymilvus.grpc_gen import common_pb2
@@ -3609,11 +3640,13 @@ class Applier:
             done.append(change)
             if self.order.added:
                 break  # a channel was added: what is still ready must wait for its promise
+            if self.outbox.size >= self.ROUND_BYTES:
+                break  # enough for one round: the rest is taken by the next
         if len(done) == len(ready):
             upto = watermark
         elif barrier:
             upto = ready[len(done)].ts - 1  # everything before the flush
-        else:  # broken off after a channel was added: only below the change that added it
+        else:  # broken off (a channel added, a full round): only below the last change applied is all applied
             upto = done[-1].ts - 1
         if done or upto > (self.sent[-1].upto if self.sent else self.order.applied):
             size = self.outbox.size
@@ -3715,7 +3748,8 @@ class Applier:
     # -- data channel handlers --------------------------------------------------------------------------------
 
     def on_insert(self, message: SourceMessage) -> None:
-        msg = message.parsed
+        from pymilvus.grpc_gen import msg_pb2
+        msg = msg_pb2.InsertRequest.FromString(message.payload)
         copy = self.copies.of(msg.collectionID)
         if copy is None:
             return
@@ -3724,10 +3758,11 @@ class Applier:
         shard = shard_index(msg.shardName)
         self.outbox.add(target.pchannels[shard], MessageRewriter.insert(msg, target, partition_id, shard))
         self.r.metrics.replicated(target.qualified_name, "insert", msg.num_rows or len(msg.timestamps),
-                                  message.size)
+                                  len(message.payload))
 
     def on_delete(self, message: SourceMessage) -> None:
-        msg = message.parsed
+        from pymilvus.grpc_gen import msg_pb2
+        msg = msg_pb2.DeleteRequest.FromString(message.payload)
         copy = self.copies.of(msg.collectionID)
         if copy is None:
             return
@@ -3738,7 +3773,7 @@ class Applier:
         shard = shard_index(msg.shardName)
         self.outbox.add(target.pchannels[shard], MessageRewriter.delete(msg, target, partition_id, shard))
         self.r.metrics.replicated(target.qualified_name, "delete", msg.num_rows or len(msg.timestamps),
-                                  message.size)
+                                  len(message.payload))
 
     def on_create_collection(self, message: SourceMessage) -> None:
         from pymilvus.grpc_gen import msg_pb2

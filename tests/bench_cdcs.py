@@ -291,7 +291,10 @@ class PythonCdc(CdcUnderTest):
     def __init__(self, endpoints: dict, workdir: Path):
         self.endpoints = endpoints
         self.workdir = workdir
-        self.server = CdcServer(server_config(endpoints, workdir), workdir)
+        # CDC_BENCH_SET="replication.writeAhead=1,sourceConfig.readChanLen=2": config keys to try (YAML values)
+        settings = dict(item.split("=", 1) for item in os.environ.get("CDC_BENCH_SET", "").split(",") if item)
+        self.server = CdcServer(server_config(endpoints, workdir, **{k: yaml.safe_load(v) for k, v in
+                                                                     settings.items()}), workdir)
 
     def start(self) -> None:
         self.server.start()

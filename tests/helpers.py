@@ -90,8 +90,11 @@ class CdcServer:
         log = open(self.log_path, "ab")
         if self.proc is None:
             atexit.register(self.kill)  # a failing test must not leave a server replicating into later ones
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "milvus_cdc.py"), "-c", str(self.config_path)],
-                                     stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
+        # CDC_SERVER_WRAPPER: a profiler to run the server under, e.g. "memray run -o /tmp/cdc.bin" (benchmarks)
+        wrapper = os.environ.get("CDC_SERVER_WRAPPER", "").split()
+        argv = [sys.executable, *(["-m", *wrapper] if wrapper else []), str(ROOT / "milvus_cdc.py"), "-c",
+                str(self.config_path)]
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
         log.close()
         wait_until(lambda: self.alive() and self.post({"request_type": "list"})[0] == 200, timeout,
                    what=f"the CDC server on {self.url} (log: {self.log_text()[-2000:]})")
