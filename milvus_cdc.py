@@ -2295,6 +2295,10 @@ class TargetMirror:
         self.writer, self.task_id = writer, task_id
         self.collections: dict[tuple[str, str], TargetCollection] = {}   # described, by (database, name)
         self.load_kinds: dict[int, bool] = {}   # target collection id -> loaded as a whole (True) by this mirror
+        # (target collection id, index name) -> source time of the index this mirror made there. A load read from
+        # etcd can come before the replicate channel's CreateIndex, and its repair makes the source's current
+        # index; the older creates and drops of that name that follow are then behind the target and skipped.
+        self.index_times: dict[tuple[int, str], int] = {}
 
     # -- one checked call --------------------------------------------------------------------------------------
 
@@ -2435,6 +2439,7 @@ class TargetMirror:
                                                     db_name=target.db_name, collection_name=target.name),
                    target.db_name, ok_if=NOT_FOUND)
         self.collections.pop((target.db_name, target.name), None)
+        self.index_times = {key: ts_ for key, ts_ in self.index_times.items() if key[0] != target.id}
 
     def ensure_partition(self, target: TargetCollection, name: str, ts: int) -> int:
         from pymilvus.grpc_gen import common_pb2, milvus_pb2
@@ -2478,6 +2483,10 @@ class TargetMirror:
         """Create an index; an index of the same field that ``unwanted`` says the source dropped is dropped
         first (Milvus keeps one index per field)."""
         from pymilvus.grpc_gen import common_pb2, milvus_pb2
+        if self.index_times.get((target.id, index_name), -1) > ts:
+            log.info("task=%s create index %s of %s skipped: the target has a later index of that name already",
+                     self.task_id, index_name, target.qualified_name)
+            return
 
         def drop_unwanted():
             for name, (field_name_, _) in self.indexes(target).items():
@@ -2492,10 +2501,15 @@ class TargetMirror:
                    target.db_name,
                    repairs=[Repair(lambda r: r.says("at most one distinct index", "multiple indexes on same field"),
                                    drop_unwanted, "dropping the index the source dropped before")])
+        self.index_times[(target.id, index_name)] = ts
 
     def drop_index(self, target: TargetCollection, field_name: str, index_name: str, ts: int) -> None:
         """Drop an index; the collection is released first when loaded (the source refuses the same)."""
         from pymilvus.grpc_gen import common_pb2, milvus_pb2
+        if self.index_times.get((target.id, index_name), -1) > ts:
+            log.info("task=%s drop index %s of %s skipped: the target's index of that name is a later one",
+                     self.task_id, index_name, target.qualified_name)
+            return
         self.apply(f"drop index {index_name or field_name} of {target.qualified_name}", "DropIndex",
                    milvus_pb2.DropIndexRequest(base=self.base(common_pb2.DropIndex, ts), db_name=target.db_name,
                                                collection_name=target.name, field_name=field_name,
@@ -2503,6 +2517,7 @@ class TargetMirror:
                    target.db_name, ok_if=NOT_FOUND + ("index not exist",),
                    repairs=[Repair(lambda r: r.says("loaded", "release"),
                                    lambda: self.release_collection(target, ts), "releasing the collection")])
+        self.index_times.pop((target.id, index_name), None)
 
     # -- load state --------------------------------------------------------------------------------------------
 

@@ -114,6 +114,22 @@ def test_a_refusal_nothing_explains_halts_with_the_operation_object_and_answer()
     assert writer.calls == ["DropPartition", "ReleasePartitions", "DropPartition"], "each repair is tried once"
 
 
+def test_index_calls_behind_a_later_index_of_the_same_name_are_skipped():
+    """create vec (IVF), drop vec, create vec (FLAT), load: a load read from etcd ahead of the replicate channel
+    makes the source's current index (FLAT, created at 300) first; the older create and drop must not touch it."""
+    writer = ScriptedWriter({})
+    mirror = m.TargetMirror(writer, "t1")
+    target = m.TargetCollection(7, "default", "c", 1, ["ch_1_7v0"], {}, {"_default": 1})
+    mirror.create_index(target, "vec", "vec", [("index_type", "FLAT")], 300, unwanted=lambda name: False)
+    mirror.create_index(target, "vec", "vec", [("index_type", "IVF_FLAT")], 100, unwanted=lambda name: False)
+    mirror.drop_index(target, "vec", "vec", 200)
+    assert writer.calls == ["CreateIndex"]
+    mirror.create_index(target, "vec", "vec", [("index_type", "FLAT")], 300, unwanted=lambda name: False)
+    mirror.drop_index(target, "vec", "vec", 400)
+    mirror.create_index(target, "vec", "vec", [("index_type", "HNSW")], 500, unwanted=lambda name: False)
+    assert writer.calls == ["CreateIndex", "CreateIndex", "DropIndex", "CreateIndex"], "later calls go through"
+
+
 def test_transient_and_refusing_answers_are_told_apart():
     from pymilvus.grpc_gen import common_pb2
     assert 8 in m.TRANSIENT_CODES and common_pb2.RateLimit in m.TRANSIENT_ERROR_CODES  # rate limit
