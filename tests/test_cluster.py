@@ -176,6 +176,8 @@ def test_a_second_server_on_one_sqlite_file_is_refused(stack, tmp_path):
         second_dir.mkdir()
         config = server_config(stack, second_dir)
         config["metaStoreConfig"]["sqlitePath"] = first.config["metaStoreConfig"]["sqlitePath"]
+        # the same tasks (another rootPath is another tenant, whose rows never meet these: allowed)
+        config["metaStoreConfig"]["rootPath"] = first.config["metaStoreConfig"]["rootPath"]
         second = CdcServer(config, second_dir)
         import subprocess
         import sys
