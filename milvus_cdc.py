@@ -3075,9 +3075,10 @@ class Replicator:
             except queue.Full:
                 continue
 
-    def _ending(self, what: str, body: Callable[[], None], *closables) -> None:
+    def _ending(self, what: str, body: Callable[[], None], closables: list) -> None:
         """Run one thread's body; how it ends decides what becomes of the task: a stop is quiet, a lost lease
-        stops it here (it goes on elsewhere), anything else pauses it with the reason."""
+        stops it here (it goes on elsewhere), anything else pauses it with the reason. ``closables`` are closed
+        at the end, also those the body opened and added to it."""
         try:
             body()
         except TaskStopping:
@@ -3093,14 +3094,13 @@ class Replicator:
             self._fail(f"{what}: {type(exc).__name__}: {exc}")
         finally:
             for closable in closables:
-                if closable is not None:
-                    with contextlib.suppress(Exception):
-                        closable.close()
+                with contextlib.suppress(Exception):
+                    closable.close()
 
     # -- reader thread ------------------------------------------------------------------------------------
 
     def _run_reader(self, reader: ChannelReader) -> None:
-        self._ending("reading the source MQ", lambda: self._read(reader), reader)
+        self._ending("reading the source MQ", lambda: self._read(reader), [reader])
 
     def _read(self, reader: ChannelReader) -> None:
         from pymilvus.grpc_gen import common_pb2
@@ -3154,15 +3154,20 @@ class Replicator:
                 changes = poller.poll()
                 # Started after `before` was read: every catalog write made before it was issued is here.
                 self._hand_over(self.catalog_queue, (before, changes))
-        self._ending("reading the source etcd", poll, poller.meta)
+        self._ending("reading the source etcd", poll, [poller.meta])
 
     # -- applier thread -----------------------------------------------------------------------------------
 
     def _run_applier(self) -> None:
-        meta = SourceMeta(self.config.source, self.patience("applier"))
-        writer = TargetWriter(self.task.connect, self.patience("applier"), self.metrics, self.fence)
+        opened: list = []
+
+        def apply():
+            # opened inside, so that a failure to open pauses the task with its reason like any other
+            opened.append(SourceMeta(self.config.source, self.patience("applier")))
+            opened.append(TargetWriter(self.task.connect, self.patience("applier"), self.metrics, self.fence))
+            Applier(self, *opened).run()
         try:
-            self._ending("applying", lambda: Applier(self, meta, writer).run(), meta, writer)
+            self._ending("applying", apply, opened)
         finally:
             self.clock.leave(self.task.task_id)
 
