@@ -34,12 +34,10 @@ from bench_cdcs import check_status, count_rows, hybrid_now, milvus_stub
 MB = 1e6
 
 
-@dataclass
-class ReadResult:
-    how: str
+class Rates:
+    """rows and payload_bytes over seconds."""
     rows: int
-    records: int
-    payload_bytes: int      # serialized Insert messages of the collection (Kafka record values, uncompressed)
+    payload_bytes: int
     seconds: float
 
     @property
@@ -49,6 +47,15 @@ class ReadResult:
     @property
     def mb_per_s(self) -> float:
         return self.payload_bytes / MB / self.seconds
+
+
+@dataclass
+class ReadResult(Rates):
+    how: str
+    rows: int
+    records: int
+    payload_bytes: int      # serialized Insert messages of the collection (Kafka record values, uncompressed)
+    seconds: float
 
 
 @dataclass
@@ -303,7 +310,7 @@ class TargetCopy:
 
 
 @dataclass
-class WriteResult:
+class WriteResult(Rates):
     concurrency: int
     rows: int
     requests: int
@@ -314,12 +321,9 @@ class WriteResult:
     tick_each: bool = False    # a tick after each request (one thread per pchannel) instead of one at the end
 
     @property
-    def rows_per_s(self) -> float:
-        return self.rows / self.visible_seconds
-
-    @property
-    def mb_per_s(self) -> float:
-        return self.payload_bytes / MB / self.visible_seconds
+    def seconds(self) -> float:
+        """Rates count until every row is visible on the target."""
+        return self.visible_seconds
 
     @property
     def send_rows_per_s(self) -> float:

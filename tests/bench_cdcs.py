@@ -29,7 +29,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import CdcServer, server_config, wait_until
+from helpers import CdcServer, hybrid_now, server_config, wait_until  # noqa: F401 - hybrid_now for the benches
 from stack import free_ports
 
 try:
@@ -39,18 +39,6 @@ except ImportError:  # plain lists then: slower to build, same rows
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MIB = 1024 * 1024
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Hybrid timestamps
-# ---------------------------------------------------------------------------------------------------------
-
-def hybrid_now() -> int:
-    return int(time.time() * 1000) << 18
-
-
-def ts_seconds(ts: int) -> float:
-    return (ts >> 18) / 1000.0
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -41,17 +41,14 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import ROOT, CdcServer, indexes_of, load_state_of, schema_of, server_config, wait_until  # noqa: E402
+from helpers import (ROOT, CdcServer, hybrid_now, indexes_of, load_state_of, schema_of,  # noqa: E402
+                     server_config, wait_until)
 
 DEFAULT_DB = "default"
 PICK = st.integers(0, 1 << 16)        # an index into a sorted list of candidates: shrinks to the first one
 SEED = st.integers(0, (1 << 32) - 1)   # rows and subsets come from random.Random(seed): reproducible per step
 DB_SLOTS, COLLECTION_SLOTS, PARTITION_SLOTS = 2, 3, 3   # few names, so drop-and-recreate of a name is likely
 QUERY_LIMIT = 16384
-
-
-def hybrid_now() -> int:
-    return int(time.time() * 1000) << 18
 
 
 # ---------------------------------------------------------------------------------------------------------

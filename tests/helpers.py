@@ -22,6 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stack import free_ports  # noqa: E402
 
 
+def hybrid_now() -> int:
+    """A Milvus hybrid timestamp for now (what a source would stamp a change made now with)."""
+    from pymilvus.client.utils import mkts_from_unixtime
+    return mkts_from_unixtime(time.time())
+
+
 def wait_until(predicate, timeout: float = 60.0, interval: float = 0.5, what: str = "condition"):
     deadline = time.monotonic() + timeout
     last_error = None

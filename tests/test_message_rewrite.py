@@ -68,10 +68,8 @@ def test_an_upsert_insert_is_timed_by_its_rows():
 
 
 def test_the_reader_reads_only_the_header_of_a_data_message():
-    """The applier parses a message once, fully; the reader buffers its compact bytes and reads only its time."""
+    """The applier parses a message once, fully; the reader buffers its compact bytes and reads only its time (an
+    upsert's from its rows: test_an_upsert_insert_is_timed_by_its_rows)."""
     payload = source_insert().SerializeToString()
     decoded = m.decode_source_message("ch", b"\0" * 8, payload)
     assert decoded.payload == payload and decoded.timestamp == 77
-    upsert = source_insert(timestamp=0)
-    upsert.timestamps[:] = [70, 75]
-    assert m.decode_source_message("ch", b"\0" * 8, upsert.SerializeToString()).timestamp == 75
