@@ -143,6 +143,7 @@ class ReplicationSettings:
     retry_timeout: float = 600.0
     retry_max_backoff: float = 10.0
     write_ahead: int = 4  # rounds of messages sent to the target before the oldest must be acknowledged
+    calls_per_channel: int = 1  # ReplicateMessage calls with inserts and deletes in flight on one target pchannel
 
 
 @dataclass(frozen=True)
@@ -412,7 +413,8 @@ def load_config(path: str) -> tuple[ServerConfig, list[str]]:
                                       "a number of seconds from 0.01 to 60"),
         retry_timeout=rep.value("retryTimeout", float, 600.0, lambda v: v >= 0, "a number of seconds >= 0"),
         retry_max_backoff=rep.value("retryMaxBackoff", float, 10.0, lambda v: v > 0, "a number of seconds > 0"),
-        write_ahead=rep.value("writeAhead", int, 4, lambda v: 1 <= v <= 64, "an integer from 1 to 64"))
+        write_ahead=rep.value("writeAhead", int, 4, lambda v: 1 <= v <= 64, "an integer from 1 to 64"),
+        calls_per_channel=rep.value("callsPerChannel", int, 1, lambda v: 1 <= v <= 16, "an integer from 1 to 16"))
     cluster_reader = root.section("cluster")
     cluster = None
     if cluster_reader.value("enabled", bool, False):
@@ -2177,35 +2179,48 @@ def speaks_tls(param: ConnectParam, timeout: float) -> bool:
 ###############################################################################
 
 class SendLane:
-    """One target pchannel's messages, sent by a thread of its own, one call at a time, in the order given (the
-    target produces each call's messages to that channel in arrival order, so one lane per channel keeps it)."""
+    """One target pchannel's messages, sent in the order given, by a thread of its own.
 
-    def __init__(self, pchannel: str, writer: TargetWriter, task_id: str):
-        self.pchannel, self.writer, self.task_id = pchannel, writer, task_id
+    Insert and delete batches (``reorderable``) may be in ``len(writers)`` calls at once: the target consumes a
+    channel one tick window at a time and applies a window's inserts before its deletes, whatever their order of
+    arrival, and a tick goes out only after every call below it was answered (Applier._commit_sent). Any other
+    message (a drop of a collection or partition) waits until no call is out on the channel and goes alone."""
+
+    MERGE_BYTES = 4 << 20  # what queued up meanwhile goes out in one call, up to this much
+
+    def __init__(self, pchannel: str, writers: list[TargetWriter], task_id: str):
+        self.pchannel, self.writers, self.task_id = pchannel, writers, task_id
         self.work: queue.SimpleQueue = queue.SimpleQueue()
         self.last: concurrent.futures.Future | None = None
-        self.thread = threading.Thread(target=self._run, name=f"cdc-send-{task_id[:8]}-{pchannel[-8:]}",
-                                       daemon=True)
+        self.slots = threading.Semaphore(len(writers))   # calls that may start now
+        self.calls: queue.SimpleQueue = queue.SimpleQueue()  # batches for the call threads
+        self.failed: BaseException | None = None            # after a failure nothing more goes out: order first
+        name = f"cdc-send-{task_id[:8]}-{pchannel[-8:]}"
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
+        # With one writer the lane thread makes every call itself; with more, each writer has a call thread, and
+        # the lane thread uses the first one only while every call thread is idle.
+        self.call_threads = [threading.Thread(target=self._call_loop, args=(writer,), name=f"{name}-{i}",
+                                              daemon=True) for i, writer in enumerate(writers)] \
+            if len(writers) > 1 else []
+        for thread in self.call_threads:
+            thread.start()
 
-    def submit(self, messages: list[bytes]) -> concurrent.futures.Future:
+    def submit(self, messages: list[bytes], reorderable: bool = False) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self.work.put((messages, future))
+        self.work.put((messages, future, reorderable))
         self.last = future
         return future
 
     def close(self) -> None:
         self.work.put(None)
 
-    MERGE_BYTES = 8 << 20  # what queued up meanwhile goes out in one call, up to this much
-
     def _run(self) -> None:
-        failed: BaseException | None = None
         closing = False
         while not closing and (item := self.work.get()) is not None:
             # The target takes a few large calls much faster than many small ones: what the applier queued
             # while the last call was out goes in the next one, in order.
-            messages, futures = list(item[0]), [item[1]]
+            messages, futures, reorderable = list(item[0]), [item[1]], item[2]
             size = sum(len(m) for m in messages)
             while size < self.MERGE_BYTES:
                 try:
@@ -2217,16 +2232,40 @@ class SendLane:
                     break
                 messages += more[0]
                 futures.append(more[1])
+                reorderable = reorderable and more[2]
                 size += sum(len(m) for m in more[0])
-            if failed is None:
+            if reorderable and self.call_threads:
+                self.slots.acquire()
+                self.calls.put((messages, futures))
+            else:
+                for _ in self.writers:  # every call out on the channel answered
+                    self.slots.acquire()
                 try:
-                    self.writer.replicate(self.pchannel, messages)
-                except BaseException as exc:  # noqa: BLE001 - handed to the applier through the futures
-                    failed = exc
-                else:
-                    log.debug("task=%s sent %d message(s) to %s", self.task_id, len(messages), self.pchannel)
-            for future in futures:  # after a failure nothing more goes out on this channel: order first
-                future.set_exception(failed) if failed is not None else future.set_result(None)
+                    self._send(self.writers[0], messages, futures)
+                finally:
+                    for _ in self.writers:
+                        self.slots.release()
+        for _ in self.call_threads:
+            self.calls.put(None)
+
+    def _call_loop(self, writer: TargetWriter) -> None:
+        while (item := self.calls.get()) is not None:
+            try:
+                self._send(writer, *item)
+            finally:
+                self.slots.release()
+
+    def _send(self, writer: TargetWriter, messages: list[bytes], futures: list[concurrent.futures.Future]) -> None:
+        if self.failed is None:
+            try:
+                writer.replicate(self.pchannel, messages)
+            except BaseException as exc:  # noqa: BLE001 - handed to the applier through the futures
+                self.failed = exc
+            else:
+                log.debug("task=%s sent %d message(s) to %s", self.task_id, len(messages), self.pchannel)
+        failed = self.failed
+        for future in futures:
+            future.set_exception(failed) if failed is not None else future.set_result(None)
 
 
 class Outbox:
@@ -2234,15 +2273,20 @@ class Outbox:
     target in parallel, each in order, while the applier goes on; ``flush`` also waits until every lane has
     written everything, before a call that must come after the data."""
 
-    def __init__(self, writer: TargetWriter, task_id: str, lane_writer: Callable[[str], TargetWriter] | None = None):
-        self.writer, self.task_id = writer, task_id
-        self.lane_writer = lane_writer or (lambda pchannel: writer)
+    def __init__(self, writer: TargetWriter, task_id: str,
+                 lane_writer: Callable[[str, int], TargetWriter] | None = None, calls_per_channel: int = 1):
+        self.writer, self.task_id, self.calls_per_channel = writer, task_id, calls_per_channel
+        self.lane_writer = lane_writer or (lambda pchannel, call: writer)
         self.messages: dict[str, list[bytes]] = defaultdict(list)
+        self.ordered: set[str] = set()   # pchannels with a message that must not overtake nor be overtaken
         self.lanes: dict[str, SendLane] = {}
         self.size = 0  # bytes added since the last send
 
-    def add(self, pchannel: str, message: bytes) -> None:
+    def add(self, pchannel: str, message: bytes, reorderable: bool = False) -> None:
+        """``reorderable``: an insert or a delete, which the target applies by its tick window, not by arrival."""
         self.messages[pchannel].append(message)
+        if not reorderable:
+            self.ordered.add(pchannel)
         self.size += len(message)
 
     def send(self) -> list[concurrent.futures.Future]:
@@ -2250,8 +2294,10 @@ class Outbox:
         for pchannel in list(self.messages):
             lane = self.lanes.get(pchannel)
             if lane is None:
-                lane = self.lanes[pchannel] = SendLane(pchannel, self.lane_writer(pchannel), self.task_id)
-            sent.append(lane.submit(self.messages.pop(pchannel)))
+                writers = [self.lane_writer(pchannel, call) for call in range(self.calls_per_channel)]
+                lane = self.lanes[pchannel] = SendLane(pchannel, writers, self.task_id)
+            sent.append(lane.submit(self.messages.pop(pchannel), reorderable=pchannel not in self.ordered))
+        self.ordered.clear()
         return sent
 
     def flush(self) -> None:
@@ -3427,7 +3473,9 @@ class Applier:
         self.catalog = SourceCatalog(meta, self.filter)
         self.mirror = TargetMirror(writer, self.tid)
         self.outbox = Outbox(writer, self.tid,
-                             lambda pchannel: writer.sibling(replicator.patience(f"sending to {pchannel}")))
+                             lambda pchannel, call: writer.sibling(replicator.patience(
+                                 f"sending to {pchannel}" + (f" (call {call + 1})" if call else ""))),
+                             replicator.config.replication.calls_per_channel)
         self.copies = TargetCopies(self.tid, self.catalog, meta, self.mirror, self.outbox, replicator.clock,
                                    self.settings.default_partition_name, self._follow, self._unfollow)
         self.order = ChangeOrder()
@@ -3776,7 +3824,8 @@ class Applier:
         _, target = copy
         partition_id = self.copies.partition(target, msg.partition_name, msg.partitionID, message.timestamp)
         shard = shard_index(msg.shardName)
-        self.outbox.add(target.pchannels[shard], MessageRewriter.insert(msg, target, partition_id, shard))
+        self.outbox.add(target.pchannels[shard], MessageRewriter.insert(msg, target, partition_id, shard),
+                        reorderable=True)
         self.r.metrics.replicated(target.qualified_name, "insert", msg.num_rows or len(msg.timestamps),
                                   len(message.payload))
 
@@ -3791,7 +3840,8 @@ class Applier:
         if msg.partitionID not in (0, -1) and msg.partition_name:
             partition_id = self.copies.partition(target, msg.partition_name, msg.partitionID, message.timestamp)
         shard = shard_index(msg.shardName)
-        self.outbox.add(target.pchannels[shard], MessageRewriter.delete(msg, target, partition_id, shard))
+        self.outbox.add(target.pchannels[shard], MessageRewriter.delete(msg, target, partition_id, shard),
+                        reorderable=True)
         self.r.metrics.replicated(target.qualified_name, "delete", msg.num_rows or len(msg.timestamps),
                                   len(message.payload))
 
@@ -4759,7 +4809,28 @@ WAITRESS_LIMITS = {"threads": 16, "connection_limit": 1000, "channel_timeout": 3
                    "max_request_body_size": 2 << 20}
 
 
+# glibc's mallopt parameter M_ARENA_MAX (malloc.h); Python's ctypes and os name no such constant.
+M_ARENA_MAX = -8
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Two malloc arenas instead of glibc's eight per core. Each thread that allocates a message's bytes while
+    another holds an arena gets an arena of its own, which keeps its freed pages: with a reader, an applier, the
+    send lanes and gRPC's threads, resident memory at catch-up grew with the number of arenas touched, not with the
+    data in flight. Skipped when MALLOC_ARENA_MAX is set (the operator's choice) or the C library is not glibc."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(M_ARENA_MAX, arenas)
+    except (OSError, AttributeError):  # not glibc (musl has no arenas to limit)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    limit_malloc_arenas()
     parser = argparse.ArgumentParser(description="Milvus CDC server")
     parser.add_argument("-c", "--config", default="config.yaml", help="path of the YAML config (config.yaml)")
     args = parser.parse_args(argv)

@@ -24,6 +24,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -319,6 +320,7 @@ class WriteResult(Rates):
     visible_seconds: float     # ... and the closing tick consumed: count(*) waiting for it returned
     count: int
     tick_each: bool = False    # a tick after each request (one thread per pchannel) instead of one at the end
+    stack_pct: dict | None = None  # % of a core each stack process used meanwhile (filled in by the caller)
 
     @property
     def seconds(self) -> float:
@@ -360,7 +362,7 @@ def build_requests(copy: TargetCopy, payloads: list[bytes], request_bytes: int) 
         pchannel = target.pchannels[shard]
         chunks = by_channel[pchannel]
         if not chunks or (chunks[-1][1] and chunks[-1][1] + len(data) > request_bytes):
-            chunks.append([milvus_pb2.ReplicateMessageRequest(channel_name=pchannel), 0, 0])
+            chunks.append([milvus_pb2.ReplicateMessageRequest(channel_name=pchannel), 0, 0, ts])
         chunks[-1][0].Msgs.append(data)
         chunks[-1][1] += len(data)
         chunks[-1][2] = ts
@@ -369,18 +371,21 @@ def build_requests(copy: TargetCopy, payloads: list[bytes], request_bytes: int) 
     while any(by_channel.values()):
         for chunks in by_channel.values():
             if chunks:
-                request, _, request_ts = chunks.pop(0)
-                requests.append((request, request_ts))
+                request, _, request_ts, first_ts = chunks.pop(0)
+                requests.append((request, request_ts, first_ts))
     return requests, rows, size, ts
 
 
 def write_bound(target_uri: str, schema, shards: int, payloads: list[bytes], concurrency: int,
-                request_bytes: int = 16 << 20, index_field: str = "v", tick_each: bool = False) -> WriteResult:
+                request_bytes: int = 16 << 20, index_field: str = "v", tick_each: bool = False,
+                before_drop: Callable[[], object] | None = None) -> WriteResult:
     """Make a fresh copy collection, send ``payloads`` to it with ``concurrency`` threads, tick, count.
 
     With ``tick_each`` one thread per pchannel sends its requests in order, each followed by a tick at the
     request's highest timestamp (what a CDC does: the target consumes while later data is sent); otherwise the
-    requests go out from ``concurrency`` threads in any order and one tick at the end covers them all."""
+    requests go out from ``concurrency`` threads in any order, and every 0.2 s a tick covers every timestamp below
+    the oldest request not yet answered (as the Python CDC ticks: one tick window of a million rows stalls the
+    target), and a last one covers them all."""
     copy = TargetCopy(target_uri, f"bench_write_c{concurrency}_{uuid.uuid4().hex[:8]}", schema, shards)
     try:
         copy.make(index_field)
@@ -394,12 +399,27 @@ def write_bound(target_uri: str, schema, shards: int, payloads: list[bytes], con
 
         def send_channel(pchannel):
             tick = milvus_cdc_tick()
-            for request, request_ts in requests:
+            for request, request_ts, _ in requests:
                 if request.channel_name == pchannel:
                     send(request)
                     answer = stub.ReplicateMessage(milvus_pb2.ReplicateMessageRequest(
                         channel_name=pchannel, Msgs=[tick(request_ts)]), timeout=60)
                     check_status(answer.status, f"time tick to {pchannel}")
+
+        unanswered = {first_ts for _, _, first_ts in requests}
+        lock, sending = threading.Lock(), threading.Event()
+
+        def send_one(request, first_ts):
+            send(request)
+            with lock:
+                unanswered.discard(first_ts)
+
+        def tick_answered():
+            while not sending.wait(0.2):
+                with lock:
+                    below = min(unanswered, default=last_ts + 1) - 1
+                if below > copy.ticker.last:
+                    copy.ticker.tick(below)
 
         from pymilvus.grpc_gen import milvus_pb2
         started = time.monotonic()
@@ -408,19 +428,25 @@ def write_bound(target_uri: str, schema, shards: int, payloads: list[bytes], con
             with ThreadPoolExecutor(concurrency) as pool:
                 for done in [pool.submit(send_channel, p) for p in copy.target.pchannels]:
                     done.result()
-        elif concurrency <= 1:
-            for request, _ in requests:
-                send(request)
         else:
-            with ThreadPoolExecutor(concurrency) as pool:
-                for done in [pool.submit(send, r) for r, _ in requests]:
-                    done.result()
+            with ThreadPoolExecutor(concurrency + 1) as pool:
+                ticking = pool.submit(tick_answered)
+                try:
+                    for done in [pool.submit(send_one, r, first_ts) for r, _, first_ts in requests]:
+                        done.result()
+                finally:
+                    sending.set()
+                    ticking.result()
         sent = time.monotonic() - started
         tick = copy.ticker.tick(last_ts + 1)
         count = count_rows(stub, copy.name, guarantee_ts=tick, timeout=600)
         visible = time.monotonic() - started
         return WriteResult(concurrency, rows, request_count, size, sent, visible, count, tick_each)
     finally:
+        if before_drop is not None:
+            # Milvus 2.3.5's datanode can panic ("send on closed channel" in FlushSegments) when a collection is
+            # dropped while the segments it just filled are being flushed.
+            before_drop()
         copy.drop()
 
 

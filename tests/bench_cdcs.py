@@ -112,6 +112,45 @@ class MeterWindow:
         return self.result
 
 
+class StackMeter:
+    """CPU of the stack's own processes (by the pids its state records): where the cores went during a phase,
+    and whether the stack is quiet enough to measure the next one."""
+
+    PARTS = ("source-milvus", "target-milvus", "kafka", "etcd")
+
+    def __init__(self, pids: dict[str, int]):
+        self.meters = {name: ProcessMeter(pids[name]) for name in self.PARTS if name in pids}
+
+    def cpu_seconds(self) -> dict[str, float]:
+        found = {}
+        for name, meter in self.meters.items():
+            with contextlib.suppress(OSError):
+                found[name] = meter.cpu_seconds()
+        return found
+
+    def start(self) -> tuple[dict[str, float], float]:
+        return self.cpu_seconds(), time.monotonic()
+
+    def since(self, started: tuple[dict[str, float], float]) -> dict[str, float]:
+        """% of one core per part since ``start()``, and their sum as "stack"."""
+        before, wall0 = started
+        now, wall = self.cpu_seconds(), max(time.monotonic() - wall0, 1e-6)
+        used = {name: 100.0 * (now[name] - before[name]) / wall for name in now if name in before}
+        used["stack"] = sum(used.values())
+        return used
+
+    def settle(self, below_pct: float, window: float, timeout: float) -> tuple[float, dict[str, float]]:
+        """Wait until the stack uses less than ``below_pct`` of a core over ``window`` seconds: the seconds
+        waited and the last window's use (over the limit when ``timeout`` ran out)."""
+        started = time.monotonic()
+        while True:
+            mark = self.start()
+            time.sleep(window)
+            used = self.since(mark)
+            if used["stack"] < below_pct or time.monotonic() - started > timeout:
+                return time.monotonic() - started, used
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Rows to the source, fast: Insert requests built from numpy blocks and sent over the raw gRPC stub
 # ---------------------------------------------------------------------------------------------------------

@@ -5,21 +5,26 @@
 
 Phases (``--phases``, any subset, always in this order):
 
-  bounds   (a) READ bound: the source's DML records of one collection (--bound-rows rows, dim --dim, --shards
+  bounds   Measured once per catch-up size (--rows; or --bound-rows), since the target's cost per row grows with
+           the size (at a million rows it seals and flushes segments while it takes them):
+           (a) READ bound: the source's DML records of one collection (N rows, dim --dim, --shards
            shards) read from Kafka with confluent-kafka and decoded as Milvus messages (MsgHeader, then
            InsertRequest): rows/s and MB/s (best of --read-passes); also fetched without decoding, and read
            through the Python CDC's own reader (kafka-python), for comparison.
            (b) WRITE bound: the same Insert messages, rewritten for a collection on the target the way the CDC
            addresses them (milvus_cdc.MessageRewriter), sent with ReplicateMessage as fast as the target takes
            them: one thread per target pchannel with a time tick after each request (as a CDC ticks), and
-           1..n threads (--write-concurrency) with one tick at the end; each ends with count(*) on the target
+           1..n threads (--write-concurrency) in any order, ticked every 0.2 s up to the oldest request not yet
+           answered (as the Python CDC ticks); each ends with count(*) on the target
            waiting for the last tick, which must equal the rows sent.
            LAG floor: a minimal CDC (tests/bench_bounds.py lag_floor) forwards --floor-batches batches of 100
            rows one at a time, as soon as a source time tick covers each: the live lag no CDC reading this
            source can go below.
-  catchup  (c) per CDC and per --rows N: a task is paused, N rows are inserted on the source, the task is
-           resumed, and the time until count(*) on the target reaches N is the catch-up time; its rate is
-           compared with min(read bound, write bound). Also the CDC's idle cost (--idle-seconds).
+  catchup  (c) per CDC and per --rows N: a task is paused, N rows are inserted on the source, the stack is let
+           settle (--settle-pct, as before each write-bound pass: both are measured with the source Milvus done
+           flushing what it took), the task is resumed, and the time until a count(*) on the target, waiting
+           until the target has consumed up to the last insert's timestamp, counts N rows is the catch-up time;
+           its rate is compared with min(read bound, write bound). Also the CDC's idle cost (--idle-seconds).
   lag      (d) per CDC, per --lag-rates rate: rows inserted at that rate for --lag-seconds, in
            --lag-batches-per-second batches a second; each batch's lag is the time from its insert returning to
            a count(*) on the target with the insert's timestamp as guarantee_timestamp returning with every
@@ -80,6 +85,7 @@ from bench_cdcs import (
     ProcessMeter,
     PythonCdc,
     RowWriter,
+    StackMeter,
     check_status,
     count_rows,
     hybrid_now,
@@ -110,10 +116,11 @@ def parse_args(argv=None):
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--batch", type=int, default=10_000, help="rows per source insert in bulk phases")
-    parser.add_argument("--bound-rows", type=int, default=200_000, help="rows the bounds are measured on")
+    parser.add_argument("--bound-rows", help="sizes the bounds are measured at (default: those of --rows; each "
+                        "catch-up is held to the bound of its size, or of the nearest size measured)")
     parser.add_argument("--read-passes", type=int, default=3)
     parser.add_argument("--write-concurrency", default="1,2,4",
-                        help="sender threads for the write bound with one tick at the end (default 1,2,4)")
+                        help="sender threads for the write bound in any order, ticked every 0.2 s (default 1,2,4)")
     parser.add_argument("--write-passes", type=int, default=2,
                         help="passes of each write mode; the best counts (the machine is shared)")
     parser.add_argument("--write-request-mb", type=int, default=16,
@@ -123,6 +130,13 @@ def parse_args(argv=None):
     parser.add_argument("--lag-rates", default="1000,5000,20000", help="source insert rates, rows/s")
     parser.add_argument("--lag-seconds", type=float, default=30.0, help="seconds per rate")
     parser.add_argument("--lag-batches-per-second", type=float, default=10.0)
+    parser.add_argument("--settle-pct", type=float, default=25.0,
+                        help="before the write bound and before each resume, wait until the stack's processes "
+                             "(source and target Milvus, broker, etcd) use less than this %% of one core together "
+                             "over --settle-window seconds (0: do not wait)")
+    parser.add_argument("--settle-window", type=float, default=3.0)
+    parser.add_argument("--settle-timeout", type=float, default=300.0,
+                        help="longest wait for the stack to settle, seconds (then the phase goes on, noted)")
     parser.add_argument("--idle-seconds", type=float, default=10.0,
                         help="the CDC's idle cost is measured this long (0: skip)")
     parser.add_argument("--go-cdc", help="the Go milvus-cdc binary (or cdc-v1.0.0.gz): also measure it")
@@ -141,6 +155,7 @@ def parse_args(argv=None):
     if unknown:
         parser.error(f"unknown phase(s) {sorted(unknown)}; choose from {', '.join(PHASES)}")
     args.rows = int_list(args.rows)
+    args.bound_rows = int_list(args.bound_rows) if args.bound_rows else list(args.rows)
     args.write_concurrency = int_list(args.write_concurrency)
     args.lag_rates = int_list(args.lag_rates)
     args.cdcs = [c.strip() for c in (args.cdcs or ("python,go" if args.go_cdc else "python")).split(",")]
@@ -198,6 +213,10 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
+class FirstRows(threading.Event):
+    seen: tuple[float, int] | None = None   # (seconds after resume, rows counted) once rows show
+
+
 class Bench:
     def __init__(self, args, endpoints: dict, workdir: Path):
         self.args, self.endpoints, self.workdir = args, endpoints, workdir
@@ -206,10 +225,11 @@ class Bench:
         self.source_channel, self.source_stub = milvus_stub(endpoints["source_milvus"])
         self.target_channel, self.target_stub = milvus_stub(endpoints["target_milvus"])
         self.suffix = uuid.uuid4().hex[:6]
-        self.results: dict = {"bounds": {}, "cdcs": {}, "durations": [], "problems": []}
+        self.results: dict = {"bounds": [], "cdcs": {}, "durations": [], "problems": []}
         self.bytes_per_row: float | None = None
         self.bytes_per_row_measured = False
         self.leftovers: list[str] = []   # target copies whose drop a CDC did not replicate
+        self.stack_meter = StackMeter(endpoints.get("pids", {}))
 
     # -- bookkeeping -------------------------------------------------------------------------------------------
 
@@ -235,6 +255,20 @@ class Bench:
         self.results["problems"].append(text)
         if failure:
             self.results["failures"] = self.results.get("failures", 0) + 1
+
+    def settle(self, before: str) -> dict:
+        """Wait for the stack to be quiet before ``before``: the bounds and every CDC are then measured under
+        the same conditions, not while the source Milvus still flushes and indexes what it has just taken."""
+        args = self.args
+        if args.settle_pct <= 0 or not self.stack_meter.meters:
+            return {}
+        waited, used = self.stack_meter.settle(args.settle_pct, args.settle_window, args.settle_timeout)
+        log(f"stack settled before {before} after {waited:.1f} s (last {args.settle_window:g} s: "
+            + ", ".join(f"{k} {v:.0f}%" for k, v in used.items()) + ")")
+        if used["stack"] >= args.settle_pct:
+            self.problem(f"the stack was still busy ({used['stack']:.0f}% of a core) after {waited:.0f} s, before "
+                         f"{before}", failure=False)
+        return {"settle_s": waited, "stack_pct_settled": used["stack"]}
 
     def payload_bytes_per_row(self) -> float:
         if self.bytes_per_row is None:
@@ -282,6 +316,7 @@ class Bench:
         Dropped while loaded, with no release first: the Go CDC v1.0.0 applies a ReleaseCollection (replicate
         channel) that it reads after the drop (DML channels) to the dropped copy, retries it forever, and then
         applies no later operation (a new collection's index and load never reach the target)."""
+        self.settle(f"dropping {name}")  # see write_bound: a drop during a big flush can crash Milvus 2.3.5
         self.source.drop_collection(name)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -353,23 +388,27 @@ class Bench:
 
     # -- (a), (b) ------------------------------------------------------------------------------------------------
 
-    def run_bounds(self) -> None:
+    def bound_for(self, rows: int) -> dict | None:
+        """The bounds measured at ``rows``, else at the nearest size measured."""
+        measured = [b for b in self.results["bounds"] if b.get("min_rows_per_s")]
+        return min(measured, key=lambda b: abs(math.log(b["rows"] / rows)), default=None)
+
+    def run_bounds(self, rows: int, floor: bool) -> None:
         args, kafka = self.args, self.endpoints["kafka"]
-        name = f"bench_bounds_{self.suffix}"
+        name = f"bench_bounds_{rows}_{self.suffix}"
         described = self.make_source_collection(name, load=False)
         try:
             pchannels = sorted(described.physical_channel_names)
             offsets = Offsets(start=end_offsets(kafka, pchannels))
             writer = RowWriter(self.endpoints["source_milvus"], name, args.dim)
             try:
-                _, insert_seconds = writer.insert_rows(0, args.bound_rows, args.batch)
+                _, insert_seconds = writer.insert_rows(0, rows, args.batch)
             finally:
                 writer.close()
             offsets.end = end_offsets(kafka, pchannels)
-            bounds = self.results["bounds"]
-            bounds["rows"] = args.bound_rows
-            bounds["source_insert_rows_per_s"] = args.bound_rows / insert_seconds
-            log(f"source took {args.bound_rows} rows in {insert_seconds:.1f} s")
+            bounds = {"rows": rows, "source_insert_rows_per_s": rows / insert_seconds}
+            self.results["bounds"].append(bounds)
+            log(f"source took {rows} rows in {insert_seconds:.1f} s")
             reads, payloads = [], []
             reads.append(read_confluent(kafka, offsets, described.collectionID, decode=False))
             for i in range(max(1, args.read_passes)):
@@ -378,8 +417,8 @@ class Bench:
             for r in reads:
                 log(f"read {r.how}: {r.rows} rows, {r.records} records in {r.seconds:.2f} s = "
                     f"{r.rows / r.seconds:,.0f} rows/s, {r.mb_per_s:.1f} MB/s")
-                if "+ decode" in r.how and r.rows != args.bound_rows:
-                    self.problem(f"read bound ({r.how}) decoded {r.rows} rows, expected {args.bound_rows}")
+                if "+ decode" in r.how and r.rows != rows:
+                    self.problem(f"read bound ({r.how}) decoded {r.rows} rows, expected {rows}")
             bounds["reads"] = [{**asdict(r), "rows_per_s": r.rows_per_s if r.rows else None,
                                 "mb_per_s": r.mb_per_s} for r in reads]
             decoded = [r for r in reads if r.how == "confluent-kafka + decode"]
@@ -392,9 +431,13 @@ class Bench:
             for mode, concurrency in modes:
                 passes = []
                 for _ in range(max(1, args.write_passes)):
+                    self.settle("a write-bound pass")
+                    mark = self.stack_meter.start()
                     w = write_bound(self.endpoints["target_milvus"], described.schema, args.shards, payloads,
-                                    concurrency, request_bytes=args.write_request_mb << 20, tick_each=mode == "ticks")
-                    how = "a tick after each request, one thread per pchannel" if w.tick_each else "one tick at end"
+                                    concurrency, request_bytes=args.write_request_mb << 20, tick_each=mode == "ticks",
+                                    before_drop=lambda: self.settle("dropping a write-bound copy"))
+                    w.stack_pct = self.stack_meter.since(mark)
+                    how = "a tick after each request, one thread per pchannel" if w.tick_each else "ticks every 0.2 s"
                     log(f"write, {how}, {w.concurrency} thread(s), {w.requests} requests: sent in "
                         f"{w.send_seconds:.2f} s, visible in {w.visible_seconds:.2f} s = {w.rows_per_s:,.0f} rows/s, "
                         f"{w.mb_per_s:.1f} MB/s; count(*) {w.count}")
@@ -411,19 +454,19 @@ class Bench:
             best_write = max(writes, key=lambda w: w["rows_per_s"])
             bounds["write"] = {"rows_per_s": best_write["rows_per_s"], "mb_per_s": best_write["mb_per_s"]}
             bounds["min_rows_per_s"] = min(bounds["read"]["rows_per_s"], bounds["write"]["rows_per_s"])
-            if args.floor_batches > 0:
+            if floor and args.floor_batches > 0:
                 writer = RowWriter(self.endpoints["source_milvus"], name, args.dim, seed=2)
                 try:
-                    samples = lag_floor(kafka, self.endpoints["target_milvus"], writer, described, args.bound_rows,
+                    samples = lag_floor(kafka, self.endpoints["target_milvus"], writer, described, rows,
                                         batches=args.floor_batches)
                 finally:
                     writer.close()
                 totals = [x.total_s for x in samples]
-                bounds["floor"] = {"batches": len(samples), "p50_s": pct(totals, 50), "p99_s": pct(totals, 99),
+                self.results["floor"] = {"batches": len(samples), "p50_s": pct(totals, 50), "p99_s": pct(totals, 99),
                                    "max_s": max(totals),
                                    "source_tick_p50_s": pct([x.source_tick_s for x in samples], 50),
                                    "target_p50_s": pct([x.target_s for x in samples], 50)}
-                f = bounds["floor"]
+                f = self.results["floor"]
                 log(f"lag floor ({len(samples)} batches): p50 {f['p50_s']:.3f} s, p99 {f['p99_s']:.3f} s, max "
                     f"{f['max_s']:.3f} s (source tick read p50 {f['source_tick_p50_s']:.3f} s, target p50 "
                     f"{f['target_p50_s']:.3f} s)")
@@ -439,6 +482,7 @@ class Bench:
         if others and not args.allow_other_collections:
             raise RuntimeError(f"the source holds collections {others[:10]}: a `*` task would replicate them too "
                                "(drop them, or pass --allow-other-collections)")
+        self.settle(f"starting the {cdc.label} CDC")
         started = time.monotonic()
         try:
             cdc.start()
@@ -506,34 +550,38 @@ class Bench:
             entry["paused"] = window.stop()
             log(f"{cdc.label}: {rows:,} rows inserted on the source in {insert_seconds:.1f} s "
                 f"({rows / insert_seconds:,.0f} rows/s) while the task was paused")
+            entry.update(self.settle(f"resuming {cdc.label}'s catch-up of {rows:,} rows"))
+            stack_mark = self.stack_meter.start()
             window = meter.window()
             calls_before = cdc.replicate_call_seconds()
             started = time.monotonic()
             cdc.resume(task_id)
-            first = None
             timeout = max(600.0, rows / 500)
-            while True:
-                counted = count_rows(self.target_stub, name)
-                now = time.monotonic()
-                if counted and first is None:
-                    first = (now - started, counted)
-                if counted >= rows:
-                    break
-                if now - started > timeout:
+            first = self.first_rows(name, started, timeout)
+            # The end: a count(*) waiting on the target until it has consumed up to the last insert's timestamp
+            # (as the write bound's ends), then polled briefly in case it answered a few ms early.
+            counted = count_rows(self.target_stub, name, guarantee_ts=last_ts, timeout=timeout)
+            while counted < rows:
+                if time.monotonic() - started > timeout:
                     raise RuntimeError(f"{cdc.label}: only {counted} of {rows} rows on the target after {timeout:.0f} s")
-                time.sleep(0.2)
+                time.sleep(0.02)
+                counted = count_rows(self.target_stub, name)
             seconds = time.monotonic() - started
+            first.set()
             entry["catchup"] = window.stop()
+            entry["stack_pct"] = self.stack_meter.since(stack_mark)
             calls_after = cdc.replicate_call_seconds()
             if calls_before is not None and calls_after is not None:
                 entry["replicate_call_s"] = calls_after - calls_before
             entry["catchup_s"] = seconds
             entry["rows_per_s"] = rows / seconds
             entry["mb_per_s"] = rows * self.payload_bytes_per_row() / MB / seconds
-            entry["first_rows_s"] = first[0] if first else None
-            if first and seconds > first[0]:
-                entry["after_first_rows_per_s"] = (rows - first[1]) / (seconds - first[0])
-            bound = self.results["bounds"].get("min_rows_per_s")
+            entry["first_rows_s"] = first.seen[0] if first.seen else None
+            if first.seen and seconds > first.seen[0]:
+                entry["after_first_rows_per_s"] = (rows - first.seen[1]) / (seconds - first.seen[0])
+            held_to = self.bound_for(rows)
+            bound = held_to["min_rows_per_s"] if held_to else None
+            entry["bound_rows"] = held_to["rows"] if held_to else None
             entry["ratio_to_bound"] = entry["rows_per_s"] / bound if bound else None
             log(f"{cdc.label}: caught up {rows:,} rows in {seconds:.2f} s = {entry['rows_per_s']:,.0f} rows/s "
                 f"(first rows after {entry['first_rows_s'] or 0:.2f} s); CPU {entry['catchup']['cpu_s']:.1f} s, "
@@ -544,6 +592,21 @@ class Bench:
         except BaseException:
             self.abandon(cdc, task_id, name)
             raise
+
+    def first_rows(self, name: str, started: float, timeout: float) -> "FirstRows":
+        """Polls count(*) (every 0.2 s, from a thread of its own) until the first rows of a catch-up show."""
+        watch = FirstRows()
+
+        def poll():
+            while not watch.is_set() and time.monotonic() - started < timeout:
+                with contextlib.suppress(Exception):
+                    counted = count_rows(self.target_stub, name)
+                    if counted:
+                        watch.seen = (time.monotonic() - started, counted)
+                        return
+                watch.wait(0.2)
+        threading.Thread(target=poll, daemon=True).start()
+        return watch
 
     def live_lag(self, cdc, meter: ProcessMeter) -> list[dict]:
         args = self.args
@@ -702,8 +765,9 @@ def report(bench: Bench, args, machine: dict, found_versions: dict, stack_note: 
            f"vector); bulk inserts of {args.batch:,} rows; MB = the source's Insert messages as stored in Kafka, "
            f"{fmt(bench.bytes_per_row, 1)} bytes a row{measured}"),
            f"- phases: {', '.join(args.phases)}; whole run {total_s / 60:.1f} min", ""]
-    b = r["bounds"]
-    if b.get("reads"):
+    for b in r["bounds"]:
+        if not b.get("reads"):
+            continue
         out += [f"## Bounds ({b['rows']:,} rows; the source took them at {b['source_insert_rows_per_s']:,.0f} rows/s)",
                 "", "| bound | how | rows/s | MB/s | seconds |", "| --- | --- | ---: | ---: | ---: |"]
         for read in b["reads"]:
@@ -711,44 +775,52 @@ def report(bench: Bench, args, machine: dict, found_versions: dict, stack_note: 
                        f"{read['seconds']:.2f} |")
         for w in b.get("writes", []):
             how = ("ReplicateMessage, 1 thread per pchannel, a tick after each request" if w["tick_each"] else
-                   f"ReplicateMessage, {w['concurrency']} thread(s), one tick at the end")
+                   f"ReplicateMessage, {w['concurrency']} thread(s) in any order, ticks every 0.2 s")
             passes = ", ".join(fmt(x) for x in w.get("all_rows_per_s", []))
             passes = f"; passes {passes} rows/s" if len(w.get("all_rows_per_s", [])) > 1 else ""
+            stack = f"; source / target Milvus {milvus_pct(w['stack_pct'])}% core" if w.get("stack_pct") else ""
             out.append(f"| write | {how} ({w['requests']} requests, all answered after {w['send_seconds']:.2f} s = "
-                       f"{fmt(w['send_rows_per_s'])} rows/s{passes}) | {fmt(w['rows_per_s'])} | "
+                       f"{fmt(w['send_rows_per_s'])} rows/s{passes}{stack}) | {fmt(w['rows_per_s'])} | "
                        f"{fmt(w['mb_per_s'], 1)} | {w['visible_seconds']:.2f} |")
         if b.get("write"):
             out += ["", (f"READ bound (a), the best confluent-kafka + decode pass: **{fmt(b['read']['rows_per_s'])} "
                     f"rows/s, {fmt(b['read']['mb_per_s'], 1)} MB/s**. WRITE bound (b), the best way and pass until "
                     f"count(*) on the target has every row: **{fmt(b['write']['rows_per_s'])} rows/s, "
                     f"{fmt(b['write']['mb_per_s'], 1)} MB/s**. min(a, b) = **{fmt(b['min_rows_per_s'])} rows/s**. "
-                    "Both are measured on this stack, on --bound-rows rows, while the machine does whatever else it "
+                    f"Both are measured on this stack, on {b['rows']:,} rows, while the machine does whatever else it "
                     "does: a CDC above 1.0 x min(a, b) met a quieter moment (or a larger run, whose fixed costs "
                     "weigh less). The bound tells where the ceiling is, not to the percent.")]
-        if b.get("floor"):
-            f = b["floor"]
-            out += ["", (f"LAG floor (a minimal CDC forwarding {f['batches']} batches of 100 rows one at a time, each "
-                    f"as soon as a source tick covers it): p50 **{f['p50_s']:.2f} s**, p99 {f['p99_s']:.2f} s, max "
-                    f"{f['max_s']:.2f} s; of the p50, {f['source_tick_p50_s']:.2f} s until the source's tick is read "
-                    f"(the source ticks every 200 ms) and {f['target_p50_s']:.2f} s on the target.")]
         out.append("")
+    if r.get("floor"):
+        f = r["floor"]
+        out += [(f"LAG floor (a minimal CDC forwarding {f['batches']} batches of 100 rows one at a time, each "
+                f"as soon as a source tick covers it): p50 **{f['p50_s']:.2f} s**, p99 {f['p99_s']:.2f} s, max "
+                f"{f['max_s']:.2f} s; of the p50, {f['source_tick_p50_s']:.2f} s until the source's tick is read "
+                f"(the source ticks every 200 ms) and {f['target_p50_s']:.2f} s on the target."), ""]
     catchups = [(label, e) for label, c in r["cdcs"].items() for e in c["catchup"]]
     if catchups:
         out += ["## Catch-up (task paused, rows inserted, resumed; until count(*) on the target has them all)", "",
                 ("| CDC | rows | source insert s | catch-up s | first rows after s | rows/s | MB/s | / min(a, b) "
-                "| in ReplicateMessage s | CPU s | CPU % core | peak RSS MiB | exact |"),
-                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+                "| in ReplicateMessage s | CPU s | CPU % core | peak RSS MiB | stack settled after s "
+                "| source / target Milvus % core | exact |"),
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+                "| --- |"]
         for label, e in catchups:
             c = e["catchup"]
             out.append(f"| {label} | {e['rows']:,} | {e['source_insert_s']:.1f} | {e['catchup_s']:.2f} | "
                        f"{fmt(e['first_rows_s'], 2)} | {fmt(e['rows_per_s'])} | {fmt(e['mb_per_s'], 1)} | "
                        f"{fmt(e['ratio_to_bound'], 2)} | {fmt(e.get('replicate_call_s'), 1)} | "
                        f"{fmt(c['cpu_s'], 1)} | {fmt(c['cpu_pct'])} | {fmt(c['peak_rss_mib'])} | "
+                       f"{fmt(e.get('settle_s'), 1)} | {milvus_pct(e.get('stack_pct'))} | "
                        f"{exact_text(e.get('exact'))} |")
-        out += ["", ("First rows after: resume -> the first count(*) above 0. In ReplicateMessage: seconds the CDC "
+        out += ["", ("/ min(a, b): the rate over the bounds measured at the same size (or the nearest measured). "
+                "First rows after: resume -> the first count(*) above 0. In ReplicateMessage: seconds the CDC "
                 "spent in ReplicateMessage calls with data over the phase, summed over calls made at the same time "
                 "(from its own metrics, milvus_cdc_target_call_seconds; the Python CDC only): as long as the phase "
-                "or longer means the CDC was waiting for the target all along."), ""]
+                "or longer means the CDC was waiting for the target all along. Stack settled after: the wait, "
+                "after the source insert and before resume, until the stack's processes used under "
+                f"{args.settle_pct:g}% of a core together (as before each write-bound pass). Source / target Milvus: "
+                "their CPU from resume to the last row counted."), ""]
     lags = [(label, e) for label, c in r["cdcs"].items() for e in c["lag"]]
     if lags:
         out += [(f"## Live lag (insert returned -> rows counted on the target; {args.lag_batches_per_second:g} "
@@ -794,6 +866,12 @@ def report(bench: Bench, args, machine: dict, found_versions: dict, stack_note: 
     return "\n".join(out) + "\n"
 
 
+def milvus_pct(used: dict | None) -> str:
+    if not used:
+        return "–"
+    return f"{fmt(used.get('source-milvus'))} / {fmt(used.get('target-milvus'))}"
+
+
 def exact_text(check: dict | None) -> str:
     if not check:
         return "–"
@@ -831,8 +909,9 @@ def main(argv=None) -> int:
         bench.results["durations"] = durations
         found_versions = versions(endpoints["source_milvus"], endpoints["target_milvus"])
         if "bounds" in args.phases:
-            with bench.phase("bounds (a) read, (b) write"):
-                bench.run_bounds()
+            for i, rows in enumerate(args.bound_rows):
+                with bench.phase(f"bounds at {rows:,} rows: (a) read, (b) write"):
+                    bench.run_bounds(rows, floor=i == 0)
         if "catchup" in args.phases or "lag" in args.phases:
             for label in args.cdcs:
                 (workdir / f"{label}-cdc").mkdir()

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from hypothesis import HealthCheck, Phase, Verbosity, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
@@ -568,8 +569,9 @@ class Harness:
     the failures seen."""
 
     def __init__(self, endpoints: dict, workdir: Path, limits: Limits | None = None,
-                 out: Callable[[str], None] = print, verbose: bool = False):
+                 out: Callable[[str], None] = print, verbose: bool = False, cdc_settings: dict | None = None):
         self.endpoints, self.workdir, self.limits = endpoints, workdir, limits or Limits()
+        self.cdc_settings = cdc_settings or {}   # CDC config keys (dotted) for the run
         self.out, self.verbose = out, verbose
         self.clients = Clients({"source": endpoints["source_milvus"], "target": endpoints["target_milvus"]})
         self.server: EngineServer | None = None
@@ -586,7 +588,7 @@ class Harness:
         # A failing target write pauses the task after retryTimeout: shorter than the suite's 30 s, since every
         # failing shrink attempt waits for it.
         config = server_config(self.endpoints, self.workdir, **{
-            "replication.retryTimeout": float(os.environ.get("CDC_FUZZ_RETRY_TIMEOUT", "5"))})
+            "replication.retryTimeout": float(os.environ.get("CDC_FUZZ_RETRY_TIMEOUT", "5")), **self.cdc_settings})
         self.server = EngineServer(config, self.workdir, engine_script()).start()
         sweep_leftovers(self.clients, self.endpoints["target_milvus"], self.out)
         self.task_id = self.server.create_task(self.endpoints["target_milvus"])
@@ -1234,12 +1236,12 @@ def machine_class(skip: list[str]) -> type[ReplicationMachine]:
 
 def run_fuzz(endpoints: dict, workdir: Path, sequences: int, steps: int, seed: int | None = None,
              limits: Limits | None = None, shrink_seconds: int | None = None, out: Callable[[str], None] = print,
-             verbose: bool = False, skip: list[str] | None = None) -> FuzzResult:
+             verbose: bool = False, skip: list[str] | None = None, cdc_settings: dict | None = None) -> FuzzResult:
     """Run ``sequences`` random sequences of about ``steps`` operations; shrink the first failure."""
     quiet_pymilvus()
     machine = machine_class(skip or [])
     seed = random.randrange(1 << 32) if seed is None else seed
-    harness = Harness(endpoints, workdir, limits, out, verbose).start()
+    harness = Harness(endpoints, workdir, limits, out, verbose, cdc_settings).start()
     started = time.monotonic()
     minimal: Failure | None = None
     try:
@@ -1313,6 +1315,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="where the CDC server keeps its config, meta store and log "
                                           "(default: a temporary directory, removed afterwards)")
     parser.add_argument("--verbose", action="store_true", help="print every operation as it runs")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a CDC config key for the run (YAML value), e.g. replication.callsPerChannel=4")
     args = parser.parse_args(argv)
     with stack_endpoints() as endpoints, contextlib.ExitStack() as cleanup:
         workdir = Path(args.workdir) if args.workdir else \
@@ -1320,7 +1324,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"engine {engine_script()}; CDC log {workdir / 'server.log'}", flush=True)
         result = run_fuzz(endpoints, workdir, args.sequences, args.steps, args.seed,
                           shrink_seconds=args.shrink_seconds, verbose=args.verbose, skip=skipped_rules(args.skip),
-                          out=lambda line: print(line, flush=True))
+                          out=lambda line: print(line, flush=True),
+                          cdc_settings={k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)})
     print("\n" + result.report())
     return 0 if result.ok else 1
 

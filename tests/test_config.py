@@ -180,6 +180,7 @@ DELETE = object()
     ({"sourceConfig.etcd.enableAuth": "sometimes"}, "sourceConfig.etcd.enableAuth"),
     ({"replication.checkpointInterval": 0}, "replication.checkpointInterval"),
     ({"replication.retryTimeout": -5}, "replication.retryTimeout"),
+    ({"replication.callsPerChannel": 0}, "replication.callsPerChannel"),
     ({"apiToken": "short"}, "apiToken"),
     ({"sourceConfig.etcd.tlsMinVersion": "1.4"}, "sourceConfig.etcd.tlsMinVersion"),
     ({"sourceConfig.kafka": DELETE, "sourceConfig.pulsar": {"address": "pulsar://h:6650", "webAddress": "h:80"}},

@@ -179,3 +179,50 @@ def test_send_lanes_keep_each_channels_order_and_raise_a_failure():
         raise AssertionError("a lane's failure must reach the applier")
     assert first[0].exception() is not None
     failing.close()
+
+
+class OverlapWriter:
+    """Counts the calls out at once on each channel and notes what each call carried, in the order they ended."""
+
+    def __init__(self):
+        import threading
+        self.lock, self.out, self.most, self.ended = threading.Lock(), {}, {}, []
+
+    def replicate(self, pchannel, messages):
+        import time
+        with self.lock:
+            self.out[pchannel] = self.out.get(pchannel, 0) + 1
+            self.most[pchannel] = max(self.most.get(pchannel, 0), self.out[pchannel])
+            overlapping = self.out[pchannel]
+        time.sleep(0.02)
+        with self.lock:
+            self.out[pchannel] -= 1
+            self.ended.append((pchannel, tuple(messages), overlapping))
+
+
+def test_inserts_overlap_on_a_channel_and_other_messages_go_alone(monkeypatch):
+    monkeypatch.setattr(m.SendLane, "MERGE_BYTES", 1)  # one batch a call
+    writer = OverlapWriter()
+    outbox = m.Outbox(writer, "t1", calls_per_channel=3)
+    futures = []
+    for i in range(12):
+        outbox.add("ch", b"i%d" % i, reorderable=True)
+        futures += outbox.send()
+    outbox.add("ch", b"drop")               # a drop message: nothing in flight around it
+    futures += outbox.send()
+    for i in range(3):
+        outbox.add("ch", b"j%d" % i, reorderable=True)
+        futures += outbox.send()
+    outbox.flush()
+    assert all(f.done() and f.exception() is None for f in futures)
+    assert writer.most["ch"] > 1, "inserts are sent several calls at a time"
+    assert writer.most["ch"] <= 3, "never more calls than calls_per_channel"
+    calls = [messages for _, messages, _ in writer.ended]
+    drop = next(i for i, messages in enumerate(calls) if b"drop" in messages)
+    _, messages, overlapping = writer.ended[drop]
+    assert overlapping == 1, "the drop message was alone on the channel"
+    before = {x for c in calls[:drop] for x in c} | set(messages)
+    assert {b"i%d" % i for i in range(12)} <= before, "every insert given before the drop was answered before it"
+    assert messages == (b"drop",)
+    assert all(not x.startswith(b"j") for c in calls[:drop] for x in c), "nothing given after the drop overtook it"
+    outbox.close()
