@@ -3635,7 +3635,8 @@ class Applier:
     def _receive(self) -> None:
         from pymilvus.grpc_gen import common_pb2
         try:
-            batch = self.r.read_queue.get(timeout=0.05)
+            # While calls are out, look again soon: their answers let the checkpoint, and so the tick, move on.
+            batch = self.r.read_queue.get(timeout=0.005 if self.sent else 0.05)
         except queue.Empty:
             batch = []
         for message in batch:
