@@ -2191,7 +2191,7 @@ class SendLane:
     def __init__(self, pchannel: str, writers: list[TargetWriter], task_id: str):
         self.pchannel, self.writers, self.task_id = pchannel, writers, task_id
         self.work: queue.SimpleQueue = queue.SimpleQueue()
-        self.last: concurrent.futures.Future | None = None
+        self.pending: list[concurrent.futures.Future] = []   # submitted, maybe not answered (applier's only)
         self.slots = threading.Semaphore(len(writers))   # calls that may start now
         self.calls: queue.SimpleQueue = queue.SimpleQueue()  # batches for the call threads
         self.failed: BaseException | None = None            # after a failure nothing more goes out: order first
@@ -2209,8 +2209,15 @@ class SendLane:
     def submit(self, messages: list[bytes], reorderable: bool = False) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
         self.work.put((messages, future, reorderable))
-        self.last = future
+        self.pending = [f for f in self.pending if not f.done()] + [future]
         return future
+
+    def drain(self) -> None:
+        """Wait until everything submitted is answered: with several calls out, the last may be answered first. A
+        failure is raised here."""
+        for future in self.pending:
+            future.result()
+        self.pending = []
 
     def close(self) -> None:
         self.work.put(None)
@@ -2303,8 +2310,7 @@ class Outbox:
     def flush(self) -> None:
         self.send()
         for lane in self.lanes.values():
-            if lane.last is not None:
-                lane.last.result()  # a lane's failure is raised here
+            lane.drain()
 
     def close(self) -> None:
         for lane in self.lanes.values():

@@ -226,3 +226,25 @@ def test_inserts_overlap_on_a_channel_and_other_messages_go_alone(monkeypatch):
     assert messages == (b"drop",)
     assert all(not x.startswith(b"j") for c in calls[:drop] for x in c), "nothing given after the drop overtook it"
     outbox.close()
+
+
+def test_flush_waits_for_every_call_out_not_only_the_last(monkeypatch):
+    import time
+
+    class FirstSlow:
+        def __init__(self):
+            self.answered = []
+
+        def replicate(self, pchannel, messages):
+            time.sleep(0.3 if messages == [b"first"] else 0.01)
+            self.answered.append(messages[0])
+
+    monkeypatch.setattr(m.SendLane, "MERGE_BYTES", 1)
+    writer = FirstSlow()
+    outbox = m.Outbox(writer, "t1", calls_per_channel=2)
+    outbox.add("ch", b"first", reorderable=True)
+    outbox.send()
+    outbox.add("ch", b"second", reorderable=True)
+    outbox.flush()
+    assert sorted(writer.answered) == [b"first", b"second"], "flush returned while a call was still out"
+    outbox.close()
