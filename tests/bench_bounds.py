@@ -378,14 +378,16 @@ def build_requests(copy: TargetCopy, payloads: list[bytes], request_bytes: int) 
 
 def write_bound(target_uri: str, schema, shards: int, payloads: list[bytes], concurrency: int,
                 request_bytes: int = 16 << 20, index_field: str = "v", tick_each: bool = False,
-                before_drop: Callable[[], object] | None = None) -> WriteResult:
+                before_drop: Callable[[], object] | None = None,
+                around: Callable[[str], object] | None = None) -> WriteResult:
     """Make a fresh copy collection, send ``payloads`` to it with ``concurrency`` threads, tick, count.
 
     With ``tick_each`` one thread per pchannel sends its requests in order, each followed by a tick at the
     request's highest timestamp (what a CDC does: the target consumes while later data is sent); otherwise the
     requests go out from ``concurrency`` threads in any order, and every 0.2 s a tick covers every timestamp below
     the oldest request not yet answered (as the Python CDC ticks: one tick window of a million rows stalls the
-    target), and a last one covers them all."""
+    target), and a last one covers them all. ``around("start")`` is called right before the first request and
+    ``around("end")`` right after the count: the window a meter of the stack should cover."""
     copy = TargetCopy(target_uri, f"bench_write_c{concurrency}_{uuid.uuid4().hex[:8]}", schema, shards)
     try:
         copy.make(index_field)
@@ -422,6 +424,8 @@ def write_bound(target_uri: str, schema, shards: int, payloads: list[bytes], con
                     copy.ticker.tick(below)
 
         from pymilvus.grpc_gen import milvus_pb2
+        if around is not None:
+            around("start")
         started = time.monotonic()
         if tick_each:
             concurrency = len(copy.target.pchannels)
@@ -441,6 +445,8 @@ def write_bound(target_uri: str, schema, shards: int, payloads: list[bytes], con
         tick = copy.ticker.tick(last_ts + 1)
         count = count_rows(stub, copy.name, guarantee_ts=tick, timeout=600)
         visible = time.monotonic() - started
+        if around is not None:
+            around("end")
         return WriteResult(concurrency, rows, request_count, size, sent, visible, count, tick_each)
     finally:
         if before_drop is not None:

@@ -432,11 +432,17 @@ class Bench:
                 passes = []
                 for _ in range(max(1, args.write_passes)):
                     self.settle("a write-bound pass")
-                    mark = self.stack_meter.start()
+                    marks: dict = {}
+
+                    def around(event: str, marks=marks) -> None:
+                        if event == "start":
+                            marks["start"] = self.stack_meter.start()
+                        else:
+                            marks["pct"] = self.stack_meter.since(marks["start"])
                     w = write_bound(self.endpoints["target_milvus"], described.schema, args.shards, payloads,
                                     concurrency, request_bytes=args.write_request_mb << 20, tick_each=mode == "ticks",
-                                    before_drop=lambda: self.settle("dropping a write-bound copy"))
-                    w.stack_pct = self.stack_meter.since(mark)
+                                    before_drop=lambda: self.settle("dropping a write-bound copy"), around=around)
+                    w.stack_pct = marks.get("pct")
                     how = "a tick after each request, one thread per pchannel" if w.tick_each else "ticks every 0.2 s"
                     log(f"write, {how}, {w.concurrency} thread(s), {w.requests} requests: sent in "
                         f"{w.send_seconds:.2f} s, visible in {w.visible_seconds:.2f} s = {w.rows_per_s:,.0f} rows/s, "
@@ -778,7 +784,7 @@ def report(bench: Bench, args, machine: dict, found_versions: dict, stack_note: 
                    f"ReplicateMessage, {w['concurrency']} thread(s) in any order, ticks every 0.2 s")
             passes = ", ".join(fmt(x) for x in w.get("all_rows_per_s", []))
             passes = f"; passes {passes} rows/s" if len(w.get("all_rows_per_s", [])) > 1 else ""
-            stack = f"; source / target Milvus {milvus_pct(w['stack_pct'])}% core" if w.get("stack_pct") else ""
+            stack = f"; source / target Milvus / broker {milvus_pct(w['stack_pct'])}% core" if w.get("stack_pct") else ""
             out.append(f"| write | {how} ({w['requests']} requests, all answered after {w['send_seconds']:.2f} s = "
                        f"{fmt(w['send_rows_per_s'])} rows/s{passes}{stack}) | {fmt(w['rows_per_s'])} | "
                        f"{fmt(w['mb_per_s'], 1)} | {w['visible_seconds']:.2f} |")
@@ -802,7 +808,7 @@ def report(bench: Bench, args, machine: dict, found_versions: dict, stack_note: 
         out += ["## Catch-up (task paused, rows inserted, resumed; until count(*) on the target has them all)", "",
                 ("| CDC | rows | source insert s | catch-up s | first rows after s | rows/s | MB/s | / min(a, b) "
                 "| in ReplicateMessage s | CPU s | CPU % core | peak RSS MiB | stack settled after s "
-                "| source / target Milvus % core | exact |"),
+                "| source / target Milvus / broker % core | exact |"),
                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
                 "| --- |"]
         for label, e in catchups:
@@ -819,8 +825,9 @@ def report(bench: Bench, args, machine: dict, found_versions: dict, stack_note: 
                 "(from its own metrics, milvus_cdc_target_call_seconds; the Python CDC only): as long as the phase "
                 "or longer means the CDC was waiting for the target all along. Stack settled after: the wait, "
                 "after the source insert and before resume, until the stack's processes used under "
-                f"{args.settle_pct:g}% of a core together (as before each write-bound pass). Source / target Milvus: "
-                "their CPU from resume to the last row counted."), ""]
+                f"{args.settle_pct:g}% of a core together (as before each write-bound pass). Source / target Milvus / "
+                "broker: their CPU from resume to the last row counted (in the bounds: from the first request to the "
+                "count)."), ""]
     lags = [(label, e) for label, c in r["cdcs"].items() for e in c["lag"]]
     if lags:
         out += [(f"## Live lag (insert returned -> rows counted on the target; {args.lag_batches_per_second:g} "
@@ -869,7 +876,7 @@ def report(bench: Bench, args, machine: dict, found_versions: dict, stack_note: 
 def milvus_pct(used: dict | None) -> str:
     if not used:
         return "–"
-    return f"{fmt(used.get('source-milvus'))} / {fmt(used.get('target-milvus'))}"
+    return f"{fmt(used.get('source-milvus'))} / {fmt(used.get('target-milvus'))} / {fmt(used.get('kafka'))}"
 
 
 def exact_text(check: dict | None) -> str:
