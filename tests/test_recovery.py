@@ -155,3 +155,28 @@ def test_checkpoints_are_written_in_batches_not_per_message(stack, tmp_path, uni
         server.call("delete", task_id=task_id)
     finally:
         server.stop()
+
+
+def test_kill_9_with_several_calls_in_flight_per_channel(stack, tmp_path, unique_name):
+    """The same with replication.callsPerChannel 4: inserts and deletes of one channel overlap in calls, and a
+    kill -9 lands while several are out; the replay after it must still leave every row once."""
+    config = server_config(stack, tmp_path, **{"replication.checkpointInterval": 2.0,
+                                               "replication.callsPerChannel": 4})
+    server = CdcServer(config, tmp_path).start()
+    try:
+        task_id = server.create_task(stack["target_milvus"])
+        name = unique_name("calls")
+        source, target = loaded_collection(stack, name, shards=2)
+        rng = random.Random(4)
+        with InsertLoad(stack["source_milvus"], name, batch=300, pause=0.005):
+            for _ in range(2):
+                time.sleep(rng.uniform(1.5, 3.0))
+                server.kill()
+                time.sleep(rng.uniform(0.5, 1.5))
+                server.start()
+            time.sleep(3)
+        rows = finish(stack, source, target, name, server, task_id)
+        assert len(rows) > 3000
+        server.call("delete", task_id=task_id)
+    finally:
+        server.stop()
