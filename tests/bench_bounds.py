@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_cdcs import check_status, count_rows, hybrid_now, milvus_stub
+from bench_cdcs import StackMeter, check_status, count_rows, hybrid_now, milvus_stub
 
 MB = 1e6
 
@@ -320,7 +320,7 @@ class WriteResult(Rates):
     visible_seconds: float     # ... and the closing tick consumed: count(*) waiting for it returned
     count: int
     tick_each: bool = False    # a tick after each request (one thread per pchannel) instead of one at the end
-    stack_pct: dict | None = None  # % of a core each stack process used meanwhile (filled in by the caller)
+    stack_pct: dict | None = None  # % of a core each stack process used from the first request to the count
 
     @property
     def seconds(self) -> float:
@@ -378,16 +378,15 @@ def build_requests(copy: TargetCopy, payloads: list[bytes], request_bytes: int) 
 
 def write_bound(target_uri: str, schema, shards: int, payloads: list[bytes], concurrency: int,
                 request_bytes: int = 16 << 20, index_field: str = "v", tick_each: bool = False,
-                before_drop: Callable[[], object] | None = None,
-                around: Callable[[str], object] | None = None) -> WriteResult:
+                before_drop: Callable[[], object] | None = None, meter: StackMeter | None = None) -> WriteResult:
     """Make a fresh copy collection, send ``payloads`` to it with ``concurrency`` threads, tick, count.
 
     With ``tick_each`` one thread per pchannel sends its requests in order, each followed by a tick at the
     request's highest timestamp (what a CDC does: the target consumes while later data is sent); otherwise the
     requests go out from ``concurrency`` threads in any order, and every 0.2 s a tick covers every timestamp below
     the oldest request not yet answered (as the Python CDC ticks: one tick window of a million rows stalls the
-    target), and a last one covers them all. ``around("start")`` is called right before the first request and
-    ``around("end")`` right after the count: the window a meter of the stack should cover."""
+    target), and a last one covers them all. With ``meter``, the stack's CPU from the first request to the count goes
+    into ``stack_pct``."""
     copy = TargetCopy(target_uri, f"bench_write_c{concurrency}_{uuid.uuid4().hex[:8]}", schema, shards)
     try:
         copy.make(index_field)
@@ -424,8 +423,7 @@ def write_bound(target_uri: str, schema, shards: int, payloads: list[bytes], con
                     copy.ticker.tick(below)
 
         from pymilvus.grpc_gen import milvus_pb2
-        if around is not None:
-            around("start")
+        mark = meter.start() if meter is not None else None
         started = time.monotonic()
         if tick_each:
             concurrency = len(copy.target.pchannels)
@@ -445,9 +443,8 @@ def write_bound(target_uri: str, schema, shards: int, payloads: list[bytes], con
         tick = copy.ticker.tick(last_ts + 1)
         count = count_rows(stub, copy.name, guarantee_ts=tick, timeout=600)
         visible = time.monotonic() - started
-        if around is not None:
-            around("end")
-        return WriteResult(concurrency, rows, request_count, size, sent, visible, count, tick_each)
+        stack_pct = meter.since(mark) if meter is not None else None
+        return WriteResult(concurrency, rows, request_count, size, sent, visible, count, tick_each, stack_pct)
     finally:
         if before_drop is not None:
             # Milvus 2.3.5's datanode can panic ("send on closed channel" in FlushSegments) when a collection is

@@ -432,17 +432,10 @@ class Bench:
                 passes = []
                 for _ in range(max(1, args.write_passes)):
                     self.settle("a write-bound pass")
-                    marks: dict = {}
-
-                    def around(event: str, marks=marks) -> None:
-                        if event == "start":
-                            marks["start"] = self.stack_meter.start()
-                        else:
-                            marks["pct"] = self.stack_meter.since(marks["start"])
                     w = write_bound(self.endpoints["target_milvus"], described.schema, args.shards, payloads,
                                     concurrency, request_bytes=args.write_request_mb << 20, tick_each=mode == "ticks",
-                                    before_drop=lambda: self.settle("dropping a write-bound copy"), around=around)
-                    w.stack_pct = marks.get("pct")
+                                    before_drop=lambda: self.settle("dropping a write-bound copy"),
+                                    meter=self.stack_meter)
                     how = "a tick after each request, one thread per pchannel" if w.tick_each else "ticks every 0.2 s"
                     log(f"write, {how}, {w.concurrency} thread(s), {w.requests} requests: sent in "
                         f"{w.send_seconds:.2f} s, visible in {w.visible_seconds:.2f} s = {w.rows_per_s:,.0f} rows/s, "
@@ -784,7 +777,7 @@ def report(bench: Bench, args, machine: dict, found_versions: dict, stack_note: 
                    f"ReplicateMessage, {w['concurrency']} thread(s) in any order, ticks every 0.2 s")
             passes = ", ".join(fmt(x) for x in w.get("all_rows_per_s", []))
             passes = f"; passes {passes} rows/s" if len(w.get("all_rows_per_s", [])) > 1 else ""
-            stack = f"; source / target Milvus / broker {milvus_pct(w['stack_pct'])}% core" if w.get("stack_pct") else ""
+            stack = f"; source / target Milvus / broker {stack_pct_text(w['stack_pct'])}% core" if w.get("stack_pct") else ""
             out.append(f"| write | {how} ({w['requests']} requests, all answered after {w['send_seconds']:.2f} s = "
                        f"{fmt(w['send_rows_per_s'])} rows/s{passes}{stack}) | {fmt(w['rows_per_s'])} | "
                        f"{fmt(w['mb_per_s'], 1)} | {w['visible_seconds']:.2f} |")
@@ -817,7 +810,7 @@ def report(bench: Bench, args, machine: dict, found_versions: dict, stack_note: 
                        f"{fmt(e['first_rows_s'], 2)} | {fmt(e['rows_per_s'])} | {fmt(e['mb_per_s'], 1)} | "
                        f"{fmt(e['ratio_to_bound'], 2)} | {fmt(e.get('replicate_call_s'), 1)} | "
                        f"{fmt(c['cpu_s'], 1)} | {fmt(c['cpu_pct'])} | {fmt(c['peak_rss_mib'])} | "
-                       f"{fmt(e.get('settle_s'), 1)} | {milvus_pct(e.get('stack_pct'))} | "
+                       f"{fmt(e.get('settle_s'), 1)} | {stack_pct_text(e.get('stack_pct'))} | "
                        f"{exact_text(e.get('exact'))} |")
         out += ["", ("/ min(a, b): the rate over the bounds measured at the same size (or the nearest measured). "
                 "First rows after: resume -> the first count(*) above 0. In ReplicateMessage: seconds the CDC "
@@ -873,7 +866,8 @@ def report(bench: Bench, args, machine: dict, found_versions: dict, stack_note: 
     return "\n".join(out) + "\n"
 
 
-def milvus_pct(used: dict | None) -> str:
+def stack_pct_text(used: dict | None) -> str:
+    """Source Milvus / target Milvus / broker, % of a core."""
     if not used:
         return "–"
     return f"{fmt(used.get('source-milvus'))} / {fmt(used.get('target-milvus'))} / {fmt(used.get('kafka'))}"
