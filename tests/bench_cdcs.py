@@ -151,6 +151,45 @@ class StackMeter:
                 return time.monotonic() - started, used
 
 
+class CorePinning:
+    """The target Milvus on CPUs of its own, everything else (source Milvus, brokers, etcd, this script and the
+    CDCs it starts, which inherit its CPUs) on the rest: what a target on its own machine looks like, on one box.
+
+    Every thread of each process is pinned (a thread's mask is its own; threads made later inherit their maker's),
+    and put back on all the CPUs it had at the end, so a reused stack is left as found."""
+
+    def __init__(self, pids: dict[str, int], target_cpus: int):
+        self.pids = {name: pid for name, pid in pids.items()}
+        self.all = sorted(os.sched_getaffinity(0))
+        if not 0 < target_cpus < len(self.all):
+            raise ValueError(f"cannot give the target {target_cpus} of {len(self.all)} CPUs and keep one for the rest")
+        if "target-milvus" not in self.pids:
+            raise ValueError("the stack's state names no target-milvus process to pin")
+        self.target = set(self.all[-target_cpus:])
+        self.rest = set(self.all) - self.target
+
+    def describe(self) -> str:
+        return (f"target Milvus pinned to CPU {','.join(map(str, sorted(self.target)))}; source Milvus, broker, "
+                f"etcd, the CDC and this script to CPU {','.join(map(str, sorted(self.rest)))}")
+
+    @staticmethod
+    def _pin(pid: int, cpus: set[int]) -> None:
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                    os.sched_setaffinity(int(tid), cpus)
+
+    def __enter__(self) -> CorePinning:
+        for name, pid in self.pids.items():
+            self._pin(pid, self.target if name == "target-milvus" else self.rest)
+        self._pin(os.getpid(), self.rest)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for pid in [*self.pids.values(), os.getpid()]:
+            self._pin(pid, set(self.all))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Rows to the source, fast: Insert requests built from numpy blocks and sent over the raw gRPC stub
 # ---------------------------------------------------------------------------------------------------------

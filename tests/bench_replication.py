@@ -81,6 +81,7 @@ from bench_bounds import (
     write_bound,
 )
 from bench_cdcs import (
+    CorePinning,
     GoCdc,
     ProcessMeter,
     PythonCdc,
@@ -137,6 +138,10 @@ def parse_args(argv=None):
     parser.add_argument("--settle-window", type=float, default=3.0)
     parser.add_argument("--settle-timeout", type=float, default=300.0,
                         help="longest wait for the stack to settle, seconds (then the phase goes on, noted)")
+    parser.add_argument("--target-cpus", type=int, default=0,
+                        help="pin the target Milvus to this many CPUs of its own and everything else (source "
+                             "Milvus, broker, etcd, the CDCs, this script) to the rest, for the whole run: a "
+                             "target on its own machine (default 0: all share every CPU)")
     parser.add_argument("--idle-seconds", type=float, default=10.0,
                         help="the CDC's idle cost is measured this long (0: skip)")
     parser.add_argument("--go-cdc", help="the Go milvus-cdc binary (or cdc-v1.0.0.gz): also measure it")
@@ -432,10 +437,16 @@ class Bench:
                 passes = []
                 for _ in range(max(1, args.write_passes)):
                     self.settle("a write-bound pass")
-                    w = write_bound(self.endpoints["target_milvus"], described.schema, args.shards, payloads,
-                                    concurrency, request_bytes=args.write_request_mb << 20, tick_each=mode == "ticks",
-                                    before_drop=lambda: self.settle("dropping a write-bound copy"),
-                                    meter=self.stack_meter)
+                    try:
+                        w = write_bound(self.endpoints["target_milvus"], described.schema, args.shards, payloads,
+                                        concurrency, request_bytes=args.write_request_mb << 20,
+                                        tick_each=mode == "ticks",
+                                        before_drop=lambda: self.settle("dropping a write-bound copy"),
+                                        meter=self.stack_meter)
+                    except Exception as exc:  # noqa: BLE001 - one pass lost, the other passes still measure
+                        self.problem(f"write bound ({mode}, {concurrency} thread(s)) failed: {type(exc).__name__}: "
+                                     f"{str(exc)[:300]}", failure=False)
+                        continue
                     how = "a tick after each request, one thread per pchannel" if w.tick_each else "ticks every 0.2 s"
                     log(f"write, {how}, {w.concurrency} thread(s), {w.requests} requests: sent in "
                         f"{w.send_seconds:.2f} s, visible in {w.visible_seconds:.2f} s = {w.rows_per_s:,.0f} rows/s, "
@@ -444,12 +455,16 @@ class Bench:
                         self.problem(f"write bound ({w.concurrency} threads): count(*) {w.count} on the target, "
                                      f"{w.rows} rows sent")
                     passes.append(w)
+                if not passes:
+                    continue
                 w = max(passes, key=lambda x: x.rows_per_s)
                 writes.append({**asdict(w), "rows_per_s": w.rows_per_s, "mb_per_s": w.mb_per_s,
                                "send_rows_per_s": w.send_rows_per_s, "passes": len(passes),
                                "all_rows_per_s": [x.rows_per_s for x in passes]})
             del payloads
             bounds["writes"] = writes
+            if not writes:
+                raise RuntimeError("every write-bound pass failed (see the problems above)")
             best_write = max(writes, key=lambda w: w["rows_per_s"])
             bounds["write"] = {"rows_per_s": best_write["rows_per_s"], "mb_per_s": best_write["mb_per_s"]}
             bounds["min_rows_per_s"] = min(bounds["read"]["rows_per_s"], bounds["write"]["rows_per_s"])
@@ -905,24 +920,30 @@ def main(argv=None) -> int:
     durations.append(("stack " + ("reused" if reuse else "start"), time.monotonic() - started))
     bench = None
     code = 0
+    pinning = contextlib.nullcontext()
+    if args.target_cpus:
+        pinning = CorePinning(endpoints.get("pids", {}), args.target_cpus)
+        stack_note += "; " + pinning.describe()
+        log(pinning.describe())
     try:
-        bench = Bench(args, endpoints, workdir)
-        bench.results["durations"] = durations
-        found_versions = versions(endpoints["source_milvus"], endpoints["target_milvus"])
-        if "bounds" in args.phases:
-            for i, rows in enumerate(args.bound_rows):
-                with bench.phase(f"bounds at {rows:,} rows: (a) read, (b) write"):
-                    bench.run_bounds(rows, floor=i == 0)
-        if "catchup" in args.phases or "lag" in args.phases:
-            for label in args.cdcs:
-                (workdir / f"{label}-cdc").mkdir()
-                if label == "python":
-                    cdc = PythonCdc(endpoints, workdir / "python-cdc")
-                else:
-                    cdc = GoCdc(args.go_cdc, endpoints, workdir / "go-cdc", database=args.go_database)
-                with bench.phase(f"{label} CDC"):
-                    bench.run_cdc(cdc)
-        bench.results["machine"], bench.results["versions"] = machine, found_versions
+        with pinning:
+            bench = Bench(args, endpoints, workdir)
+            bench.results["durations"] = durations
+            found_versions = versions(endpoints["source_milvus"], endpoints["target_milvus"])
+            if "bounds" in args.phases:
+                for i, rows in enumerate(args.bound_rows):
+                    with bench.phase(f"bounds at {rows:,} rows: (a) read, (b) write"):
+                        bench.run_bounds(rows, floor=i == 0)
+            if "catchup" in args.phases or "lag" in args.phases:
+                for label in args.cdcs:
+                    (workdir / f"{label}-cdc").mkdir()
+                    if label == "python":
+                        cdc = PythonCdc(endpoints, workdir / "python-cdc")
+                    else:
+                        cdc = GoCdc(args.go_cdc, endpoints, workdir / "go-cdc", database=args.go_database)
+                    with bench.phase(f"{label} CDC"):
+                        bench.run_cdc(cdc)
+            bench.results["machine"], bench.results["versions"] = machine, found_versions
     finally:
         if own_stack is not None:
             started = time.monotonic()
