@@ -129,6 +129,9 @@ def parse_args(argv=None):
     parser.add_argument("--catchup-passes", type=int, default=2,
                         help="catch-ups of each size per CDC, each of new rows; every pass is reported and the best "
                              "is held to the bound, itself the best of its passes (default 2)")
+    parser.add_argument("--no-adjacent-bound", action="store_true",
+                        help="do not measure the write bound again, in its best way, right before each catch-up "
+                             "pass (the stack slows as it fills, so a bound measured minutes earlier flatters it)")
     parser.add_argument("--floor-batches", type=int, default=20,
                         help="batches of 100 rows the lag floor is measured on (0: skip)")
     parser.add_argument("--lag-rates", default="1000,5000,20000", help="source insert rates, rows/s")
@@ -238,6 +241,7 @@ class Bench:
         self.bytes_per_row_measured = False
         self.leftovers: list[str] = []   # target copies whose drop a CDC did not replicate
         self.stack_meter = StackMeter(endpoints.get("pids", {}))
+        self.replays: dict[int, dict] = {}   # by size: the bound's payloads, schema and best way, for write_bound_now
 
     # -- bookkeeping -------------------------------------------------------------------------------------------
 
@@ -464,11 +468,14 @@ class Bench:
                 writes.append({**asdict(w), "rows_per_s": w.rows_per_s, "mb_per_s": w.mb_per_s,
                                "send_rows_per_s": w.send_rows_per_s, "passes": len(passes),
                                "all_rows_per_s": [x.rows_per_s for x in passes]})
-            del payloads
             bounds["writes"] = writes
             if not writes:
                 raise RuntimeError("every write-bound pass failed (see the problems above)")
             best_write = max(writes, key=lambda w: w["rows_per_s"])
+            if "catchup" in args.phases and not args.no_adjacent_bound:
+                self.replays[rows] = {"payloads": payloads, "schema": described.schema,
+                                      "tick_each": best_write["tick_each"], "concurrency": best_write["concurrency"]}
+            del payloads
             bounds["write"] = {"rows_per_s": best_write["rows_per_s"], "mb_per_s": best_write["mb_per_s"]}
             bounds["min_rows_per_s"] = min(bounds["read"]["rows_per_s"], bounds["write"]["rows_per_s"])
             if floor and args.floor_batches > 0:
@@ -569,6 +576,9 @@ class Bench:
             entry["paused"] = window.stop()
             log(f"{cdc.label}: {rows:,} rows inserted on the source in {insert_seconds:.1f} s "
                 f"({rows / insert_seconds:,.0f} rows/s) while the task was paused")
+            now = self.write_bound_now(rows)
+            if now is not None:
+                entry["write_bound_now"] = now
             entry.update(self.settle(f"resuming {cdc.label}'s catch-up of {rows:,} rows"))
             stack_mark = self.stack_meter.start()
             window = meter.window()
@@ -602,6 +612,9 @@ class Bench:
             bound = held_to["min_rows_per_s"] if held_to else None
             entry["bound_rows"] = held_to["rows"] if held_to else None
             entry["ratio_to_bound"] = entry["rows_per_s"] / bound if bound else None
+            if now is not None and held_to:
+                entry["ratio_to_bound_now"] = entry["rows_per_s"] / min(held_to["read"]["rows_per_s"],
+                                                                        now["rows_per_s"])
             log(f"{cdc.label}: caught up {rows:,} rows in {seconds:.2f} s = {entry['rows_per_s']:,.0f} rows/s "
                 f"(first rows after {entry['first_rows_s'] or 0:.2f} s); CPU {entry['catchup']['cpu_s']:.1f} s, "
                 f"peak RSS {entry['catchup']['peak_rss_mib']:.0f} MiB")
@@ -611,6 +624,27 @@ class Bench:
         except BaseException:
             self.abandon(cdc, task_id, name)
             raise
+
+    def write_bound_now(self, rows: int) -> dict | None:
+        """One more pass of the write bound, in the way that was best for this size (or the nearest measured), on
+        the stack as it is now: the catch-up that follows is held to it as well."""
+        if not self.replays:
+            return None
+        size = min(self.replays, key=lambda r: abs(math.log(r / rows)))
+        replay = self.replays[size]
+        self.settle("the write bound right before a catch-up")
+        try:
+            w = write_bound(self.endpoints["target_milvus"], replay["schema"], self.args.shards, replay["payloads"],
+                            replay["concurrency"], request_bytes=self.args.write_request_mb << 20,
+                            tick_each=replay["tick_each"],
+                            before_drop=lambda: self.settle("dropping a write-bound copy"), meter=self.stack_meter)
+        except Exception as exc:  # noqa: BLE001 - the catch-up is still held to the bounds phase's
+            self.problem(f"write bound right before a catch-up failed: {type(exc).__name__}: {str(exc)[:300]}",
+                         failure=False)
+            return None
+        log(f"write bound now ({size:,} rows, {'a tick after each request' if w.tick_each else 'ticks every 0.2 s'}, "
+            f"{w.concurrency} thread(s)): {w.rows_per_s:,.0f} rows/s")
+        return {"rows": size, "rows_per_s": w.rows_per_s, "stack_pct": w.stack_pct}
 
     def first_rows(self, name: str, started: float, timeout: float) -> "FirstRows":
         """Polls count(*) (every 0.2 s, from a thread of its own) until the first rows of a catch-up show."""
@@ -819,22 +853,26 @@ def report(bench: Bench, args, machine: dict, found_versions: dict, stack_note: 
     catchups = [(label, e) for label, c in r["cdcs"].items() for e in c["catchup"]]
     if catchups:
         out += ["## Catch-up (task paused, rows inserted, resumed; until count(*) on the target has them all)", "",
-                ("| CDC | rows | pass | source insert s | catch-up s | first rows after s | rows/s | MB/s | / min(a, b) "
+                ("| CDC | rows | pass | source insert s | catch-up s | first rows after s | rows/s | MB/s | / min(a, b) | b right before | / min(a, b before) "
                 "| in ReplicateMessage s | CPU s | CPU % core | peak RSS MiB | stack settled after s "
                 "| source / target Milvus / broker % core | exact |"),
                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-                "| ---: | --- |"]
+                "| ---: | ---: | ---: | --- |"]
         for label, e in catchups:
             c = e["catchup"]
             best = max((x["rows_per_s"] for x in r["cdcs"][label]["catchup"] if x["rows"] == e["rows"]), default=None)
             mark = " (best)" if e["rows_per_s"] == best and args.catchup_passes > 1 else ""
             out.append(f"| {label} | {e['rows']:,} | {e.get('pass', 1)}{mark} | {e['source_insert_s']:.1f} | {e['catchup_s']:.2f} | "
                        f"{fmt(e['first_rows_s'], 2)} | {fmt(e['rows_per_s'])} | {fmt(e['mb_per_s'], 1)} | "
-                       f"{fmt(e['ratio_to_bound'], 2)} | {fmt(e.get('replicate_call_s'), 1)} | "
+                       f"{fmt(e['ratio_to_bound'], 2)} | {fmt((e.get('write_bound_now') or {}).get('rows_per_s'))} | "
+                       f"{fmt(e.get('ratio_to_bound_now'), 2)} | {fmt(e.get('replicate_call_s'), 1)} | "
                        f"{fmt(c['cpu_s'], 1)} | {fmt(c['cpu_pct'])} | {fmt(c['peak_rss_mib'])} | "
                        f"{fmt(e.get('settle_s'), 1)} | {stack_pct_text(e.get('stack_pct'))} | "
                        f"{exact_text(e.get('exact'))} |")
         out += ["", ("/ min(a, b): the rate over the bounds measured at the same size (or the nearest measured). "
+                "b right before: the write bound measured again in its best way, on the same stack just before this "
+                "pass (after the source insert, while the task was paused); / min(a, b before): the rate over that and "
+                "the read bound: the stack slows as it fills, so both are shown. "
                 "First rows after: resume -> the first count(*) above 0. In ReplicateMessage: seconds the CDC "
                 "spent in ReplicateMessage calls with data over the phase, summed over calls made at the same time "
                 "(from its own metrics, milvus_cdc_target_call_seconds; the Python CDC only): as long as the phase "
