@@ -159,7 +159,7 @@ class CorePinning:
     and put back on all the CPUs it had at the end, so a reused stack is left as found."""
 
     def __init__(self, pids: dict[str, int], target_cpus: int):
-        self.pids = {name: pid for name, pid in pids.items()}
+        self.pids = dict(pids)
         self.all = sorted(os.sched_getaffinity(0))
         if not 0 < target_cpus < len(self.all):
             raise ValueError(f"cannot give the target {target_cpus} of {len(self.all)} CPUs and keep one for the rest")

@@ -22,9 +22,10 @@ Phases (``--phases``, any subset, always in this order):
            source can go below.
   catchup  (c) per CDC, per --rows N, --catchup-passes times: a task is paused, N rows are inserted on the
            source, the stack is let settle (--settle-pct, as before each write-bound pass: both are measured with
-           the source Milvus done flushing what it took), the task is resumed, and the time until a count(*) on the target, waiting
-           until the target has consumed up to the last insert's timestamp, counts N rows is the catch-up time;
-           its rate is compared with min(read bound, write bound). Also the CDC's idle cost (--idle-seconds).
+           the source Milvus done flushing what it took), the task is resumed, and the time until a count(*) on
+           the target, waiting until the target has consumed up to the last insert's timestamp, counts N rows is
+           the catch-up time; its rate is compared with min(read bound, write bound), and with the write bound
+           measured again right before the pass (--adjacent-bound). Also the CDC's idle cost (--idle-seconds).
   lag      (d) per CDC, per --lag-rates rate: rows inserted at that rate for --lag-seconds, in
            --lag-batches-per-second batches a second; each batch's lag is the time from its insert returning to
            a count(*) on the target with the insert's timestamp as guarantee_timestamp returning with every
@@ -442,27 +443,9 @@ class Bench:
             writes = []
             modes = [("ticks", len(pchannels))] + [("end", c) for c in args.write_concurrency]
             for mode, concurrency in modes:
-                passes = []
-                for _ in range(max(1, args.write_passes)):
-                    self.settle("a write-bound pass")
-                    try:
-                        w = write_bound(self.endpoints["target_milvus"], described.schema, args.shards, payloads,
-                                        concurrency, request_bytes=args.write_request_mb << 20,
-                                        tick_each=mode == "ticks",
-                                        before_drop=lambda: self.settle("dropping a write-bound copy"),
-                                        meter=self.stack_meter)
-                    except Exception as exc:  # noqa: BLE001 - one pass lost, the other passes still measure
-                        self.problem(f"write bound ({mode}, {concurrency} thread(s)) failed: {type(exc).__name__}: "
-                                     f"{str(exc)[:300]}", failure=False)
-                        continue
-                    how = "a tick after each request, one thread per pchannel" if w.tick_each else "ticks every 0.2 s"
-                    log(f"write, {how}, {w.concurrency} thread(s), {w.requests} requests: sent in "
-                        f"{w.send_seconds:.2f} s, visible in {w.visible_seconds:.2f} s = {w.rows_per_s:,.0f} rows/s, "
-                        f"{w.mb_per_s:.1f} MB/s; count(*) {w.count}")
-                    if w.count != w.rows:
-                        self.problem(f"write bound ({w.concurrency} threads): count(*) {w.count} on the target, "
-                                     f"{w.rows} rows sent")
-                    passes.append(w)
+                passes = [w for _ in range(max(1, args.write_passes))
+                          if (w := self.write_pass(described.schema, payloads, mode == "ticks", concurrency,
+                                                   "a write-bound pass")) is not None]
                 if not passes:
                     continue
                 w = max(passes, key=lambda x: x.rows_per_s)
@@ -628,27 +611,38 @@ class Bench:
             self.abandon(cdc, task_id, name)
             raise
 
+    def write_pass(self, schema, payloads: list[bytes], tick_each: bool, concurrency: int, before: str):
+        """One pass of the write bound on a settled stack, logged and checked; None (a problem noted) when it
+        failed, so that the other passes still measure."""
+        self.settle(before)
+        try:
+            w = write_bound(self.endpoints["target_milvus"], schema, self.args.shards, payloads, concurrency,
+                            request_bytes=self.args.write_request_mb << 20, tick_each=tick_each,
+                            before_drop=lambda: self.settle("dropping a write-bound copy"), meter=self.stack_meter)
+        except Exception as exc:  # noqa: BLE001 - one pass lost, the other passes still measure
+            way = "a tick after each request" if tick_each else "ticks every 0.2 s"
+            self.problem(f"{before} ({way}, {concurrency} thread(s)) failed: {type(exc).__name__}: "
+                         f"{str(exc)[:300]}", failure=False)
+            return None
+        how = "a tick after each request, one thread per pchannel" if w.tick_each else "ticks every 0.2 s"
+        log(f"write ({before}), {how}, {w.concurrency} thread(s), {w.requests} requests: sent in "
+            f"{w.send_seconds:.2f} s, visible in {w.visible_seconds:.2f} s = {w.rows_per_s:,.0f} rows/s, "
+            f"{w.mb_per_s:.1f} MB/s; count(*) {w.count}")
+        if w.count != w.rows:
+            self.problem(f"write bound ({w.concurrency} threads): count(*) {w.count} on the target, "
+                         f"{w.rows} rows sent")
+        return w
+
     def write_bound_now(self, rows: int) -> dict | None:
         """The write bound again, one pass of each way kept for this size (or the nearest measured), on the stack
         as it is now: the best of them is the bound the catch-up that follows is also held to."""
         if not self.replays:
             return None
         size = min(self.replays, key=lambda r: abs(math.log(r / rows)))
-        replay, passes = self.replays[size], []
-        for tick_each, concurrency in replay["ways"]:
-            self.settle("the write bound right before a catch-up")
-            try:
-                w = write_bound(self.endpoints["target_milvus"], replay["schema"], self.args.shards,
-                                replay["payloads"], concurrency, request_bytes=self.args.write_request_mb << 20,
-                                tick_each=tick_each, before_drop=lambda: self.settle("dropping a write-bound copy"),
-                                meter=self.stack_meter)
-            except Exception as exc:  # noqa: BLE001 - the catch-up is still held to the other ways, or the bounds'
-                self.problem(f"write bound right before a catch-up failed: {type(exc).__name__}: {str(exc)[:300]}",
-                             failure=False)
-                continue
-            log(f"write bound now ({size:,} rows, {'a tick after each request' if w.tick_each else 'ticks every 0.2 s'}"
-                f", {w.concurrency} thread(s)): {w.rows_per_s:,.0f} rows/s")
-            passes.append(w)
+        replay = self.replays[size]
+        passes = [w for tick_each, concurrency in replay["ways"]
+                  if (w := self.write_pass(replay["schema"], replay["payloads"], tick_each, concurrency,
+                                           f"the write bound ({size:,} rows) right before a catch-up")) is not None]
         if not passes:
             return None
         best = max(passes, key=lambda w: w.rows_per_s)
@@ -840,7 +834,8 @@ def report(bench: Bench, args, machine: dict, found_versions: dict, stack_note: 
                    f"ReplicateMessage, {w['concurrency']} thread(s) in any order, ticks every 0.2 s")
             passes = ", ".join(fmt(x) for x in w.get("all_rows_per_s", []))
             passes = f"; passes {passes} rows/s" if len(w.get("all_rows_per_s", [])) > 1 else ""
-            stack = f"; source / target Milvus / broker {stack_pct_text(w['stack_pct'])}% core" if w.get("stack_pct") else ""
+            stack = (f"; source / target Milvus / broker {stack_pct_text(w['stack_pct'])}% core"
+                     if w.get("stack_pct") else "")
             out.append(f"| write | {how} ({w['requests']} requests, all answered after {w['send_seconds']:.2f} s = "
                        f"{fmt(w['send_rows_per_s'])} rows/s{passes}{stack}) | {fmt(w['rows_per_s'])} | "
                        f"{fmt(w['mb_per_s'], 1)} | {w['visible_seconds']:.2f} |")
@@ -862,7 +857,8 @@ def report(bench: Bench, args, machine: dict, found_versions: dict, stack_note: 
     catchups = [(label, e) for label, c in r["cdcs"].items() for e in c["catchup"]]
     if catchups:
         out += ["## Catch-up (task paused, rows inserted, resumed; until count(*) on the target has them all)", "",
-                ("| CDC | rows | pass | source insert s | catch-up s | first rows after s | rows/s | MB/s | / min(a, b) | b right before | / min(a, b before) "
+                ("| CDC | rows | pass | source insert s | catch-up s | first rows after s | rows/s | MB/s "
+                "| / min(a, b) | b right before | / min(a, b before) "
                 "| in ReplicateMessage s | CPU s | CPU % core | peak RSS MiB | stack settled after s "
                 "| source / target Milvus / broker % core | exact |"),
                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
@@ -871,7 +867,8 @@ def report(bench: Bench, args, machine: dict, found_versions: dict, stack_note: 
             c = e["catchup"]
             best = max((x["rows_per_s"] for x in r["cdcs"][label]["catchup"] if x["rows"] == e["rows"]), default=None)
             mark = " (best)" if e["rows_per_s"] == best and args.catchup_passes > 1 else ""
-            out.append(f"| {label} | {e['rows']:,} | {e.get('pass', 1)}{mark} | {e['source_insert_s']:.1f} | {e['catchup_s']:.2f} | "
+            out.append(f"| {label} | {e['rows']:,} | {e.get('pass', 1)}{mark} | {e['source_insert_s']:.1f} | "
+                       f"{e['catchup_s']:.2f} | "
                        f"{fmt(e['first_rows_s'], 2)} | {fmt(e['rows_per_s'])} | {fmt(e['mb_per_s'], 1)} | "
                        f"{fmt(e['ratio_to_bound'], 2)} | {fmt((e.get('write_bound_now') or {}).get('rows_per_s'))} | "
                        f"{fmt(e.get('ratio_to_bound_now'), 2)} | {fmt(e.get('replicate_call_s'), 1)} | "
@@ -880,8 +877,9 @@ def report(bench: Bench, args, machine: dict, found_versions: dict, stack_note: 
                        f"{exact_text(e.get('exact'))} |")
         out += ["", ("/ min(a, b): the rate over the bounds measured at the same size (or the nearest measured). "
                 f"b right before: the write bound measured again ({args.adjacent_bound} of its ways, the best counts), "
-                "on the same stack just before this pass (after the source insert, while the task was paused); / min(a, b before): the rate over that and "
-                "the read bound: the stack slows as it fills, so both are shown. "
+                "on the same stack just before this pass (after the source insert, while the task was paused); "
+                "/ min(a, b before): the rate over that and the read bound: the stack slows as it fills, so both are "
+                "shown. "
                 "First rows after: resume -> the first count(*) above 0. In ReplicateMessage: seconds the CDC "
                 "spent in ReplicateMessage calls with data over the phase, summed over calls made at the same time "
                 "(from its own metrics, milvus_cdc_target_call_seconds; the Python CDC only): as long as the phase "

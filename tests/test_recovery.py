@@ -160,4 +160,3 @@ def test_checkpoints_are_written_in_batches_not_per_message(stack, tmp_path, uni
         server.call("delete", task_id=task_id)
     finally:
         server.stop()
-
