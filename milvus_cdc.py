@@ -18,6 +18,7 @@ import concurrent.futures
 import contextlib
 import copy
 import dataclasses
+import difflib
 import enum
 import functools
 import hashlib
@@ -444,6 +445,10 @@ class TaskStopping(Exception):
 class TaskHalt(Exception):
     """The task cannot go on: it pauses at once with this reason (a refusal nothing explains, or a fault that
     outlived retryTimeout)."""
+
+
+class StartRefused(TaskHalt):
+    """The task cannot start as its create request asks (the request must change): create answers 400."""
 
 
 TRANSIENT_GRPC = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "INTERNAL",
@@ -2820,23 +2825,117 @@ class TaskState(str, enum.Enum):
 
 
 class CollectionFilter:
-    """Which collections a task replicates: ``*`` for all, else names (``name`` in the default database or
-    ``db.name``)."""
+    """Which collections a task replicates: ``*`` for all, ``db.*`` for every collection of a database, else names
+    (``name`` in the default database or ``db.name``)."""
 
     def __init__(self, names: list[str]):
-        self.everything = names == ["*"]
-        self.names = set() if self.everything else {n if "." in n else f"{DEFAULT_DB}.{n}" for n in names}
+        self.everything = "*" in names
+        qualified = {n if "." in n else f"{DEFAULT_DB}.{n}" for n in names if n != "*"}
+        self.databases = {n[:-2] for n in qualified if n.endswith(".*")}
+        self.names = {n for n in qualified if not n.endswith(".*")}
 
     def matches(self, db_name: str, name: str) -> bool:
-        return self.everything or f"{db_name or DEFAULT_DB}.{name}" in self.names
+        db_name = db_name or DEFAULT_DB
+        return self.everything or db_name in self.databases or f"{db_name}.{name}" in self.names
+
+    def covers_database(self, db_name: str) -> bool:
+        """Does the task replicate the database itself (its create and drop), not only some collections in it?"""
+        return self.everything or (db_name or DEFAULT_DB) in self.databases
 
     def overlaps(self, other: "CollectionFilter") -> bool:
-        return self.everything or other.everything or bool(self.names & other.names)
+        if self.everything or other.everything or self.databases & other.databases or self.names & other.names:
+            return True
+        return any(n.split(".", 1)[0] in other.databases for n in self.names) or \
+            any(n.split(".", 1)[0] in self.databases for n in other.names)
+
+
+class NameMap:
+    """Where a source database and collection live on the target (``name_mapping``): a mapped database takes all its
+    collections along, a mapped collection takes the name given; everything else keeps its own name."""
+
+    def __init__(self, mappings: list[dict] | None = None):
+        self.mappings = mappings or []
+        self.databases = {m["source_db"]: m["target_db"] for m in self.mappings}
+        self.collections = {(m["source_db"], s): t for m in self.mappings
+                            for s, t in m.get("collection_mapping", {}).items()}
+        self.source_databases = {t: s for s, t in self.databases.items()}
+        self.source_collections = {(self.databases[db], t): s for (db, s), t in self.collections.items()}
+
+    def database(self, db_name: str) -> str:
+        return self.databases.get(db_name or DEFAULT_DB, db_name or DEFAULT_DB)
+
+    def collection(self, db_name: str, name: str) -> tuple[str, str]:
+        db_name = db_name or DEFAULT_DB
+        return self.database(db_name), self.collections.get((db_name, name), name)
+
+    def source(self, db_name: str, name: str) -> tuple[str, str]:
+        """The source names of a target collection that is a copy (the inverse of ``collection``)."""
+        source_db = self.source_databases.get(db_name, db_name)
+        return source_db, self.source_collections.get((db_name, name), name)
+
+
+VCHANNEL_PATTERN = re.compile(r"(?P<pchannel>.+)_(?P<collection>\d+)v(?P<shard>\d+)")
+
+
+def physical_channel(name: str) -> str:
+    """The pchannel of a vchannel name (``{pchannel}_{collectionID}v{shard}``); a pchannel name as it is."""
+    match = VCHANNEL_PATTERN.fullmatch(name)
+    return match.group("pchannel") if match else name
+
+
+@dataclass(frozen=True)
+class StartPosition:
+    """Where a new task starts reading one source channel, instead of at its latest offset: at ``msg_id``, skipping
+    what is at or below ``timestamp`` (already on the target, as after a restore). ``collection`` (``db.name``)
+    limits it to one collection's messages; empty, it stands for every collection on the channel."""
+    channel: str
+    msg_id: bytes
+    timestamp: int = 0
+    collection: str = ""
+
+    def to_json(self) -> dict:
+        return {"channel": self.channel, "msg_id": base64.b64encode(self.msg_id).decode(),
+                "timestamp": self.timestamp, "collection": self.collection}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "StartPosition":
+        return cls(data["channel"], base64.b64decode(data["msg_id"]), int(data.get("timestamp", 0)),
+                   data.get("collection", ""))
+
+    @classmethod
+    def decode(cls, key: str, text: str, collection: str = "") -> "StartPosition":
+        """A position as the Go CDC's requests carry it: ``key`` a physical or virtual channel, ``text`` base64 of
+        a serialized ``MsgPosition`` (what `position` answers and milvus-backup keeps) or of a bare MQ message id.
+        ValueError says what is wrong."""
+        from google.protobuf.message import DecodeError
+        from pymilvus.grpc_gen import msg_pb2
+        channel = physical_channel(key)
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except (ValueError, TypeError):
+            raise ValueError("is not base64") from None
+        if not raw:
+            raise ValueError("is empty")
+        try:
+            position = msg_pb2.MsgPosition.FromString(raw)
+        except DecodeError:
+            position = None
+        # A bare id can parse as a MsgPosition by chance; one that names this very channel cannot.
+        if position is not None and position.msgID and physical_channel(position.channel_name) == channel:
+            return cls(channel, position.msgID, position.timestamp, collection)
+        return cls(channel, raw, 0, collection)
+
+    def encode(self) -> str:
+        """Base64 of a ``MsgPosition``, the form the Go CDC's `position` answers and its create takes."""
+        from pymilvus.grpc_gen import msg_pb2
+        return base64.b64encode(msg_pb2.MsgPosition(channel_name=self.channel, msgID=self.msg_id,
+                                                    timestamp=self.timestamp).SerializeToString()).decode()
 
 
 @dataclass
 class TaskInfo:
-    """A task as stored in the meta store. The token lives here and nowhere the API shows."""
+    """A task as stored in the meta store: what the create request asked for, checked and normalized, and its state.
+    The token lives here and nowhere the API shows."""
     task_id: str
     connect: ConnectParam
     collection_infos: list[dict]
@@ -2844,15 +2943,48 @@ class TaskInfo:
     reason: str = ""
     replay_existing: bool = False
     created_at: float = field(default_factory=time.time)
+    db_collections: dict[str, list[dict]] = field(default_factory=dict)
+    name_mapping: list[dict] = field(default_factory=list)
+    start_positions: list[StartPosition] = field(default_factory=list)  # used by the first start only
+    disable_auto_start: bool = False  # created stopped; a server restart does not start it either
+    connect_shown: dict = field(default_factory=dict)  # the Go style fields of milvus_connect_param, as given
+
+    def scope_infos(self) -> list[tuple[str, dict]]:
+        """Every collection the task was given: (its name as CollectionFilter takes it, its collection info)."""
+        return [(c["name"], c) for c in self.collection_infos] + \
+            [("*" if db == "*" else f"{db}.{c['name']}", c)
+             for db, infos in sorted(self.db_collections.items()) for c in infos]
+
+    def scope(self) -> list[str]:
+        return [name for name, _ in self.scope_infos()]
 
     @property
     def filter(self) -> CollectionFilter:
-        return CollectionFilter([c["name"] for c in self.collection_infos])
+        return CollectionFilter(self.scope())
+
+    @property
+    def names(self) -> NameMap:
+        return NameMap(self.name_mapping)
+
+    @property
+    def replayed(self) -> set[str]:
+        """Collections (``db.name``) to replay from their creation (``use_start_position``)."""
+        return {name if "." in name else f"{DEFAULT_DB}.{name}" for name, info in self.scope_infos()
+                if info.get("use_start_position")}
 
     def to_store(self) -> dict:
-        return {"task_id": self.task_id, "milvus_connect_param": self.connect_json(secrets=True),
-                "collection_infos": self.collection_infos, "state": self.state.value, "reason": self.reason,
-                "replay_existing": self.replay_existing, "created_at": self.created_at}
+        stored = {"task_id": self.task_id, "milvus_connect_param": self.connect_json(secrets=True),
+                  "collection_infos": self.collection_infos, "state": self.state.value, "reason": self.reason,
+                  "replay_existing": self.replay_existing, "created_at": self.created_at}
+        if self.db_collections:
+            stored["db_collections"] = self.db_collections
+        if self.name_mapping:
+            stored["name_mapping"] = self.name_mapping
+        if self.start_positions:
+            stored["start_positions"] = [p.to_json() for p in self.start_positions]
+        if self.disable_auto_start:
+            stored["disable_auto_start"] = True
+        return stored
 
     @classmethod
     def from_store(cls, data: dict) -> "TaskInfo":
@@ -2862,10 +2994,15 @@ class TaskInfo:
                                dial_config=tuple(sorted((param.get("dial_config") or {}).items())))
         return cls(task_id=data["task_id"], connect=connect, collection_infos=data["collection_infos"],
                    state=TaskState(data.get("state", TaskState.INITIAL.value)), reason=data.get("reason", ""),
-                   replay_existing=bool(data.get("replay_existing")), created_at=data.get("created_at", 0))
+                   replay_existing=bool(data.get("replay_existing")), created_at=data.get("created_at", 0),
+                   db_collections=data.get("db_collections") or {}, name_mapping=data.get("name_mapping") or [],
+                   start_positions=[StartPosition.from_json(p) for p in data.get("start_positions") or []],
+                   disable_auto_start=bool(data.get("disable_auto_start")),
+                   connect_shown={k: param[k] for k in GO_CONNECT_KEYS if k in param})
 
     def connect_json(self, secrets: bool = False) -> dict:
         shown: dict[str, Any] = {"uri": self.connect.uri, "connect_timeout": self.connect.connect_timeout}
+        shown.update(self.connect_shown)
         if self.connect.dial_config:
             shown["dial_config"] = dict(self.connect.dial_config)
         if secrets and self.connect.token:
@@ -2873,12 +3010,13 @@ class TaskInfo:
         return shown
 
     def public(self) -> dict:
-        shown = {"task_id": self.task_id, "milvus_connect_param": self.connect_json(),
-                 "collection_infos": self.collection_infos, "state": self.state.value}
+        shown: dict[str, Any] = {"task_id": self.task_id, "milvus_connect_param": self.connect_json(),
+                                 "collection_infos": self.collection_infos, "state": self.state.value}
+        for key in ("db_collections", "name_mapping", "disable_auto_start", "replay_existing"):
+            if getattr(self, key):
+                shown[key] = getattr(self, key)
         if self.reason:
             shown["reason"] = self.reason
-        if self.replay_existing:
-            shown["replay_existing"] = True
         return shown
 
 
@@ -3052,6 +3190,7 @@ class Replicator:
         self.started = threading.Event()  # set once the start positions are pinned in the meta store
         self.failed = False
         self.failure = ""
+        self.refused = False  # the failure is the request's (StartRefused)
         self.checkpoint_at = 0.0  # when the last checkpoint was stored (time.time())
 
     # -- lifecycle ----------------------------------------------------------------------------------------
@@ -3138,6 +3277,7 @@ class Replicator:
         except LeaseLost as exc:
             self._lose(exc)
         except TaskHalt as exc:
+            self.refused = isinstance(exc, StartRefused)
             self._fail(str(exc))
         except TargetError as exc:
             self._fail(f"writing to the target: {exc}")
@@ -3269,9 +3409,14 @@ class TargetCopies:
 
     def __init__(self, task_id: str, catalog: SourceCatalog, meta: SourceMeta, mirror: TargetMirror,
                  outbox: Outbox, clock: TargetClock, default_partition: str,
-                 follow: Callable[[SourceCollection], None], unfollow: Callable[[SourceCollection], None]):
+                 follow: Callable[[SourceCollection], None], unfollow: Callable[[SourceCollection], None],
+                 names: NameMap | None = None):
         self.tid, self.catalog, self.meta, self.mirror, self.outbox = task_id, catalog, meta, mirror, outbox
         self.clock, self.default_partition, self.follow, self.unfollow = clock, default_partition, follow, unfollow
+        self.names = names or NameMap()
+        # collections whose copy the user made (restored from a backup), to be taken as found: given with start
+        # positions at create
+        self.restored: Callable[[SourceCollection], bool] = lambda source: False
         self.by_source: dict[int, TargetCollection] = {}    # source collection id -> its copy on the target
         self.gone: set[int] = set()                         # collections whose drop is applied (or moot)
         self.existing: set[int] = set()                     # collections copied as they are at start
@@ -3290,16 +3435,31 @@ class TargetCopies:
         if source.dropped:
             # Dropped since (the catalog is ahead of the stream): only a copy that exists already still needs
             # what comes before the drop, the drop included.
-            target = self.mirror.collection(source.db_name, source.name, fresh=True)
-            if target is None or target.created_ts != source.create_time:
+            target = self.existing_copy(source)
+            if target is None:
                 return None
             self.adopt(source, target)
             return source, target
         return source, self._make(source)
 
+    def existing_copy(self, source: SourceCollection) -> TargetCollection | None:
+        """The copy of a source collection on the target, if there is one (none is made)."""
+        target = self.by_source.get(source.id)
+        if target is None:
+            target = self.mirror.collection(*self.names.collection(source.db_name, source.name), fresh=True)
+            if target is None or target.created_ts != source.create_time and not self.restored(source):
+                return None
+        return target
+
     def _make(self, source: SourceCollection) -> TargetCollection:
         from pymilvus.grpc_gen import common_pb2, milvus_pb2
-        target = self.mirror.collection(source.db_name, source.name, fresh=True)
+        db_name, name = self.names.collection(source.db_name, source.name)
+        target = self.mirror.collection(db_name, name, fresh=True)
+        if target is not None and target.created_ts != source.create_time and self.restored(source):
+            log.info("task=%s %s on the target is taken as the copy of %s as it stands (restored, created at ts "
+                     "%d)", self.tid, target.qualified_name, source.qualified_name, target.created_ts)
+            self.adopt(source, target)
+            return target
         if target is not None and target.created_ts != source.create_time:
             older = self.catalog.created_at(source.db_name, source.name, target.created_ts)
             if older is not None and older.create_time < source.create_time:
@@ -3313,13 +3473,13 @@ class TargetCopies:
                                f"that name (created at ts {target.created_ts}) than this source incarnation "
                                f"(ts {source.create_time})")
         if target is None or target.created_ts != source.create_time:
-            if source.db_name != DEFAULT_DB:
-                self.mirror.create_database(source.db_name, source.create_time)
+            if db_name != DEFAULT_DB:
+                self.mirror.create_database(db_name, source.create_time)
             partitions = [p for p in self.meta.partitions(source.id) if p.state == PARTITION_CREATED]
             request = milvus_pb2.CreateCollectionRequest(
                 base=self.mirror.base(common_pb2.CreateCollection, source.create_time),
-                db_name=source.db_name, collection_name=source.name,
-                schema=self._target_schema(source).SerializeToString(), shards_num=source.shards_num,
+                db_name=db_name, collection_name=name,
+                schema=self._target_schema(source, name).SerializeToString(), shards_num=source.shards_num,
                 consistency_level=source.consistency_level,
                 properties=[common_pb2.KeyValuePair(key=k, value=v) for k, v in source.properties])
             if source.has_partition_key():
@@ -3334,8 +3494,8 @@ class TargetCopies:
             if not source.has_partition_key():
                 for partition in partitions:
                     self.partition(target, partition.name, partition.id, partition.created_ts)
-            log.info("task=%s created collection %s on the target (source id %d, target id %d)", self.tid,
-                     source.qualified_name, source.id, target.id)
+            log.info("task=%s created collection %s on the target as %s (source id %d, target id %d)", self.tid,
+                     source.qualified_name, target.qualified_name, source.id, target.id)
             self.adopt(source, target)
             if source.id in self.existing:
                 self._copy_indexes_and_load(source, target)
@@ -3366,7 +3526,7 @@ class TargetCopies:
 
         Milvus writes a collection's drop message to its channels after the drop call returns, so a database
         dropped right after its last collection is dropped comes before that message."""
-        source = self.catalog.created_at(target.db_name, target.name, target.created_ts)
+        source = self.catalog.created_at(*self.names.source(target.db_name, target.name), target.created_ts)
         if source is None:
             return False
         now = self.meta.collection(source.id)
@@ -3433,10 +3593,11 @@ class TargetCopies:
         log.info("task=%s dropped partition %s/%s on the target", self.tid, target.qualified_name, name)
 
     @staticmethod
-    def _target_schema(source: SourceCollection):
+    def _target_schema(source: SourceCollection, name: str):
         from pymilvus.grpc_gen import schema_pb2
         schema = schema_pb2.CollectionSchema()
         schema.CopyFrom(source.schema)
+        schema.name = name  # the target checks it against the collection's name, which a name mapping changes
         del schema.fields[:]
         schema.fields.extend(f for f in source.schema.fields if not f.is_dynamic)
         return schema
@@ -3482,8 +3643,13 @@ class Applier:
                              lambda pchannel, call: writer.sibling(replicator.patience(
                                  f"sending to {pchannel}" + (f" (call {call + 1})" if call else ""))),
                              replicator.config.replication.calls_per_channel)
+        self.names = self.task.names
         self.copies = TargetCopies(self.tid, self.catalog, meta, self.mirror, self.outbox, replicator.clock,
-                                   self.settings.default_partition_name, self._follow, self._unfollow)
+                                   self.settings.default_partition_name, self._follow, self._unfollow, self.names)
+        # Start positions given at create: a channel's messages at or below its time are on the target already;
+        # for one collection (by name), only that collection's.
+        self.floors: dict[tuple[str, str], int] = {(p.channel, p.collection): p.timestamp
+                                                   for p in self.task.start_positions}
         self.order = ChangeOrder()
         self.followed: dict[int, SourceCollection] = {}        # collections whose channels are read
         self.catalog_fence = 0
@@ -3549,20 +3715,26 @@ class Applier:
             -> tuple[CatalogPoller, dict[str, StartAt]]:
         """Where each channel starts, and the catalog poller that continues from the listing.
 
-        A channel with a checkpoint resumes there. Otherwise a fresh task starts at the latest offsets, pinned
-        before the collections are listed, so that nothing created meanwhile slips between listing and
-        reading; a collection that is new since then (or since the last checkpoint, or any collection when
-        replay_existing is set) starts at its own start position.
+        A channel with a checkpoint resumes there. Otherwise a fresh task starts at the start positions given at
+        create, else at the latest offsets, pinned before the collections are listed, so that nothing created
+        meanwhile slips between listing and reading; a collection that is new since then (or since the last
+        checkpoint, or any collection when replay_existing is set, or one given use_start_position) starts at its
+        own start position.
         """
         fresh = not saved and not self.task.replay_existing
         before = [c for c in self.meta.collections() if not c.dropped and self.filter.matches(c.db_name, c.name)]
         pins: dict[str, StartAt] = {}
         if fresh:
+            given = self._given_starts(before, reader)
             for channel in {self.replicate_chan} | {p for c in before for p in c.pchannels}:
-                pins[channel] = reader.resolve(channel, LATEST)
-        if self.filter.everything and not saved:
-            for db_name in sorted(set(self.meta.databases().values()) - {DEFAULT_DB}):
-                self.mirror.create_database(db_name, hybrid_now())
+                pins[channel] = given.get(channel) or reader.resolve(channel, LATEST)
+        from pymilvus.client.utils import mkts_from_unixtime
+        created = mkts_from_unixtime(self.task.created_at)
+        self.copies.restored = lambda c: c.create_time < created and self._given_start(c) is not None
+        if not saved:
+            for db_name in sorted(set(self.meta.databases().values())):
+                if self.filter.covers_database(db_name) and self.names.database(db_name) != DEFAULT_DB:
+                    self.mirror.create_database(self.names.database(db_name), hybrid_now())
         revision = self.meta.revision()
         listed = self.meta.collections(revision)
         for collection in listed:
@@ -3593,7 +3765,8 @@ class Applier:
             if resumed(channel):
                 starts[channel] = resumed(channel)
                 continue
-            newcomers = [c for c in live if channel in c.pchannels and (not fresh or c.id not in old)]
+            newcomers = [c for c in live if channel in c.pchannels and (not fresh or c.id not in old
+                                                                         or c.qualified_name in self.task.replayed)]
             ids = [c.start_positions[channel] for c in newcomers if channel in c.start_positions]
             if channel in pins and pins[channel].kind == "at":
                 ids.append(pins[channel].msg_id)
@@ -3601,6 +3774,34 @@ class Applier:
         for collection in live:
             self.followed[collection.id] = collection
         return CatalogPoller(SourceMeta(self.settings, self.r.patience("catalog")), revision), starts
+
+    def _given_start(self, collection: SourceCollection, channel: str = "") -> StartPosition | None:
+        """The start position given at create that covers this collection (on ``channel``, or on any of its)."""
+        return next((p for p in self.task.start_positions if (p.channel == channel if channel else
+                     p.channel in collection.pchannels) and p.collection in ("", collection.qualified_name)), None)
+
+    def _given_starts(self, before: list[SourceCollection], reader: ChannelReader) -> dict[str, StartAt]:
+        """Where each channel with start positions given at create starts: at the earliest of them. Every
+        collection the task replicates on such a channel needs a position there, and one later than the earliest
+        needs its time, by which the messages before it are skipped; else the task cannot start exactly."""
+        found: dict[str, StartAt] = {}
+        for channel in sorted({p.channel for p in self.task.start_positions}):
+            here = [p for p in self.task.start_positions if p.channel == channel]
+            first = reader.earliest([p.msg_id for p in here])
+            found[channel] = StartAt("at", first)
+            for collection in before:
+                if channel not in collection.pchannels:
+                    continue
+                own = self._given_start(collection, channel)
+                if own is None:
+                    raise StartRefused(f"collection {collection.qualified_name} is on source channel {channel}, "
+                                       f"where another collection starts at a position given at create, and has "
+                                       f"no position of its own: give it one too, or replicate it in another task")
+                if own.msg_id != first and not own.timestamp:
+                    raise StartRefused(f"the start positions given for source channel {channel} differ, and the one "
+                                       f"of {collection.qualified_name} has no time to skip the earlier messages by: "
+                                       f"give positions as `position` answers them, or use separate tasks")
+        return found
 
     def _read(self, channel: str, start: StartAt, reader: ChannelReader | None = None) -> None:
         """Start reading a channel as one more input of the order."""
@@ -3610,7 +3811,7 @@ class Applier:
             self.r.reader_commands.put(("add", channel, start))
         kind = InputKind.OPERATIONS if channel == self.replicate_chan else InputKind.DATA
         self.order.add_input(channel, kind, start if start.kind in ("after", "at") else None,
-                             skip_until=self.durable)
+                             skip_until=max(self.durable, self.floors.get((channel, ""), 0)))
         log.info("task=%s reading %s from %s", self.tid, channel,
                  start.kind if not start.msg_id else f"{start.kind} {start.msg_id.hex()}")
 
@@ -3822,11 +4023,15 @@ class Applier:
 
     # -- data channel handlers --------------------------------------------------------------------------------
 
+    def _restored(self, message: SourceMessage, source: SourceCollection) -> bool:
+        """Is this message of the collection on the target already, by the start position given for it?"""
+        return bool(self.floors) and message.timestamp <= self.floors.get((message.channel, source.qualified_name), 0)
+
     def on_insert(self, message: SourceMessage) -> None:
         from pymilvus.grpc_gen import msg_pb2
         msg = msg_pb2.InsertRequest.FromString(message.payload)
         copy = self.copies.of(msg.collectionID)
-        if copy is None:
+        if copy is None or self._restored(message, copy[0]):
             return
         _, target = copy
         partition_id = self.copies.partition(target, msg.partition_name, msg.partitionID, message.timestamp)
@@ -3840,7 +4045,7 @@ class Applier:
         from pymilvus.grpc_gen import msg_pb2
         msg = msg_pb2.DeleteRequest.FromString(message.payload)
         copy = self.copies.of(msg.collectionID)
-        if copy is None:
+        if copy is None or self._restored(message, copy[0]):
             return
         _, target = copy
         partition_id = -1
@@ -3862,14 +4067,12 @@ class Applier:
         from pymilvus.grpc_gen import common_pb2, msg_pb2
         msg = msg_pb2.DropCollectionRequest.FromString(message.payload)
         source = self.catalog.get(msg.collectionID)
-        if source is None or source.id in self.copies.gone:
+        if source is None or source.id in self.copies.gone or self._restored(message, source):
             return
-        target = self.copies.by_source.get(source.id)
+        target = self.copies.existing_copy(source)
         if target is None:
-            target = self.mirror.collection(source.db_name, source.name, fresh=True)
-            if target is None or target.created_ts != source.create_time:
-                self.copies.forget(source)
-                return
+            self.copies.forget(source)
+            return
         self.copies.drop(source, target, message.timestamp,
                          common_pb2.MsgHeader.FromString(message.payload).base.msgID)
 
@@ -3877,7 +4080,7 @@ class Applier:
         from pymilvus.grpc_gen import common_pb2, msg_pb2
         msg = msg_pb2.DropPartitionRequest.FromString(message.payload)
         copy = self.copies.of(msg.collectionID)
-        if copy is None:
+        if copy is None or self._restored(message, copy[0]):
             return
         _, target = copy
         if not self.copies.holds_partition(target, msg.partition_name, msg.partitionID):
@@ -3893,16 +4096,16 @@ class Applier:
 
     def on_create_database(self, message: SourceMessage) -> None:
         from pymilvus.grpc_gen import milvus_pb2
-        request, _ = self._operation(message, milvus_pb2.CreateDatabaseRequest)
-        if self.filter.everything:
-            self.mirror.create_database(request.db_name, message.timestamp)
+        request, db_name = self._operation(message, milvus_pb2.CreateDatabaseRequest)
+        if self.filter.covers_database(db_name):
+            self.mirror.create_database(self.names.database(db_name), message.timestamp)
 
     def on_drop_database(self, message: SourceMessage) -> None:
         from pymilvus.grpc_gen import milvus_pb2
-        request, _ = self._operation(message, milvus_pb2.DropDatabaseRequest)
-        if self.filter.everything:
+        request, db_name = self._operation(message, milvus_pb2.DropDatabaseRequest)
+        if self.filter.covers_database(db_name):
             self.outbox.flush()
-            self.mirror.drop_database(request.db_name, message.timestamp, self.copies.drop_leftover)
+            self.mirror.drop_database(self.names.database(db_name), message.timestamp, self.copies.drop_leftover)
 
     def _copy_named(self, db_name: str, name: str, ts: int) -> tuple[SourceCollection, TargetCollection] | None:
         source = self.catalog.named(db_name, name, ts)
@@ -3957,7 +4160,8 @@ class Applier:
                  if self._copy_named(db_name, name, message.timestamp) is not None]
         if names:
             self.outbox.flush()
-            self.mirror.flush(db_name, names, message.timestamp)
+            self.mirror.flush(self.names.database(db_name), [self.names.collection(db_name, n)[1] for n in names],
+                              message.timestamp)
 
     # -- catalog handlers -------------------------------------------------------------------------------------
 
@@ -3977,7 +4181,7 @@ class Applier:
 
 
 ###############################################################################
-# Task manager: lifecycle and checked requests ################################
+# Task requests: what a create may say, checked ################################
 ###############################################################################
 
 class ApiError(Exception):
@@ -3989,88 +4193,267 @@ class ApiError(Exception):
 
 
 NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+TASK_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 DIAL_KEYS = ("server_name", "server_pem_path", "ca_pem_path", "client_pem_path", "client_key_path")
+GO_CONNECT_KEYS = ("host", "port", "enable_tls", "ignore_partition", "channel_num")  # shown by get as given
+CONNECT_KEYS = ("uri", "token", "connect_timeout", "dial_config", "username", "password") + GO_CONNECT_KEYS
+CREATE_KEYS = ("milvus_connect_param", "collection_infos", "db_collections", "name_mapping", "task_id",
+               "disable_auto_start", "positions", "rpc_channel_info", "replay_existing", "buffer_config",
+               "extra_info", "kafka_connect_param")
+COLLECTION_INFO_KEYS = ("name", "positions", "use_start_position")
 
 
-def parse_create_request(data: Any, max_name_length: int) -> TaskInfo:
-    """Check a create request's ``request_data`` and build the task; every refusal says what to fix."""
+def refuse_unknown(where: str, given: Iterable[str], known: Iterable[str]) -> None:
+    """400 for the first field not in ``known``, naming the nearest known one (a typo) and the rest."""
+    known = list(known)
+    for key in sorted(set(given) - set(known)):
+        near = difflib.get_close_matches(key, known, n=1)
+        hint = f"did you mean {near[0]}? " if near else ""
+        raise ApiError(400, f"unknown field {where}{key}; {hint}expected {', '.join(known)}")
+
+
+def checked(value: Any, kind: type, what: str, expect: str) -> Any:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ApiError(400, f"{what} must be {expect}")
+    return value
+
+
+@dataclass
+class CreateRequest:
+    """A create request, checked: the task it makes and what the log should say about fields that mean nothing
+    here."""
+    task: TaskInfo
+    notes: list[str]
+
+
+def parse_create_request(data: Any, max_name_length: int, replicate_chan: str) -> CreateRequest:
+    """Check a create request's ``request_data`` (the usage document's and the Go CDC's fields) and build the task;
+    every refusal says what to fix."""
     if not isinstance(data, dict):
         raise ApiError(400, "request_data must be an object with milvus_connect_param and collection_infos")
-    unknown = set(data) - {"milvus_connect_param", "collection_infos", "replay_existing"}
-    if unknown:
-        raise ApiError(400, f"unknown field request_data.{sorted(unknown)[0]}; expected milvus_connect_param, "
-                            f"collection_infos and optionally replay_existing")
-    connect = parse_connect_param(data.get("milvus_connect_param"))
-    infos = data.get("collection_infos")
-    if not isinstance(infos, list) or not infos:
-        raise ApiError(400, 'collection_infos must be a non-empty list like [{"name": "*"}]')
-    names = []
-    for index, info in enumerate(infos):
-        if not isinstance(info, dict) or set(info) != {"name"} or not isinstance(info["name"], str):
-            raise ApiError(400, f'collection_infos[{index}] must be an object with only a string "name"')
-        name = info["name"]
-        if len(name) > max_name_length:
-            raise ApiError(400, f"collection_infos[{index}].name is longer than maxNameLength "
-                                f"({max_name_length} characters)")
-        if name != "*" and not all(NAME_PATTERN.fullmatch(part) for part in name.split(".", 1)):
-            raise ApiError(400, f"collection_infos[{index}].name {name!r} is not a collection name: use *, "
-                                f"a name (letters, digits, _) or database.name")
-        names.append(name)
-    if "*" in names and len(names) > 1:
-        raise ApiError(400, 'collection_infos: "*" stands for every collection and must be alone')
-    if len(set(names)) != len(names):
-        raise ApiError(400, "collection_infos names a collection twice")
-    replay = data.get("replay_existing", False)
-    if not isinstance(replay, bool):
-        raise ApiError(400, "replay_existing must be true or false")
-    return TaskInfo(task_id=uuid.uuid4().hex, connect=connect, collection_infos=[{"name": n} for n in names],
-                    replay_existing=replay)
+    refuse_unknown("request_data.", data, CREATE_KEYS)
+    notes: list[str] = []
+    connect, shown = parse_connect_param(data.get("milvus_connect_param"), notes)
+    kafka = data.get("kafka_connect_param") or {}
+    if not isinstance(kafka, dict) or kafka.get("address"):
+        raise ApiError(400, "kafka_connect_param: this server replicates to a Milvus target only; leave it out and "
+                            "give milvus_connect_param")
+    infos, db_collections, positions = parse_scope(data, max_name_length)
+    if not infos and not db_collections:
+        raise ApiError(400, 'collection_infos must be a non-empty list like [{"name": "*"}] (or give '
+                            'db_collections like {"db1": [{"name": "*"}]})')
+    positions += parse_positions(data.get("positions"), "positions", "")
+    channel_info = checked(data.get("rpc_channel_info") or {}, dict, "rpc_channel_info",
+                           'an object like {"name": "by-dev-replicate-msg"}')
+    refuse_unknown("rpc_channel_info.", channel_info, ("name", "position"))
+    if channel_info.get("name") not in (None, "", replicate_chan):
+        raise ApiError(400, f"rpc_channel_info.name is {channel_info['name']!r} but this server reads the source's "
+                            f"replicate channel {replicate_chan!r} (sourceConfig.replicateChan); give that name or "
+                            f"leave it out")
+    if channel_info.get("position"):
+        positions += parse_positions({replicate_chan: channel_info["position"]}, "rpc_channel_info.position", "")
+    seen: dict[tuple[str, str], StartPosition] = {}
+    for position in positions:
+        other = seen.setdefault((position.channel, position.collection), position)
+        if other != position:
+            raise ApiError(400, f"two different start positions for channel {position.channel}"
+                                + (f" of {position.collection}" if position.collection else ""))
+    task_id = data.get("task_id") or uuid.uuid4().hex
+    if not isinstance(task_id, str) or not TASK_ID_PATTERN.fullmatch(task_id):
+        raise ApiError(400, "task_id must be 1 to 128 letters, digits, _, - or . (starting with a letter or "
+                            "digit), or left out for a generated one")
+    replay = checked(data.get("replay_existing", False), bool, "replay_existing", "true or false")
+    auto = checked(data.get("disable_auto_start", False), bool, "disable_auto_start", "true or false")
+    if any(c["name"] == "*" and c.get("use_start_position") for c in infos):
+        replay = True
+    for key, meaning in (("buffer_config", "writes to the target are pipelined and sized by the server"),
+                         ("extra_info", "users and roles are not replicated by this server")):
+        if data.get(key):
+            checked(data[key], dict, key, "an object")
+            notes.append(f"{key} accepted, not used: {meaning}")
+    return CreateRequest(TaskInfo(
+        task_id=task_id, connect=connect, collection_infos=infos, replay_existing=replay,
+        db_collections=db_collections, name_mapping=parse_name_mapping(data.get("name_mapping")),
+        start_positions=sorted(seen.values(), key=lambda p: (p.channel, p.collection)), disable_auto_start=auto,
+        connect_shown=shown), notes)
 
 
-def parse_connect_param(param: Any) -> ConnectParam:
+def parse_scope(data: dict, max_name_length: int) -> tuple[list[dict], dict[str, list[dict]], list[StartPosition]]:
+    """collection_infos and db_collections: the collection infos as stored (name, use_start_position), and the
+    start positions they carry."""
+    positions: list[StartPosition] = []
+
+    def infos_of(value: Any, where: str, db_name: str | None) -> list[dict]:
+        if value is None or value == [] and db_name is None:  # Go clients send [] beside db_collections
+            return []
+        if not isinstance(value, list) or not value:
+            raise ApiError(400, f'{where} must be a non-empty list like [{{"name": "*"}}]')
+        found = []
+        for index, info in enumerate(value):
+            at = f"{where}[{index}]"
+            if not isinstance(info, dict):
+                raise ApiError(400, f'{at} must be an object like {{"name": "*"}}')
+            refuse_unknown(f"{at}.", info, COLLECTION_INFO_KEYS)
+            name = checked(info.get("name"), str, f"{at}.name", "a string")
+            if len(name) > max_name_length:
+                raise ApiError(400, f"{at}.name is longer than maxNameLength ({max_name_length} characters)")
+            parts = name.split(".", 1) if db_name is None else [name]
+            if name != "*" and not all(NAME_PATTERN.fullmatch(part) for part in parts):
+                raise ApiError(400, f"{at}.name {name!r} is not a collection name: use *, a name (letters, digits, "
+                                    f"_)" + (" or database.name" if db_name is None else ""))
+            qualified = name if db_name is None else f"{db_name}.{name}"
+            if db_name == "*" and name != "*":
+                raise ApiError(400, f'{at}: the database "*" stands for every database and takes only '
+                                    f'[{{"name": "*"}}]; name the database of {name!r}')
+            if info.get("positions"):
+                if name == "*":
+                    raise ApiError(400, f"{at}.positions: a start position belongs to one collection's channels; "
+                                        f"for every collection give the top-level positions")
+                qualified = qualified if "." in qualified else f"{DEFAULT_DB}.{qualified}"
+                positions.extend(parse_positions(info["positions"], f"{at}.positions", qualified))
+            stored: dict[str, Any] = {"name": name}
+            if checked(info.get("use_start_position", False), bool, f"{at}.use_start_position", "true or false"):
+                stored["use_start_position"] = True
+            found.append(stored)
+        names = [c["name"] for c in found]
+        if "*" in names and len(names) > 1:
+            raise ApiError(400, f'{where}: "*" stands for every collection and must be alone')
+        if len(set(names)) != len(names):
+            raise ApiError(400, f"{where} names a collection twice")
+        return found
+
+    infos = infos_of(data.get("collection_infos"), "collection_infos", None)
+    by_db = checked(data.get("db_collections") or {}, dict, "db_collections",
+                    'an object like {"db1": [{"name": "*"}]}')
+    db_collections = {}
+    for db_name, value in by_db.items():
+        if db_name != "*" and (not NAME_PATTERN.fullmatch(db_name) or len(db_name) > max_name_length):
+            raise ApiError(400, f"db_collections: {db_name!r} is not a database name (letters, digits, _; or *)")
+        db_collections[db_name] = infos_of(value, f"db_collections.{db_name}", db_name)
+    return infos, db_collections, positions
+
+
+def parse_positions(value: Any, where: str, collection: str) -> list[StartPosition]:
+    if not value:
+        return []
+    checked(value, dict, where, 'an object like {"by-dev-rootcoord-dml_0_4467v0": "<base64 position>"}')
+    found = []
+    for key, text in value.items():
+        try:
+            found.append(StartPosition.decode(key, checked(text, str, f"{where}.{key}", "a base64 string"),
+                                              collection))
+        except ValueError as exc:
+            raise ApiError(400, f"{where}.{key} {exc}: give the base64 msg_id a `position` answer shows "
+                                f"(or a milvus-backup position)") from None
+    return found
+
+
+def parse_name_mapping(value: Any) -> list[dict]:
+    """name_mapping as the Go CDC takes it: [{source_db, target_db, collection_mapping: {source: target}}]."""
+    if not value:
+        return []
+    checked(value, list, "name_mapping", 'a list like [{"source_db": "db1", "target_db": "db2", '
+                                         '"collection_mapping": {"c1": "c2"}}]')
+    mappings: list[dict] = []
+    for index, mapping in enumerate(value):
+        at = f"name_mapping[{index}]"
+        checked(mapping, dict, at, "an object with source_db, target_db and collection_mapping")
+        refuse_unknown(f"{at}.", mapping, ("source_db", "target_db", "collection_mapping"))
+        dbs = [checked(mapping.get(k) or DEFAULT_DB, str, f"{at}.{k}", "a database name")
+               for k in ("source_db", "target_db")]
+        pairs = checked(mapping.get("collection_mapping") or {}, dict, f"{at}.collection_mapping",
+                        'an object like {"source_name": "target_name"}')
+        for name in (*dbs, *pairs, *pairs.values()):
+            if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+                raise ApiError(400, f"{at}: {name!r} is not a name (letters, digits, _)")
+        if len(set(pairs.values())) != len(pairs):
+            raise ApiError(400, f"{at}.collection_mapping maps two collections to one name")
+        mappings.append({"source_db": dbs[0], "target_db": dbs[1], "collection_mapping": dict(pairs)})
+    for key, what in (("source_db", "maps database {} twice"), ("target_db", "maps two databases to {}")):
+        names = [m[key] for m in mappings]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ApiError(400, "name_mapping " + what.format(twice[0]))
+    return mappings
+
+
+def parse_connect_param(param: Any, notes: list[str]) -> tuple[ConnectParam, dict]:
+    """milvus_connect_param in either style: ``uri``/``token`` (the usage document), or the Go CDC's
+    ``host``/``port``/``enable_tls``/``username``/``password``; both may be given when they agree. Returns the
+    connection and the Go style fields as given (get shows them; never the password)."""
     if not isinstance(param, dict):
         raise ApiError(400, 'milvus_connect_param must be an object like {"uri": "http://host:19530", '
                             '"token": "user:password", "connect_timeout": 10}')
-    unknown = set(param) - {"uri", "token", "connect_timeout", "dial_config"}
-    if unknown:
-        raise ApiError(400, f"unknown field milvus_connect_param.{sorted(unknown)[0]}; expected uri, token, "
-                            f"connect_timeout, dial_config")
-    uri = param.get("uri")
-    if not isinstance(uri, str) or not uri:
-        raise ApiError(400, "milvus_connect_param.uri is required, like http://localhost:19530")
+    refuse_unknown("milvus_connect_param.", param, CONNECT_KEYS)
+    at = "milvus_connect_param."
+    tls = checked(param.get("enable_tls", False), bool, at + "enable_tls", "true or false")
+    host = param.get("host") or ""
+    port = param.get("port") or 0
+    checked(host, str, at + "host", "a host name like localhost")
+    if isinstance(port, str) and port.isdigit():
+        port = int(port)
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port < 65536:
+        raise ApiError(400, f"{at}port must be a port number like 19530")
+    uri = param.get("uri") or ""
+    if not isinstance(uri, str):
+        raise ApiError(400, f"{at}uri must be a string like http://localhost:19530")
+    if not uri:
+        if not host or not port:
+            raise ApiError(400, f"{at}uri is required, like http://localhost:19530 (or give host and port)")
+        uri = f"{'https' if tls else 'http'}://{host}:{port}"
     try:
         parsed = urllib.parse.urlsplit(uri)
-        port = parsed.port
+        uri_port = parsed.port
     except ValueError:
-        raise ApiError(400, f"milvus_connect_param.uri {uri!r} has an invalid port") from None
+        raise ApiError(400, f"{at}uri {uri!r} has an invalid port") from None
     if parsed.scheme not in ("http", "https", "tcp") or not parsed.hostname:
-        raise ApiError(400, f"milvus_connect_param.uri {uri!r} must be http://, https:// or tcp:// and a host, "
-                            f"like http://localhost:19530")
-    if port == 0:
-        raise ApiError(400, f"milvus_connect_param.uri {uri!r} has an invalid port")
-    token = param.get("token", "")
-    if not isinstance(token, str):
-        raise ApiError(400, "milvus_connect_param.token must be a string like user:password")
+        raise ApiError(400, f"{at}uri {uri!r} must be http://, https:// or tcp:// and a host, like "
+                            f"http://localhost:19530")
+    if uri_port == 0:
+        raise ApiError(400, f"{at}uri {uri!r} has an invalid port")
+    if host and (host != parsed.hostname or port and port != (uri_port or 19530)):
+        raise ApiError(400, f"{at}uri {uri!r} and host {host}" + (f", port {port}" if port else "")
+                       + " name different servers; give one")
+    if tls and parsed.scheme != "https":
+        raise ApiError(400, f"{at}enable_tls is true but uri {uri!r} is not https://; make them agree")
+    token = checked(param.get("token", ""), str, at + "token", "a string like user:password")
+    user = checked(param.get("username") or "", str, at + "username", "a string")
+    password = checked(param.get("password") or "", str, at + "password", "a string")
+    if bool(user) != bool(password):
+        raise ApiError(400, f"{at}username and password go together: give both or neither")
+    if user:
+        if token and token != f"{user}:{password}":
+            raise ApiError(400, f"{at}token and username/password differ; give one")
+        token = f"{user}:{password}"
     timeout = param.get("connect_timeout", 10)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout <= 3600 \
             or timeout != timeout:
-        raise ApiError(400, "milvus_connect_param.connect_timeout must be a number of seconds from 0 to 3600")
+        raise ApiError(400, f"{at}connect_timeout must be a number of seconds from 0 to 3600")
     dial = param.get("dial_config") or {}
     if not isinstance(dial, dict):
-        raise ApiError(400, "milvus_connect_param.dial_config must be an object")
+        raise ApiError(400, f"{at}dial_config must be an object")
+    refuse_unknown(f"{at}dial_config.", dial, DIAL_KEYS)
     for key, value in dial.items():
-        if key not in DIAL_KEYS:
-            raise ApiError(400, f"unknown field milvus_connect_param.dial_config.{key}; expected "
-                                f"{', '.join(DIAL_KEYS)}")
-        if not isinstance(value, str):
-            raise ApiError(400, f"milvus_connect_param.dial_config.{key} must be a string")
+        checked(value, str, f"{at}dial_config.{key}", "a string")
     two_way = {"client_pem_path", "client_key_path"}
     if two_way & set(dial) and not two_way <= set(dial):
-        raise ApiError(400, "milvus_connect_param.dial_config needs both client_pem_path and client_key_path "
-                            "for two-way TLS")
+        raise ApiError(400, f"{at}dial_config needs both client_pem_path and client_key_path for two-way TLS")
+    checked(param.get("ignore_partition", False), bool, at + "ignore_partition", "true or false")
+    channel_num = checked(param.get("channel_num", 0), int, at + "channel_num", "a number of channels")
+    if param.get("ignore_partition"):
+        notes.append("milvus_connect_param.ignore_partition accepted, not needed: this server makes no partition "
+                     "checks that a target could deny")
+    if channel_num:
+        notes.append("milvus_connect_param.channel_num accepted, not needed: shards are mapped onto the target's "
+                     "own channels")
+    shown = {k: param[k] for k in GO_CONNECT_KEYS if k in param}
     return ConnectParam(uri=uri, token=token, connect_timeout=float(timeout),
-                        dial_config=tuple(sorted(dial.items())))
+                        dial_config=tuple(sorted(dial.items()))), shown
 
+
+###############################################################################
+# Task manager: lifecycle and checked requests ################################
+###############################################################################
 
 class TaskGauges:
     """The gauges of every task, read from the task manager when Prometheus scrapes (a prometheus_client
@@ -4125,6 +4508,8 @@ class TaskManager:
     """
 
     PAUSED_BY_USER = "manually pause through http interface"
+    NO_AUTO_START = "the task is disabled auto start"  # the Go CDC's words
+    CREATED_STOPPED = "created with disable_auto_start: resume it to start"
     STOP_TIMEOUT = 60.0
     START_TIMEOUT = 60.0
     PROBE_TIMEOUT = 30.0
@@ -4152,9 +4537,12 @@ class TaskManager:
             except (KeyError, TypeError, ValueError) as exc:
                 log.error("task=%s cannot be restored, its stored info is damaged: %r", task_id, exc)
                 continue
+            if task.disable_auto_start and task.state == TaskState.RUNNING:
+                # as the Go CDC: such a task runs only after a resume since the server started
+                task = self._store(task, state=TaskState.PAUSED, reason=self.NO_AUTO_START)
             with self.lock:
                 self.tasks[task_id] = task
-            if task.state in (TaskState.RUNNING, TaskState.INITIAL):
+            if task.state == TaskState.RUNNING or task.state == TaskState.INITIAL and not task.disable_auto_start:
                 if task.state == TaskState.INITIAL:
                     self._store(task, state=TaskState.RUNNING)
                 self._run(task)
@@ -4267,15 +4655,18 @@ class TaskManager:
     # -- requests -----------------------------------------------------------------------------------------
 
     def create(self, data: Any) -> str:
-        task = parse_create_request(data, self.config.max_name_length)
+        request = parse_create_request(data, self.config.max_name_length, self.config.source.replicate_chan)
         with self.lock:
-            self._check_room(task)
+            self._check_room(request.task)
         if not self.creates.acquire(blocking=False):
             raise ApiError(503, f"{self.CREATE_SLOTS} creates are already checking their targets; try again")
         try:
-            return self._create(task)
+            task_id = self._create(request.task)
         finally:
             self.creates.release()
+        for note in request.notes:
+            log.info("task=%s %s", task_id, note)
+        return task_id
 
     def _create(self, task: TaskInfo) -> str:
         problem = probe_target(task.connect, min(task.connect.connect_timeout, self.PROBE_TIMEOUT))
@@ -4287,28 +4678,42 @@ class TaskManager:
             self.busy.add(task.task_id)
         try:
             try:
-                stored = self._store(task, state=TaskState.RUNNING)
+                stored = self._store(task, **self._first_state(task))
             except BaseException:
                 with self.lock:
                     del self.tasks[task.task_id]
                 raise
-            task.state = stored.state
+            task.state, task.reason = stored.state, stored.reason
+            if task.disable_auto_start:
+                log.info("task=%s created, not started (disable_auto_start)", task.task_id)
+                return task.task_id
             replicator = self._run(task)
-            # Answer once the start positions are pinned: everything done on the source from now on is replicated.
-            deadline = time.monotonic() + self.START_TIMEOUT
-            while not replicator.started.wait(0.1) and not replicator.stop_event.is_set() \
-                    and time.monotonic() < deadline:
-                pass
-            if not replicator.started.is_set():
-                reason = replicator.failure or f"it did not start within {self.START_TIMEOUT:g}s"
+            problem = self._await_start(replicator)
+            if problem:
                 self._undo_create(task, replicator)
-                raise ApiError(500, f"the task could not start: {reason}")
+                raise problem
         finally:
             with self.lock:
                 self.busy.discard(task.task_id)
-        log.info("task=%s created for target %s, collections %s", task.task_id, task.connect.uri,
-                 [c["name"] for c in task.collection_infos])
+        log.info("task=%s created for target %s, collections %s", task.task_id, task.connect.uri, task.scope())
         return task.task_id
+
+    def _await_start(self, replicator: Replicator) -> ApiError | None:
+        """Wait until a task that starts afresh has pinned its start positions, so that everything done on the
+        source once the request is answered is replicated; else why it did not start."""
+        deadline = time.monotonic() + self.START_TIMEOUT
+        while not replicator.started.wait(0.1) and not replicator.stop_event.is_set() \
+                and time.monotonic() < deadline:
+            pass
+        if replicator.started.is_set():
+            return None
+        reason = replicator.failure or f"it did not start within {self.START_TIMEOUT:g}s"
+        return ApiError(400 if replicator.refused else 500, f"the task could not start: {reason}")
+
+    def _first_state(self, task: TaskInfo) -> dict:
+        if task.disable_auto_start:
+            return {"state": TaskState.INITIAL, "reason": self.CREATED_STOPPED}
+        return {"state": TaskState.RUNNING}
 
     def _undo_create(self, task: TaskInfo, replicator: Replicator) -> None:
         replicator.stop(self.STOP_TIMEOUT)
@@ -4322,6 +4727,8 @@ class TaskManager:
 
     def _check_room(self, task: TaskInfo) -> None:
         """Under the lock."""
+        if task.task_id in self.tasks:
+            raise ApiError(409, f"task_id {task.task_id} is taken by another task; choose another or leave it out")
         if len(self.tasks) >= self.config.max_task_num:
             raise ApiError(400, f"the server already has maxTaskNum ({self.config.max_task_num}) tasks; "
                                 f"delete one first")
@@ -4361,8 +4768,12 @@ class TaskManager:
             if task.state == TaskState.RUNNING:
                 raise ApiError(400, f"task {task_id} is already running")
             self._halt(task.task_id)  # the threads of a pause that did not stop in time
+            first = task.state == TaskState.INITIAL  # never started (disable_auto_start): like a create
             self._store(task, state=TaskState.RUNNING, reason="")
-            self._run(task)
+            replicator = self._run(task)
+            problem = self._await_start(replicator) if first else None
+            if problem:
+                raise problem  # the task pauses itself with the reason
         log.info("task=%s resumed", task_id)
 
     def get(self, task_id: Any) -> dict:
@@ -4410,10 +4821,21 @@ class TaskManager:
                 return f"task {task.task_id} is running but not replicating: {why}"
         return None
 
-    def positions(self, task_id: Any) -> list[dict]:
+    def positions(self, task_id: Any) -> dict:
+        """Where the task stands on each source channel: the data channels under ``positions``, the replicate
+        channel under ``op_positions`` (the Go CDC's split). ``msg_id`` is a base64 MsgPosition (the channel,
+        the MQ id and the time everything at or below is on the target): given back to create as ``positions``
+        (or ``rpc_channel_info.position``), a new task goes on from there with nothing missing or twice."""
         with self.lock:
             task = self._get(task_id)
-        return [c.to_json() for c in sorted(self.store.load_checkpoints(task.task_id).values())]
+        replicate = self.config.source.replicate_chan
+        found: dict[str, list[dict]] = {"positions": [], "op_positions": [], "target_positions": []}
+        for c in sorted(self.store.load_checkpoints(task.task_id).values()):
+            found["op_positions" if c.channel == replicate else "positions"].append({
+                "collection_id": 0, "channel_name": c.channel, "channel": c.channel,
+                "msg_id": StartPosition(c.channel, c.msg_id, c.timestamp).encode(), "timestamp": c.timestamp,
+                "tt": c.timestamp, "time": int(ts_seconds(c.timestamp) * 1000), "resume": c.resume})
+        return found
 
 
 ###############################################################################
@@ -4593,9 +5015,11 @@ class ClusterTaskManager(TaskManager):
     # -- requests: to the store; the target's holder follows -------------------------------------------------
 
     def create(self, data: Any) -> str:
-        task = parse_create_request(data, self.config.max_name_length)
+        request = parse_create_request(data, self.config.max_name_length, self.config.source.replicate_chan)
+        task = request.task
+        stored_tasks = self.stored_tasks()
         with self.lock:
-            self.tasks = self.stored_tasks()
+            self.tasks = stored_tasks
             self._check_room(task)
         if not self.creates.acquire(blocking=False):
             raise ApiError(503, f"{self.CREATE_SLOTS} creates are already checking their targets; try again")
@@ -4603,27 +5027,20 @@ class ClusterTaskManager(TaskManager):
             problem = probe_target(task.connect, min(task.connect.connect_timeout, self.PROBE_TIMEOUT))
             if problem:
                 raise ApiError(400, problem)
-            self._store(task, state=TaskState.RUNNING)
+            self._store(task, **self._first_state(task))
             self.agent.wake()
-            # Answer once its start positions are pinned (by whichever server holds its target).
-            deadline = time.monotonic() + self.PICKUP_TIMEOUT
-            while time.monotonic() < deadline:
-                stored = self.stored_tasks().get(task.task_id)
-                if stored is not None and stored.state == TaskState.PAUSED and stored.reason:
-                    with contextlib.suppress(MetaStoreUnavailable):
-                        self.store.delete_task(task.task_id)
-                    raise ApiError(500, f"the task could not start: {stored.reason}")
-                if self.store.load_checkpoints(task.task_id):
-                    break
-                time.sleep(0.2)
-            else:
+            if task.disable_auto_start:
+                return task.task_id
+            problem = self._await_pickup(task.task_id)
+            if problem:
                 with contextlib.suppress(MetaStoreUnavailable):
                     self.store.delete_task(task.task_id)
-                raise ApiError(500, f"no server started the task within {self.PICKUP_TIMEOUT:g}s")
+                raise problem
         finally:
             self.creates.release()
-        log.info("task=%s created for target %s, collections %s", task.task_id, task.connect.uri,
-                 [c["name"] for c in task.collection_infos])
+        log.info("task=%s created for target %s, collections %s", task.task_id, task.connect.uri, task.scope())
+        for note in request.notes:
+            log.info("task=%s %s", task.task_id, note)
         return task.task_id
 
     def pause(self, task_id: Any) -> None:
@@ -4634,12 +5051,28 @@ class ClusterTaskManager(TaskManager):
         self.agent.wake()
         log.info("task=%s paused", task_id)
 
+    def _await_pickup(self, task_id: str) -> ApiError | None:
+        """Wait until the server holding a task's target has pinned its start positions; else why not."""
+        deadline = time.monotonic() + self.PICKUP_TIMEOUT
+        while time.monotonic() < deadline:
+            stored = self.stored_tasks().get(task_id)
+            if stored is not None and stored.state == TaskState.PAUSED and stored.reason:
+                return ApiError(500, f"the task could not start: {stored.reason}")
+            if self.store.load_checkpoints(task_id):
+                return None
+            time.sleep(0.2)
+        return ApiError(500, f"no server started the task within {self.PICKUP_TIMEOUT:g}s")
+
     def resume(self, task_id: Any) -> None:
         task = self._find(task_id)
         if task.state == TaskState.RUNNING:
             raise ApiError(400, f"task {task_id} is already running")
         self._store(task, state=TaskState.RUNNING, reason="")
         self.agent.wake()
+        if task.state == TaskState.INITIAL:  # never started (disable_auto_start): answered like a create
+            problem = self._await_pickup(task.task_id)
+            if problem:
+                raise problem
         log.info("task=%s resumed", task_id)
 
     def delete(self, task_id: Any) -> None:
@@ -4688,7 +5121,9 @@ class CdcApi:
     "data"}`` with the HTTP status equal to ``code``."""
 
     MAX_BODY = 1 << 20
-    REQUEST_TYPES = ("create", "delete", "pause", "resume", "get", "list", "position")
+    REQUEST_TYPES = ("create", "delete", "pause", "resume", "get", "list", "position", "maintenance")
+    FIELDS = {"delete": ("task_id", "ignore_not_found"), "maintenance": ("operation", "params")}
+    MAINTENANCE = ("set_log_level",)
 
     def __init__(self, manager: TaskManager, api_token: str = ""):
         import bottle
@@ -4735,6 +5170,7 @@ class CdcApi:
         except Exception:  # noqa: BLE001 - the client gets a short message, the log gets the trace
             log.exception("api: internal error")
             answer = self.reply(500, "internal error, see the server log")
+        log.debug("api: %s answered %d in %.3fs", kind, answer.status_code, time.monotonic() - started)
         metrics = self.manager.metrics
         metrics.api_requests.labels(kind, str(answer.status_code)).inc()
         metrics.api_seconds.labels(kind).observe(time.monotonic() - started)
@@ -4795,15 +5231,39 @@ class CdcApi:
             if data not in (None, {}):
                 raise ApiError(400, "list takes no request_data")
             return {"tasks": self.manager.list()}
-        if not isinstance(data, dict) or set(data) != {"task_id"}:
-            raise ApiError(400, f'{kind} needs request_data {{"task_id": "..."}} and nothing else')
-        task_id = data["task_id"]
+        fields = self.FIELDS.get(kind, ("task_id",))
+        if not isinstance(data, dict):
+            raise ApiError(400, f"{kind} needs request_data with {' and '.join(fields)}")
+        refuse_unknown("request_data.", data, fields)
+        if kind == "maintenance":
+            return self.maintenance(data.get("operation"), data.get("params"))
+        task_id = data.get("task_id")
         if kind == "get":
-            return {"Task": self.manager.get(task_id)}
+            shown = self.manager.get(task_id)
+            return {"Task": shown, "task": shown}  # the usage document's key, and the Go CDC's clients'
         if kind == "position":
-            return {"task_id": task_id, "positions": self.manager.positions(task_id)}
+            return {"task_id": task_id, **self.manager.positions(task_id)}
+        if kind == "delete":
+            ignore = checked(data.get("ignore_not_found", False), bool, "ignore_not_found", "true or false")
+            try:
+                self.manager.delete(task_id)
+            except ApiError as exc:
+                if not (ignore and exc.code == 404):
+                    raise
+            return {}
         getattr(self.manager, kind)(task_id)
         return {}
+
+    def maintenance(self, operation: Any, params: Any) -> dict:
+        if operation not in self.MAINTENANCE:
+            raise ApiError(400, f"maintenance operation {operation!r} is not supported here; supported: "
+                                f"{', '.join(self.MAINTENANCE)}")
+        level = (params or {}).get("log_level") if isinstance(params, dict) else None
+        if not isinstance(level, str) or log_level_name(level) is None:
+            raise ApiError(400, 'set_log_level needs params {"log_level": "debug" | "info" | "warn" | "error"}')
+        apply_log_level(log_level_name(level))
+        log.info("log level set to %s", level.lower())
+        return {"state": f"set log level to {level.lower()}"}
 
 
 ###############################################################################
@@ -4836,6 +5296,19 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
         pass
 
 
+def log_level_name(level: str) -> str | None:
+    """A level as the config and the Go CDC spell it (debug, info, warn, warning, error), as logging names it."""
+    name = {"WARN": "WARNING"}.get(level.upper(), level.upper())
+    return name if name in ("DEBUG", "INFO", "WARNING", "ERROR") else None
+
+
+def apply_log_level(level: str) -> None:
+    """The server's level; the MQ clients and waitress's queue stay at warning or above, their info is noise."""
+    logging.getLogger().setLevel(level)
+    for name in ("kafka", "pulsar", "waitress.queue"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
 def main(argv: list[str] | None = None) -> int:
     limit_malloc_arenas()
     parser = argparse.ArgumentParser(description="Milvus CDC server")
@@ -4847,8 +5320,7 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in ("kafka", "pulsar", "waitress.queue"):
-        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
+    apply_log_level(config.log_level)
     for warning in warnings:
         log.warning(warning)
     for what, etcd in (("sourceConfig.etcd", config.source.etcd), ("metaStoreConfig.etcd", config.meta_store.etcd)):

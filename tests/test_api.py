@@ -81,8 +81,11 @@ def test_every_request_type_with_the_seed_shapes(api, stack, cleanup):
     assert task["state"] == "Paused" and task["reason"] == "manually pause through http interface"
     positions = api.call("position", task_id=task_id)
     assert positions["task_id"] == task_id
-    assert positions["positions"] and all(set(p) == {"channel", "msg_id", "timestamp", "resume"}
-                                          for p in positions["positions"])
+    # no collection of the task exists: only the replicate channel has a position (the Go CDC's op_positions)
+    assert positions["positions"] == [] and positions["target_positions"] == []
+    assert [p["channel_name"] for p in positions["op_positions"]] == ["by-dev-replicate-msg"]
+    assert all(set(p) == {"collection_id", "channel_name", "channel", "msg_id", "time", "tt", "timestamp",
+                          "resume"} for p in positions["op_positions"])
 
     assert api.call("resume", task_id=task_id) == {}
     task = api.task(task_id)
@@ -129,7 +132,7 @@ def broken_creates(uri: str, tmp_path):
          "dial_config.pem"),
         ({"milvus_connect_param": {**good, "dial_config": {"client_pem_path": str(pem)}},
           "collection_infos": infos}, "client_key_path"),
-        ({"milvus_connect_param": {**good, "host": "h"}, "collection_infos": infos}, "milvus_connect_param.host"),
+        ({"milvus_connect_param": {**good, "host": "h"}, "collection_infos": infos}, "different servers"),
         ({"milvus_connect_param": good, "collection_infos": infos, "extra": 1}, "request_data.extra"),
         ({"milvus_connect_param": good, "collection_infos": infos, "replay_existing": "yes"}, "replay_existing"),
         ("not an object", "request_data"),
