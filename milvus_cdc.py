@@ -18,6 +18,7 @@ import concurrent.futures
 import contextlib
 import copy
 import dataclasses
+import difflib
 import enum
 import functools
 import hashlib
@@ -169,7 +170,9 @@ class ServerConfig:
 class ConfigReader:
     """Reads one YAML mapping, checking each value it is asked for and remembering what it read.
 
-    Every problem is reported with the dotted key, so the user knows which line of the file to fix.
+    Every problem is reported with the dotted key, so the user knows which line of the file to fix. Keys match
+    regardless of case, as in the Go CDC (its YAML goes through encoding/json), so a Go config's ``Retry`` is the
+    ``retry`` asked for here; the file's own spelling is the one named in messages.
     """
 
     MISSING = object()
@@ -179,35 +182,54 @@ class ConfigReader:
             data = {}
         if not isinstance(data, dict):
             raise ConfigError(f"config: {path or 'the file'} must be a mapping, got {type(data).__name__}")
-        self.data, self.path, self.read_keys, self.children = data, path, set(), []
+        self.data, self.path = data, path
+        self.read_keys: set[Any] = set()  # keys of data, as the file spells them, that something read
+        self.known: set[str] = set()      # every name asked for: what a likely typo is compared with
+        self.children: list[ConfigReader] = []
 
-    def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
+    def key(self, name: Any) -> str:
+        return f"{self.path}.{name}" if self.path else str(name)
+
+    def spelling(self, name: str) -> Any:
+        """The file's key for ``name`` (any case), or None when the file does not have it."""
+        self.known.add(name)
+        found = [k for k in self.data if str(k).lower() == name.lower()]
+        if len(found) > 1:
+            raise ConfigError(f"config: {' and '.join(self.key(k) for k in found)} are one key (keys match "
+                              f"regardless of case); keep one")
+        return found[0] if found else None
 
     def has(self, name: str) -> bool:
-        return self.data.get(name) is not None
+        spelled = self.spelling(name)
+        return spelled is not None and self.data[spelled] is not None
+
+    def _take(self, name: str) -> tuple[str, Any]:
+        """The dotted key to name in messages, and the raw value (None when absent); marks the key read."""
+        spelled = self.spelling(name)
+        if spelled is None:
+            return self.key(name), None
+        self.read_keys.add(spelled)
+        return self.key(spelled), self.data[spelled]
 
     def section(self, name: str) -> "ConfigReader":
-        self.read_keys.add(name)
-        child = ConfigReader(self.data.get(name), self.key(name))
+        key, raw = self._take(name)
+        child = ConfigReader(raw, key)
         self.children.append(child)
         return child
 
     def value(self, name: str, kind: type, default: Any = MISSING, check: Callable[[Any], bool] | None = None,
               expect: str = "") -> Any:
-        self.read_keys.add(name)
-        raw = self.data.get(name)
+        key, raw = self._take(name)
         if raw is None:
             if default is self.MISSING:
-                raise ConfigError(f"config: {self.key(name)} is required ({expect or kind.__name__})")
+                raise ConfigError(f"config: {key} is required ({expect or kind.__name__})")
             return default
         try:
             value = self._convert(raw, kind)
         except (TypeError, ValueError):
-            raise ConfigError(f"config: {self.key(name)} must be {expect or 'a ' + kind.__name__}, "
-                              f"got {raw!r}") from None
+            raise ConfigError(f"config: {key} must be {expect or 'a ' + kind.__name__}, got {raw!r}") from None
         if check is not None and not check(value):
-            raise ConfigError(f"config: {self.key(name)} must be {expect}, got {raw!r}")
+            raise ConfigError(f"config: {key} must be {expect}, got {raw!r}")
         return value
 
     @staticmethod
@@ -238,8 +260,15 @@ class ConfigReader:
             return list(raw)
         raise TypeError(kind)
 
-    def unknown_keys(self) -> list[str]:
-        found = [self.key(k) for k in self.data if k not in self.read_keys]
+    def unknown_keys(self) -> list[tuple[str, str | None]]:
+        """Keys nobody read, each with the known key of its section it most likely misspells (or None)."""
+        known = {name.lower(): name for name in self.known}
+        found = []
+        for k in self.data:
+            if k in self.read_keys:
+                continue
+            nearest = difflib.get_close_matches(str(k).lower(), known, n=1, cutoff=0.8)
+            found.append((self.key(k), self.key(known[nearest[0]]) if nearest else None))
         for child in self.children:
             found += child.unknown_keys()
         return found
@@ -312,8 +341,9 @@ def _read_etcd(reader: ConfigReader, default_address: list[str] | None) -> EtcdS
     return settings
 
 
-def load_config(path: str) -> tuple[ServerConfig, list[str]]:
-    """Parse and check the config file; returns the config and warnings about keys it does not know."""
+def load_config(path: str) -> tuple[ServerConfig, list[tuple[int, str]]]:
+    """Parse and check the config file. Returns the config and the lines to log about it, as (logging level,
+    text): a warning for each key it does not know."""
     try:
         with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh)
@@ -337,6 +367,7 @@ def load_config(path: str) -> tuple[ServerConfig, list[str]]:
     log_level = root.value("logLevel", str, "info",
                            lambda v: v.upper() in ("DEBUG", "INFO", "WARNING", "WARN", "ERROR"),
                            "one of debug, info, warning, error")
+    messages: list[tuple[int, str]] = []
 
     meta = root.section("metaStoreConfig")
     store_type = meta.value("storeType", str, "sqlite", lambda v: v in ("sqlite", "mysql", "etcd"),
@@ -430,7 +461,10 @@ def load_config(path: str) -> tuple[ServerConfig, list[str]]:
     level = {"WARN": "WARNING"}.get(log_level.upper(), log_level.upper())
     config = ServerConfig(host, port, max_task_num, max_name_length, level, meta_store, source, replication,
                           api_token, cluster)
-    return config, [f"config: unknown key {k} ignored" for k in root.unknown_keys()]
+    for key, nearest in root.unknown_keys():
+        messages.append((logging.WARNING, f"config: unknown key {key} ignored"
+                                          + (f"; did you mean {nearest}?" if nearest else "")))
+    return config, messages
 
 
 ###############################################################################
@@ -4842,15 +4876,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-c", "--config", default="config.yaml", help="path of the YAML config (config.yaml)")
     args = parser.parse_args(argv)
     try:
-        config, warnings = load_config(args.config)
+        config, messages = load_config(args.config)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("kafka", "pulsar", "waitress.queue"):
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
-    for warning in warnings:
-        log.warning(warning)
+    for level, text in messages:
+        log.log(level, text)
     for what, etcd in (("sourceConfig.etcd", config.source.etcd), ("metaStoreConfig.etcd", config.meta_store.etcd)):
         problem = etcd.check_tls_floor() if etcd is not None else None
         if problem:

@@ -1,7 +1,8 @@
 """The configuration: the seed's keys load, a wrong value stops start-up with one line naming the key, an unknown
-key is a warning."""
+key is a warning, naming the key it likely misspells."""
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,10 @@ sourceConfig:
 """
 
 
+def warnings_of(messages) -> list[str]:
+    return [text for level, text in messages if level == logging.WARNING]
+
+
 def write(tmp_path, data) -> str:
     path = tmp_path / "config.yaml"
     path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
@@ -73,8 +78,8 @@ def base() -> dict:
 
 
 def test_the_repository_config_loads_without_warnings():
-    config, warnings = m.load_config(str(ROOT / "config.yaml"))
-    assert warnings == []
+    config, messages = m.load_config(str(ROOT / "config.yaml"))
+    assert messages == []
     assert (config.host, config.port, config.meta_store.store_type) == ("0.0.0.0", 8444, "sqlite")
     assert config.source.mq_type == "kafka" and config.source.read_chan_len == 4
 
@@ -82,8 +87,8 @@ def test_the_repository_config_loads_without_warnings():
 def test_every_key_of_the_usage_document_loads_but_the_one_that_would_do_nothing(tmp_path):
     with pytest.raises(m.ConfigError, match="sourceConfig.pulsar.webAddress is not used by this CDC"):
         m.load_config(write(tmp_path, SEED_TEMPLATE))
-    config, warnings = m.load_config(write(tmp_path, SEED_TEMPLATE.replace("    webAddress: localhost:80\n", "")))
-    assert warnings == []
+    config, messages = m.load_config(write(tmp_path, SEED_TEMPLATE.replace("    webAddress: localhost:80\n", "")))
+    assert messages == []
     assert config.meta_store.store_type == "mysql"
     assert config.meta_store.mysql == {"host": "127.0.0.1", "port": 3306, "user": "root", "password": "root",
                                        "database": "milvus-cdc", "charset": "utf8"}
@@ -141,8 +146,9 @@ def test_an_unknown_key_is_a_warning_naming_it(tmp_path):
     data = base()
     data["sourceConfig"]["foo"] = 1
     data["bar"] = {"baz": 2}
-    _, warnings = m.load_config(write(tmp_path, data))
-    assert sorted(warnings) == ["config: unknown key bar ignored", "config: unknown key sourceConfig.foo ignored"]
+    _, messages = m.load_config(write(tmp_path, data))
+    assert sorted(messages) == [(logging.WARNING, "config: unknown key bar ignored"),
+                                (logging.WARNING, "config: unknown key sourceConfig.foo ignored")]
 
 
 def set_key(data: dict, dotted: str, value):
@@ -241,3 +247,32 @@ def test_host_port_forms():
     assert m.split_host_port("http://127.0.0.1:2379", 1) == ("127.0.0.1", 2379)
     assert m.split_host_port("localhost", 2379) == ("localhost", 2379)
     assert m.split_host_port("[::1]:9092", 1) == ("::1", 9092)
+
+
+def test_keys_match_regardless_of_case_like_the_go_cdc(tmp_path):
+    data = base()
+    data.pop("maxTaskNum")
+    data["MaxTaskNum"] = 7
+    data["sourceConfig"].pop("readChanLen")
+    data["sourceConfig"]["ReadChanLen"] = 9
+    data["metaStoreConfig"].pop("rootPath")
+    data["metaStoreConfig"]["rootpath"] = "mine"
+    config, messages = m.load_config(write(tmp_path, data))
+    assert (config.max_task_num, config.source.read_chan_len, config.meta_store.root_path) == (7, 9, "mine")
+    assert warnings_of(messages) == []
+    data["maxTaskNum"] = 8  # two spellings of one key: which one is meant is not for the server to guess
+    with pytest.raises(m.ConfigError) as refused:
+        m.load_config(write(tmp_path, data))
+    assert "maxTaskNum" in str(refused.value) and "MaxTaskNum" in str(refused.value)
+
+
+@pytest.mark.parametrize("dotted, nearest", [
+    ("sourceConfig.readChanLem", "sourceConfig.readChanLen"),
+    ("maxTaskNumber", "maxTaskNum"),
+    ("sourceConfig.defaultPartitonName", "sourceConfig.defaultPartitionName"),
+])
+def test_a_likely_typo_is_a_warning_naming_the_nearest_key(tmp_path, dotted, nearest):
+    data = base()
+    set_key(data, dotted, 1)
+    _, messages = m.load_config(write(tmp_path, data))
+    assert warnings_of(messages) == [f"config: unknown key {dotted} ignored; did you mean {nearest}?"]
