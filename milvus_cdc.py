@@ -199,10 +199,6 @@ class ConfigReader:
                               f"regardless of case); keep one")
         return found[0] if found else None
 
-    def has(self, name: str) -> bool:
-        spelled = self.spelling(name)
-        return spelled is not None and self.data[spelled] is not None
-
     def _take(self, name: str) -> tuple[str, Any]:
         """The dotted key to name in messages, and the raw value (None when absent); marks the key read."""
         spelled = self.spelling(name)
@@ -216,6 +212,16 @@ class ConfigReader:
         child = ConfigReader(raw, key)
         self.children.append(child)
         return child
+
+    def accept(self, *names: str) -> list[str]:
+        """Mark keys that need no reading here as known; returns the dotted keys of those the file has."""
+        found = []
+        for name in names:
+            spelled = self.spelling(name)
+            if spelled is not None:
+                self.read_keys.add(spelled)
+                found.append(self.key(spelled))
+        return found
 
     def value(self, name: str, kind: type, default: Any = MISSING, check: Callable[[Any], bool] | None = None,
               expect: str = "") -> Any:
@@ -308,15 +314,32 @@ def parse_mysql_dsn(url: str) -> dict:
             "charset": params.get("charset", "utf8mb4")}
 
 
-def _read_etcd(reader: ConfigReader, default_address: list[str] | None) -> EtcdSettings:
-    address = reader.value("address", list, default_address, lambda v: len(v) > 0,
+def _endpoints(reader: ConfigReader, name: str, default: list[str] | None) -> list[str] | None:
+    """A list of etcd endpoints, ``host:port`` with or without ``http://``."""
+    address = reader.value(name, list, default, lambda v: len(v) > 0,
                            "a list of etcd endpoints like http://127.0.0.1:2379")
-    for endpoint in address:
+    for endpoint in address or ():
         try:
             split_host_port(endpoint, 2379)
         except ValueError:
-            raise ConfigError(f"config: {reader.key('address')} has an endpoint that is not host:port: "
+            raise ConfigError(f"config: {reader.key(name)} has an endpoint that is not host:port: "
                               f"{endpoint!r}") from None
+    return address
+
+
+def _read_etcd(reader: ConfigReader, default_address: list[str], older: tuple[str, list[str]] | None = None
+               ) -> EtcdSettings:
+    """One etcd's settings; ``older`` is the Go CDC v1.0.0 spelling of its endpoints (dotted key, endpoints)
+    when the file has it."""
+    address = _endpoints(reader, "address", None)
+    if older is not None:
+        older_key, older_address = older
+        if address is not None and \
+                {split_host_port(e, 2379) for e in address} != {split_host_port(e, 2379) for e in older_address}:
+            raise ConfigError(f"config: {reader.key('address')} ({', '.join(address)}) and {older_key} "
+                              f"({', '.join(older_address)}) disagree; keep one")
+        address = older_address
+    address = address or default_address
     auth = reader.value("enableAuth", bool, False)
     tls = reader.value("enableTLS", bool, False)
     settings = EtcdSettings(
@@ -343,7 +366,7 @@ def _read_etcd(reader: ConfigReader, default_address: list[str] | None) -> EtcdS
 
 def load_config(path: str) -> tuple[ServerConfig, list[tuple[int, str]]]:
     """Parse and check the config file. Returns the config and the lines to log about it, as (logging level,
-    text): a warning for each key it does not know."""
+    text): a warning for each key it does not know, a note naming the Go CDC keys it accepts with no use here."""
     try:
         with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh)
@@ -368,6 +391,16 @@ def load_config(path: str) -> tuple[ServerConfig, list[tuple[int, str]]]:
                            lambda v: v.upper() in ("DEBUG", "INFO", "WARNING", "WARN", "ERROR"),
                            "one of debug, info, warning, error")
     messages: list[tuple[int, str]] = []
+    # The Go CDC's own workings (deadlock detection, its message packer and retries, Milvus batch mode, the
+    # reverse replication v1.0.0 could set up): accepted so its configs start here unchanged, and named once.
+    go_only = root.accept("detectDeadLock", "batchMode", "replicateID", "packer", "retry", "enableReverse",
+                          "reverseMilvus", "currentMilvus", "dryRun")
+    if root.value("dryRun", bool, False):
+        raise ConfigError("config: dryRun is true, but this CDC has no dry run (its tasks write to their "
+                          "targets); remove dryRun or set it false")
+    if root.value("enableReverse", bool, False):
+        messages.append((logging.WARNING, "config: enableReverse is true, but this CDC does not replicate back "
+                                          "from the target; run a second CDC with the roles swapped for that"))
 
     meta = root.section("metaStoreConfig")
     store_type = meta.value("storeType", str, "sqlite", lambda v: v in ("sqlite", "mysql", "etcd"),
@@ -388,14 +421,21 @@ def load_config(path: str) -> tuple[ServerConfig, list[tuple[int, str]]]:
     meta_etcd = None
     etcd_reader = meta.section("etcd")
     if store_type == "etcd":
-        meta_etcd = _read_etcd(etcd_reader, ["http://127.0.0.1:2379"])
-    else:
-        etcd_reader.read_keys.update(etcd_reader.data)  # kept for a later switch of storeType; not an error
+        endpoints = _endpoints(meta, "etcdEndpoints", None)  # the Go CDC v1.0.0's spelling of etcd.address
+        meta_etcd = _read_etcd(etcd_reader, ["http://127.0.0.1:2379"],
+                               (meta.key("etcdEndpoints"), endpoints) if endpoints else None)
+        go_only += etcd_reader.accept("rootPath", "metaSubPath")  # the store's prefix is metaStoreConfig.rootPath
+    else:  # kept for a later switch of storeType; not an error
+        etcd_reader.read_keys.update(etcd_reader.data)
+        meta.accept("etcdEndpoints")
     meta_store = MetaStoreSettings(store_type, root_path.strip("/"), sqlite_path, mysql, meta_etcd)
 
     src = root.section("sourceConfig")
     src_etcd_reader = src.section("etcd")
-    src_etcd = _read_etcd(src_etcd_reader, ["http://127.0.0.1:2379"])
+    endpoints = _endpoints(src, "etcdAddress", None)  # the Go CDC v1.0.0's spelling of etcd.address
+    src_etcd = _read_etcd(src_etcd_reader, ["http://127.0.0.1:2379"],
+                          (src.key("etcdAddress"), endpoints) if endpoints else None)
+    go_only += src.accept("channelNum", "timeTickInterval")
     old_root = src.value("etcdRootPath", str, "")
     old_meta = src.value("etcdMetaSubPath", str, "")
     new_root = src_etcd_reader.value("rootPath", str, "")
@@ -413,9 +453,10 @@ def load_config(path: str) -> tuple[ServerConfig, list[tuple[int, str]]]:
                  "sasl": {k: kafka_reader.section("sasl").value(k, str, "")
                           for k in ("mechanisms", "securityProtocol", "username", "password")}}
     if pulsar_reader.data:
-        if pulsar_reader.has("webAddress"):
-            raise ConfigError("config: sourceConfig.pulsar.webAddress is not used by this CDC (it reads through "
-                              "the broker's pulsar:// address only); remove it")
+        web = pulsar_reader.accept("webAddress", "webPort", "port")
+        if web:
+            messages.append((logging.INFO, f"config: {', '.join(web)} not needed here: this CDC reads through "
+                                           f"the broker's pulsar:// address"))
         pulsar = {"address": pulsar_reader.value("address", str, expect="a pulsar:// URL"),
                   "maxMessageSize": pulsar_reader.value("maxMessageSize", int, 5242880, lambda v: v > 0,
                                                         "a positive integer"),
@@ -461,6 +502,9 @@ def load_config(path: str) -> tuple[ServerConfig, list[tuple[int, str]]]:
     level = {"WARN": "WARNING"}.get(log_level.upper(), log_level.upper())
     config = ServerConfig(host, port, max_task_num, max_name_length, level, meta_store, source, replication,
                           api_token, cluster)
+    if go_only:
+        messages.append((logging.INFO, f"config: Go CDC keys not needed here, accepted and ignored: "
+                                       f"{', '.join(go_only)}"))
     for key, nearest in root.unknown_keys():
         messages.append((logging.WARNING, f"config: unknown key {key} ignored"
                                           + (f"; did you mean {nearest}?" if nearest else "")))

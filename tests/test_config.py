@@ -1,8 +1,11 @@
-"""The configuration: the seed's keys load, a wrong value stops start-up with one line naming the key, an unknown
-key is a warning, naming the key it likely misspells."""
+"""The configuration: the seed's keys and the Go CDC's load, a wrong value stops start-up with one line naming the
+key, an unknown key is a warning (naming the key it likely misspells), Go CDC keys with no use here are named in
+one info line."""
 from __future__ import annotations
 
 import logging
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +16,7 @@ import yaml
 import milvus_cdc as m
 
 ROOT = Path(__file__).resolve().parent.parent
+USAGE_DOCUMENT = ROOT.parent / "shared" / "seeds" / "000_ca5ccc72ade68582.txt"
 
 # The server configuration template of the usage document, with its commented-out parts switched on.
 SEED_TEMPLATE = """
@@ -63,8 +67,59 @@ sourceConfig:
 """
 
 
+def usage_document_template() -> str:
+    """The "CDC Startup Config" YAML block of the usage document, as written there (comments and all)."""
+    if not USAGE_DOCUMENT.is_file():
+        what = f"the usage document {USAGE_DOCUMENT} is missing"
+        if os.environ.get("CI"):
+            pytest.fail(what)
+        pytest.skip(what)
+    text = USAGE_DOCUMENT.read_text()
+    start, end = text.index("# cdc server address"), text.index("After completing these two steps")
+    return text[start:end]
+
+
+# The Go CDC's server/configs/cdc.yaml, v1.0.0 and head: the same keys and values, written here as data; the
+# addresses are parameters so the real-stack tests (test_go_config.py) change only them.
+def go_v1_template(address="0.0.0.0:8444", etcd="localhost:2379", pulsar="pulsar://localhost:6650",
+                   mysql_url="root:root@tcp(127.0.0.1:3306)/milvuscdc?charset=utf8", root_path="cdc") -> dict:
+    return {
+        "address": address, "maxTaskNum": 100, "maxNameLength": 256,
+        "metaStoreConfig": {"storeType": "etcd", "etcdEndpoints": [etcd], "mysqlSourceUrl": mysql_url,
+                            "rootPath": root_path},
+        "sourceConfig": {"etcdAddress": [etcd], "etcdRootPath": "by-dev", "etcdMetaSubPath": "meta",
+                         "readChanLen": 10, "defaultPartitionName": "_default",
+                         "pulsar": {"address": pulsar, "webAddress": "localhost:80", "maxMessageSize": 5242880,
+                                    "tenant": "public", "namespace": "default"}},
+    }
+
+
+def go_head_template(address="0.0.0.0:8444", etcd="http://127.0.0.1:2379", pulsar="pulsar://localhost:6650",
+                     mysql_url="root:root@tcp(127.0.0.1:3306)/milvuscdc?charset=utf8",
+                     root_path="cdc-by-dev") -> dict:
+    def etcd_settings(**more) -> dict:
+        return {"address": [etcd], **more, "enableAuth": False, "username": "root", "password": "root123456",
+                "enableTLS": False, "tlsCertPath": "deployment/cert/client.pem",
+                "tlsKeyPath": "deployment/cert/client.key", "tlsCACertPath": "deployment/cert/ca.pem",
+                "tlsMinVersion": 1.3}
+    return {
+        "address": address, "maxTaskNum": 100, "maxNameLength": 256, "logLevel": "info",
+        "detectDeadLock": False, "batchMode": True,
+        "metaStoreConfig": {"storeType": "etcd", "etcd": etcd_settings(), "mysqlSourceUrl": mysql_url,
+                            "rootPath": root_path},
+        "sourceConfig": {"etcd": etcd_settings(rootPath="by-dev", metaSubPath="meta"), "readChanLen": 4,
+                         "defaultPartitionName": "_default", "replicateChan": "by-dev-replicate-msg",
+                         "pulsar": {"address": pulsar, "webAddress": "localhost:80", "maxMessageSize": 5242880,
+                                    "tenant": "public", "namespace": "default"}},
+    }
+
+
 def warnings_of(messages) -> list[str]:
     return [text for level, text in messages if level == logging.WARNING]
+
+
+def infos_of(messages) -> list[str]:
+    return [text for level, text in messages if level == logging.INFO]
 
 
 def write(tmp_path, data) -> str:
@@ -84,11 +139,10 @@ def test_the_repository_config_loads_without_warnings():
     assert config.source.mq_type == "kafka" and config.source.read_chan_len == 4
 
 
-def test_every_key_of_the_usage_document_loads_but_the_one_that_would_do_nothing(tmp_path):
-    with pytest.raises(m.ConfigError, match="sourceConfig.pulsar.webAddress is not used by this CDC"):
-        m.load_config(write(tmp_path, SEED_TEMPLATE))
-    config, messages = m.load_config(write(tmp_path, SEED_TEMPLATE.replace("    webAddress: localhost:80\n", "")))
-    assert messages == []
+def test_every_key_of_the_usage_document_loads_and_the_web_address_is_a_note(tmp_path):
+    config, messages = m.load_config(write(tmp_path, SEED_TEMPLATE))
+    assert messages == [(logging.INFO, "config: sourceConfig.pulsar.webAddress not needed here: this CDC reads "
+                                       "through the broker's pulsar:// address")]
     assert config.meta_store.store_type == "mysql"
     assert config.meta_store.mysql == {"host": "127.0.0.1", "port": 3306, "user": "root", "password": "root",
                                        "database": "milvus-cdc", "charset": "utf8"}
@@ -189,8 +243,10 @@ DELETE = object()
     ({"replication.callsPerChannel": 0}, "replication.callsPerChannel"),
     ({"apiToken": "short"}, "apiToken"),
     ({"sourceConfig.etcd.tlsMinVersion": "1.4"}, "sourceConfig.etcd.tlsMinVersion"),
-    ({"sourceConfig.kafka": DELETE, "sourceConfig.pulsar": {"address": "pulsar://h:6650", "webAddress": "h:80"}},
-     "sourceConfig.pulsar.webAddress"),
+    ({"metaStoreConfig.storeType": "etcd", "metaStoreConfig.etcdEndpoints": ["not a:port"]},
+     "metaStoreConfig.etcdEndpoints"),
+    ({"sourceConfig.etcdAddress": "h:notaport"}, "sourceConfig.etcdAddress"),
+    ({"dryRun": True}, "dryRun"),
 ])
 def test_a_wrong_value_is_refused_naming_the_key(tmp_path, changes, named):
     data = base()
@@ -249,6 +305,95 @@ def test_host_port_forms():
     assert m.split_host_port("[::1]:9092", 1) == ("::1", 9092)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# A Go CDC user's config, as written
+# ---------------------------------------------------------------------------------------------------------
+
+def test_the_usage_documents_template_as_written_loads(tmp_path):
+    config, messages = m.load_config(write(tmp_path, usage_document_template()))
+    assert warnings_of(messages) == []
+    assert [text for text in infos_of(messages) if "webAddress" in text]
+    assert config.meta_store.store_type == "mysql" and config.source.mq_type == "pulsar"
+    assert config.source.etcd.endpoints == ("http://127.0.0.1:2379",)
+
+
+@pytest.mark.parametrize("template", [go_v1_template, go_head_template])
+def test_the_go_cdc_templates_load(tmp_path, template):
+    config, messages = m.load_config(write(tmp_path, template()))
+    assert warnings_of(messages) == []
+    assert config.meta_store.store_type == "etcd" and config.source.mq_type == "pulsar"
+    assert (config.source.root_path, config.source.meta_sub_path) == ("by-dev", "meta")
+    assert config.source.pulsar["address"] == "pulsar://localhost:6650"
+    notes = infos_of(messages)
+    assert "config: sourceConfig.pulsar.webAddress not needed here: this CDC reads through the broker's pulsar:// " \
+           "address" in notes
+    if template is go_head_template:
+        assert "config: Go CDC keys not needed here, accepted and ignored: detectDeadLock, batchMode" in notes
+        assert config.source.etcd.endpoints == config.meta_store.etcd.endpoints == ("http://127.0.0.1:2379",)
+    else:
+        assert len(notes) == 1
+        assert config.source.etcd.endpoints == config.meta_store.etcd.endpoints == ("localhost:2379",)
+
+
+@pytest.mark.parametrize("endpoint", ["10.1.2.3:2381", "http://10.1.2.3:2381"])
+def test_the_v1_spellings_name_the_etcd_endpoints(tmp_path, endpoint):
+    data = go_v1_template(etcd="unused:1")
+    data["metaStoreConfig"]["etcdEndpoints"] = [endpoint, "10.1.2.4:2381"]
+    data["sourceConfig"]["etcdAddress"] = [endpoint]
+    config, messages = m.load_config(write(tmp_path, data))
+    assert config.meta_store.etcd.endpoints == (endpoint, "10.1.2.4:2381")
+    assert config.source.etcd.endpoints == (endpoint,)
+    assert [m.split_host_port(e, 2379) for e in config.source.etcd.endpoints] == [("10.1.2.3", 2381)]
+    assert warnings_of(messages) == []
+
+
+@pytest.mark.parametrize("old_key, new_key", [
+    ("metaStoreConfig.etcdEndpoints", "metaStoreConfig.etcd.address"),
+    ("sourceConfig.etcdAddress", "sourceConfig.etcd.address"),
+])
+def test_old_and_new_spellings_that_disagree_are_refused_naming_both(tmp_path, old_key, new_key):
+    data = go_v1_template(etcd="10.1.2.3:2379")
+    set_key(data, new_key, ["http://10.9.9.9:2379"])
+    with pytest.raises(m.ConfigError) as refused:
+        m.load_config(write(tmp_path, data))
+    message = str(refused.value)
+    assert old_key in message and new_key in message and "disagree" in message, message
+    set_key(data, new_key, ["http://10.1.2.3:2379"])  # the same endpoint, with a scheme: they agree
+    config, _ = m.load_config(write(tmp_path, data))
+    assert (config.meta_store.etcd if old_key.startswith("meta") else config.source.etcd).endpoints == \
+        ("10.1.2.3:2379",)
+
+
+GO_ONLY = {"detectDeadLock": True, "batchMode": True, "replicateID": "cdc-a", "dryRun": False,
+           "Packer": {"TimerInterval": 5000, "MaxCount": 10}, "Retry": {"RetryTimes": 5, "MaxBackOff": 10},
+           "enableReverse": False, "reverseMilvus": {"host": "localhost", "port": 19530},
+           "currentMilvus": {"host": "localhost", "port": 19530}, "sourceConfig.channelNum": 16,
+           "sourceConfig.timeTickInterval": 200}
+
+
+def test_the_go_cdcs_own_keys_are_accepted_and_named_in_one_info_line(tmp_path):
+    data = base()
+    for dotted, value in GO_ONLY.items():
+        set_key(data, dotted, value)
+    _, messages = m.load_config(write(tmp_path, data))
+    assert warnings_of(messages) == []
+    notes = [text for text in infos_of(messages) if "Go CDC keys" in text]
+    assert notes == ["config: Go CDC keys not needed here, accepted and ignored: detectDeadLock, batchMode, "
+                     "replicateID, Packer, Retry, enableReverse, reverseMilvus, currentMilvus, dryRun, "
+                     "sourceConfig.channelNum, sourceConfig.timeTickInterval"]
+    assert len(infos_of(messages)) == 1
+
+
+def test_go_cdc_keys_that_ask_for_what_is_not_here(tmp_path):
+    data = base()
+    data["enableReverse"] = True
+    _, messages = m.load_config(write(tmp_path, data))
+    assert [text for text in warnings_of(messages) if "enableReverse" in text]
+    data = {**base(), "dryRun": "true"}
+    with pytest.raises(m.ConfigError, match="dryRun is true, but this CDC has no dry run"):
+        m.load_config(write(tmp_path, data))
+
+
 def test_keys_match_regardless_of_case_like_the_go_cdc(tmp_path):
     data = base()
     data.pop("maxTaskNum")
@@ -269,6 +414,7 @@ def test_keys_match_regardless_of_case_like_the_go_cdc(tmp_path):
 @pytest.mark.parametrize("dotted, nearest", [
     ("sourceConfig.readChanLem", "sourceConfig.readChanLen"),
     ("maxTaskNumber", "maxTaskNum"),
+    ("metaStoreConfig.etcdEndpoint", "metaStoreConfig.etcdEndpoints"),
     ("sourceConfig.defaultPartitonName", "sourceConfig.defaultPartitionName"),
 ])
 def test_a_likely_typo_is_a_warning_naming_the_nearest_key(tmp_path, dotted, nearest):
@@ -276,3 +422,18 @@ def test_a_likely_typo_is_a_warning_naming_the_nearest_key(tmp_path, dotted, nea
     set_key(data, dotted, 1)
     _, messages = m.load_config(write(tmp_path, data))
     assert warnings_of(messages) == [f"config: unknown key {dotted} ignored; did you mean {nearest}?"]
+
+
+def test_the_server_logs_the_config_lines_at_their_levels(tmp_path):
+    """main() logs each line once, at its level, before it opens anything; the bad etcd endpoint stops it after."""
+    data = go_head_template(etcd="http://127.0.0.1:9")
+    data["sourceConfig"]["readChanLem"] = 3
+    result = subprocess.run([sys.executable, str(ROOT / "milvus_cdc.py"), "-c", write(tmp_path, data)],
+                            capture_output=True, text=True, timeout=120)
+    out = result.stdout + result.stderr
+    assert re.search(r"INFO milvus_cdc: config: sourceConfig\.pulsar\.webAddress not needed here", out), out
+    assert re.search(r"INFO milvus_cdc: config: Go CDC keys not needed here, accepted and ignored: detectDeadLock, "
+                     r"batchMode", out), out
+    assert re.search(r"WARNING milvus_cdc: config: unknown key sourceConfig\.readChanLem ignored; did you mean "
+                     r"sourceConfig\.readChanLen\?", out), out
+    assert "root123456" not in out
