@@ -61,6 +61,11 @@ class ConfigError(Exception):
 TLS_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
 
 
+def is_secret(key: str) -> bool:
+    """Is a key's value a secret, never to be repeated in a message (a password, a token, a DSN with one)?"""
+    return any(word in key.lower() for word in ("password", "token", "authparams", "sourceurl"))
+
+
 @dataclass(frozen=True)
 class EtcdSettings:
     endpoints: tuple[str, ...]
@@ -213,6 +218,15 @@ class ConfigReader:
         self.children.append(child)
         return child
 
+    def mapping(self, name: str, expect: str) -> dict:
+        """A mapping read whole, its keys not checked here (librdkafka's properties, say)."""
+        key, raw = self._take(name)
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict) or any(isinstance(v, (dict, list)) for v in raw.values()):
+            raise ConfigError(f"config: {key} must be {expect}")
+        return {str(k): v for k, v in raw.items()}
+
     def accept(self, *names: str) -> list[str]:
         """Mark keys that need no reading here as known; returns the dotted keys of those the file has."""
         found = []
@@ -230,12 +244,13 @@ class ConfigReader:
             if default is self.MISSING:
                 raise ConfigError(f"config: {key} is required ({expect or kind.__name__})")
             return default
+        got = "" if is_secret(name) else f", got {raw!r}"
         try:
             value = self._convert(raw, kind)
         except (TypeError, ValueError):
-            raise ConfigError(f"config: {key} must be {expect or 'a ' + kind.__name__}, got {raw!r}") from None
+            raise ConfigError(f"config: {key} must be {expect or 'a ' + kind.__name__}{got}") from None
         if check is not None and not check(value):
-            raise ConfigError(f"config: {key} must be {expect}, got {raw!r}")
+            raise ConfigError(f"config: {key} must be {expect}{got}")
         return value
 
     @staticmethod
@@ -364,6 +379,113 @@ def _read_etcd(reader: ConfigReader, default_address: list[str], older: tuple[st
     return settings
 
 
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI")  # those kafka-python can use from a file
+
+# The librdkafka properties of the Go CDC's sourceConfig.kafka.consumer that kafka-python's KafkaConsumer has an
+# equivalent for: property -> (option, kind), a kind being a type, the words allowed, or a word -> value mapping.
+# Others (group, commits, offset reset: the reader assigns partitions and seeks itself) are named as not used.
+KAFKA_CONSUMER_PROPERTIES: dict[str, tuple[str, Any]] = {
+    "client.id": ("client_id", str),
+    "client.rack": ("client_rack", str),
+    "fetch.max.bytes": ("fetch_max_bytes", int),
+    "max.partition.fetch.bytes": ("max_partition_fetch_bytes", int),
+    "fetch.min.bytes": ("fetch_min_bytes", int),
+    "fetch.wait.max.ms": ("fetch_max_wait_ms", int),
+    "receive.message.max.bytes": ("receive_message_max_bytes", int),
+    "socket.receive.buffer.bytes": ("receive_buffer_bytes", int),
+    "socket.send.buffer.bytes": ("send_buffer_bytes", int),
+    "max.in.flight.requests.per.connection": ("max_in_flight_requests_per_connection", int),
+    "max.in.flight": ("max_in_flight_requests_per_connection", int),
+    "metadata.max.age.ms": ("metadata_max_age_ms", int),
+    "connections.max.idle.ms": ("connections_max_idle_ms", int),
+    "reconnect.backoff.ms": ("reconnect_backoff_ms", int),
+    "reconnect.backoff.max.ms": ("reconnect_backoff_max_ms", int),
+    "retry.backoff.ms": ("retry_backoff_ms", int),
+    "check.crcs": ("check_crcs", bool),
+    "isolation.level": ("isolation_level", ("read_committed", "read_uncommitted")),
+    "security.protocol": ("security_protocol", SECURITY_PROTOCOLS),
+    "sasl.mechanisms": ("sasl_mechanism", SASL_MECHANISMS),
+    "sasl.mechanism": ("sasl_mechanism", SASL_MECHANISMS),
+    "sasl.username": ("sasl_plain_username", str),
+    "sasl.password": ("sasl_plain_password", str),
+    "sasl.kerberos.service.name": ("sasl_kerberos_service_name", str),
+    "ssl.ca.location": ("ssl_cafile", str),
+    "ssl.certificate.location": ("ssl_certfile", str),
+    "ssl.key.location": ("ssl_keyfile", str),
+    "ssl.key.password": ("ssl_password", str),
+    "ssl.crl.location": ("ssl_crlfile", str),
+    "ssl.cipher.suites": ("ssl_ciphers", str),
+    "ssl.endpoint.identification.algorithm": ("ssl_check_hostname", {"https": True, "none": False}),
+}
+KAFKA_FILE_OPTIONS = ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_crlfile")
+
+
+def _one_of(key: str, raw: Any, words: tuple[str, ...]) -> str:
+    """``raw`` as the one of ``words`` it names, in any case (librdkafka's own matching)."""
+    chosen = {word.lower(): word for word in words}.get(str(raw).lower())
+    if chosen is None:
+        raise ConfigError(f"config: {key} must be one of {', '.join(words)}, got {raw!r}")
+    return chosen
+
+
+def _read_kafka(reader: ConfigReader) -> tuple[dict, str]:
+    """sourceConfig.kafka: the brokers, SASL (the Go CDC's flat keys, or the nested ``sasl`` this CDC read first)
+    and the ``consumer`` map's properties as kafka-python options. Also returns a note naming the keys not used
+    here (empty when there are none)."""
+    address = reader.value("address", str, expect="host:port of a Kafka broker")
+    nested = reader.section("sasl")
+    sasl = {}
+    for flat, inner in (("saslUsername", "username"), ("saslPassword", "password"),
+                        ("saslMechanisms", "mechanisms"), ("securityProtocol", "securityProtocol")):
+        one, other = reader.value(flat, str, ""), nested.value(inner, str, "")
+        if one and other and one != other:
+            raise ConfigError(f"config: {reader.key(flat)} and {nested.key(inner)} disagree; keep one")
+        sasl[inner] = one or other
+    if bool(sasl["username"]) != bool(sasl["password"]):
+        raise ConfigError(f"config: {reader.key('saslUsername')} and {reader.key('saslPassword')} go together "
+                          f"(SASL needs both); set both or neither")
+    if sasl["mechanisms"]:
+        sasl["mechanisms"] = _one_of(reader.key("saslMechanisms"), sasl["mechanisms"], SASL_MECHANISMS)
+    if sasl["securityProtocol"]:
+        sasl["securityProtocol"] = _one_of(reader.key("securityProtocol"), sasl["securityProtocol"],
+                                           SECURITY_PROTOCOLS)
+    expect = "a mapping of librdkafka properties to values, like client.id: cdc"
+    consumer_key, producer_key = reader.key("consumer"), reader.key("producer")
+    consumer: dict[str, Any] = {}
+    unused_producer = [f"{producer_key}.{name}" for name in reader.mapping("producer", expect)]
+    unused_consumer = []
+    for name, raw in reader.mapping("consumer", expect).items():
+        key = f"{consumer_key}.{name}"
+        # ssl.ca.location "probe" asks for the system's CAs: kafka-python's default
+        if name not in KAFKA_CONSUMER_PROPERTIES or raw is None or (name, raw) == ("ssl.ca.location", "probe"):
+            unused_consumer.append(key)
+            continue
+        option, kind = KAFKA_CONSUMER_PROPERTIES[name]
+        if isinstance(kind, tuple):
+            consumer[option] = _one_of(key, raw, kind)
+        elif isinstance(kind, dict):
+            consumer[option] = kind.get(str(raw).lower())
+            if consumer[option] is None:
+                raise ConfigError(f"config: {key} must be one of {', '.join(kind)}, got {raw!r}")
+        else:
+            try:
+                consumer[option] = ConfigReader._convert(raw, kind)
+            except ValueError:
+                raise ConfigError(f"config: {key} must be a {kind.__name__}"
+                                  + ("" if is_secret(name) else f", got {raw!r}")) from None
+        if option in KAFKA_FILE_OPTIONS and not os.path.isfile(consumer[option]):
+            raise ConfigError(f"config: {key} names a file that does not exist: {consumer[option]}")
+    reasons = []
+    if unused_producer:
+        reasons.append(f"{', '.join(unused_producer)} (this CDC never writes to the source's Kafka)")
+    if unused_consumer:
+        reasons.append(f"{', '.join(unused_consumer)} (kafka-python has no such option, or the reader sets it "
+                       f"itself: it assigns partitions and seeks, in no consumer group)")
+    note = f"config: not used here: {'; '.join(reasons)}" if reasons else ""
+    return {"address": address, "sasl": sasl, "consumer": consumer}, note
+
+
 def load_config(path: str) -> tuple[ServerConfig, list[tuple[int, str]]]:
     """Parse and check the config file. Returns the config and the lines to log about it, as (logging level,
     text): a warning for each key it does not know, a note naming the Go CDC keys it accepts with no use here."""
@@ -447,11 +569,12 @@ def load_config(path: str) -> tuple[ServerConfig, list[tuple[int, str]]]:
                               f"disagree; keep one")
     read_chan_len = src.value("readChanLen", int, 4, lambda v: 1 <= v <= 100000, "an integer from 1 to 100000")
     kafka_reader, pulsar_reader = src.section("kafka"), src.section("pulsar")
-    kafka, pulsar = {}, {}
+    kafka: dict = {}
+    pulsar: dict = {}
     if kafka_reader.data:
-        kafka = {"address": kafka_reader.value("address", str, expect="host:port of a Kafka broker"),
-                 "sasl": {k: kafka_reader.section("sasl").value(k, str, "")
-                          for k in ("mechanisms", "securityProtocol", "username", "password")}}
+        kafka, note = _read_kafka(kafka_reader)
+        if note:
+            messages.append((logging.INFO, note))
     if pulsar_reader.data:
         web = pulsar_reader.accept("webAddress", "webPort", "port")
         if web:
@@ -1656,17 +1779,28 @@ class KafkaChannelReader(ChannelReader):
 
     def __init__(self, settings: dict):
         from kafka import KafkaConsumer
-        options: dict[str, Any] = {}
+        self.consumer = KafkaConsumer(**self.consumer_options(settings))
+        self.partitions: dict[str, Any] = {}
+
+    @staticmethod
+    def consumer_options(settings: dict) -> dict[str, Any]:
+        """KafkaConsumer's arguments for sourceConfig.kafka as load_config leaves it: the reader's defaults, then
+        the security protocol and SASL, then the consumer map's options, which win, as librdkafka's extra
+        properties do in the Go CDC. Group and commits stay off whatever the map says: the reader seeks."""
+        # fetch_max_wait_ms: a broker holds a fetch that finds nothing new that long; ticks come every 200 ms
+        options: dict[str, Any] = {"bootstrap_servers": settings["address"].split(","), "fetch_max_bytes": 4 << 20,
+                                   "max_partition_fetch_bytes": 4 << 20, "fetch_max_wait_ms": 50,
+                                   "request_timeout_ms": 30000}
         sasl = settings.get("sasl") or {}
+        if sasl.get("securityProtocol"):
+            options["security_protocol"] = sasl["securityProtocol"]
         if sasl.get("username"):
             options.update(security_protocol=sasl.get("securityProtocol") or "SASL_PLAINTEXT",
                            sasl_mechanism=sasl.get("mechanisms") or "PLAIN",
                            sasl_plain_username=sasl["username"], sasl_plain_password=sasl.get("password", ""))
-        # fetch_max_wait_ms: a broker holds a fetch that finds nothing new that long; ticks come every 200 ms
-        self.consumer = KafkaConsumer(bootstrap_servers=settings["address"].split(","), enable_auto_commit=False,
-                                      group_id=None, fetch_max_bytes=4 << 20, max_partition_fetch_bytes=4 << 20,
-                                      fetch_max_wait_ms=50, request_timeout_ms=30000, **options)
-        self.partitions: dict[str, Any] = {}
+        options.update(settings.get("consumer") or {})
+        options.update(group_id=None, enable_auto_commit=False)
+        return options
 
     @staticmethod
     def offset(msg_id: bytes) -> int:

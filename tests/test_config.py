@@ -1,6 +1,6 @@
 """The configuration: the seed's keys and the Go CDC's load, a wrong value stops start-up with one line naming the
 key, an unknown key is a warning (naming the key it likely misspells), Go CDC keys with no use here are named in
-one info line."""
+one info line, and no secret is repeated in any of these lines."""
 from __future__ import annotations
 
 import logging
@@ -243,6 +243,16 @@ DELETE = object()
     ({"replication.callsPerChannel": 0}, "replication.callsPerChannel"),
     ({"apiToken": "short"}, "apiToken"),
     ({"sourceConfig.etcd.tlsMinVersion": "1.4"}, "sourceConfig.etcd.tlsMinVersion"),
+    ({"sourceConfig.kafka.consumer": {"fetch.max.bytes": "lots"}}, "sourceConfig.kafka.consumer.fetch.max.bytes"),
+    ({"sourceConfig.kafka.consumer": {"security.protocol": "carrier-pigeon"}},
+     "sourceConfig.kafka.consumer.security.protocol"),
+    ({"sourceConfig.kafka.consumer": {"ssl.ca.location": "/no/such/ca.pem"}},
+     "sourceConfig.kafka.consumer.ssl.ca.location"),
+    ({"sourceConfig.kafka.consumer": ["client.id"]}, "sourceConfig.kafka.consumer"),
+    ({"sourceConfig.kafka.producer": {"nested": {"a": 1}}}, "sourceConfig.kafka.producer"),
+    ({"sourceConfig.kafka.saslMechanisms": "MAGIC"}, "sourceConfig.kafka.saslMechanisms"),
+    ({"sourceConfig.kafka.securityProtocol": "TLS"}, "sourceConfig.kafka.securityProtocol"),
+    ({"sourceConfig.kafka.saslUsername": "cdc"}, "sourceConfig.kafka.saslPassword"),
     ({"metaStoreConfig.storeType": "etcd", "metaStoreConfig.etcdEndpoints": ["not a:port"]},
      "metaStoreConfig.etcdEndpoints"),
     ({"sourceConfig.etcdAddress": "h:notaport"}, "sourceConfig.etcdAddress"),
@@ -364,6 +374,91 @@ def test_old_and_new_spellings_that_disagree_are_refused_naming_both(tmp_path, o
         ("10.1.2.3:2379",)
 
 
+def kafka_config(tmp_path, **kafka) -> tuple[m.ServerConfig, list]:
+    data = base()
+    data["sourceConfig"]["kafka"] = {"address": "127.0.0.1:9092", **kafka}
+    return m.load_config(write(tmp_path, data))
+
+
+def test_the_go_cdcs_flat_sasl_keys_reach_the_consumer(tmp_path):
+    config, messages = kafka_config(tmp_path, saslUsername="cdc", saslPassword="s3cret-pass",
+                                    saslMechanisms="SCRAM-SHA-512", securityProtocol="SASL_SSL")
+    assert warnings_of(messages) == []
+    options = m.KafkaChannelReader.consumer_options(config.source.kafka)
+    assert {k: options[k] for k in ("security_protocol", "sasl_mechanism", "sasl_plain_username",
+                                    "sasl_plain_password", "bootstrap_servers", "group_id")} == {
+        "security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512", "sasl_plain_username": "cdc",
+        "sasl_plain_password": "s3cret-pass", "bootstrap_servers": ["127.0.0.1:9092"], "group_id": None}
+
+
+def test_sasl_defaults_the_nested_form_and_no_sasl(tmp_path):
+    config, _ = kafka_config(tmp_path, saslUsername="cdc", saslPassword="pw")
+    options = m.KafkaChannelReader.consumer_options(config.source.kafka)
+    assert (options["security_protocol"], options["sasl_mechanism"]) == ("SASL_PLAINTEXT", "PLAIN")
+    config, messages = kafka_config(tmp_path, sasl={"username": "old", "password": "pw2", "mechanisms": "PLAIN",
+                                                    "securityProtocol": "SASL_PLAINTEXT"})
+    assert warnings_of(messages) == []
+    options = m.KafkaChannelReader.consumer_options(config.source.kafka)
+    assert (options["sasl_plain_username"], options["sasl_plain_password"]) == ("old", "pw2")
+    config, _ = kafka_config(tmp_path, securityProtocol="ssl")  # TLS without SASL, in librdkafka's lower case
+    options = m.KafkaChannelReader.consumer_options(config.source.kafka)
+    assert options["security_protocol"] == "SSL" and "sasl_plain_username" not in options
+    options = m.KafkaChannelReader.consumer_options(kafka_config(tmp_path)[0].source.kafka)
+    assert "security_protocol" not in options and "sasl_mechanism" not in options
+
+
+def test_flat_and_nested_sasl_that_disagree_are_refused_without_the_passwords(tmp_path):
+    with pytest.raises(m.ConfigError) as refused:
+        kafka_config(tmp_path, saslUsername="cdc", saslPassword="first-secret",
+                     sasl={"username": "cdc", "password": "second-secret"})
+    message = str(refused.value)
+    assert "sourceConfig.kafka.saslPassword" in message and "sourceConfig.kafka.sasl.password" in message
+    assert "first-secret" not in message and "second-secret" not in message
+    config, _ = kafka_config(tmp_path, saslUsername="cdc", saslPassword="same", sasl={"username": "cdc"})
+    assert config.source.kafka["sasl"]["username"] == "cdc"
+
+
+def test_the_consumer_map_becomes_kafka_python_options_and_the_rest_is_named_once(tmp_path):
+    from kafka import KafkaConsumer
+    ca, cert, key = (tmp_path / "ca.pem", tmp_path / "client.pem", tmp_path / "client.key")
+    for path in (ca, cert, key):
+        path.write_text("-")
+    config, messages = kafka_config(
+        tmp_path,
+        consumer={"client.id": "cdc-1", "fetch.max.bytes": "1048576", "max.partition.fetch.bytes": 524288,
+                  "security.protocol": "ssl", "ssl.ca.location": str(ca), "ssl.certificate.location": str(cert),
+                  "ssl.key.location": str(key), "ssl.key.password": "key-secret",
+                  "ssl.endpoint.identification.algorithm": "none", "check.crcs": "false",
+                  "group.id": "theirs", "enable.auto.commit": "true", "session.timeout.ms": 6000},
+        producer={"client.id": "cdc-1", "linger.ms": 5, "sasl.password": "producer-secret"})
+    options = m.KafkaChannelReader.consumer_options(config.source.kafka)
+    assert {k: options[k] for k in ("client_id", "fetch_max_bytes", "max_partition_fetch_bytes", "security_protocol",
+                                    "ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password",
+                                    "ssl_check_hostname", "check_crcs", "group_id", "enable_auto_commit")} == {
+        "client_id": "cdc-1", "fetch_max_bytes": 1048576, "max_partition_fetch_bytes": 524288,
+        "security_protocol": "SSL", "ssl_cafile": str(ca), "ssl_certfile": str(cert), "ssl_keyfile": str(key),
+        "ssl_password": "key-secret", "ssl_check_hostname": False, "check_crcs": False, "group_id": None,
+        "enable_auto_commit": False}
+    assert set(options) <= set(KafkaConsumer.DEFAULT_CONFIG)  # kafka-python would refuse any other argument
+    assert warnings_of(messages) == []
+    notes = infos_of(messages)
+    assert len(notes) == 1, notes
+    note = notes[0]
+    for named in ("sourceConfig.kafka.producer.client.id", "sourceConfig.kafka.producer.linger.ms",
+                  "sourceConfig.kafka.producer.sasl.password", "sourceConfig.kafka.consumer.group.id",
+                  "sourceConfig.kafka.consumer.enable.auto.commit", "sourceConfig.kafka.consumer.session.timeout.ms"):
+        assert named in note, note
+    assert "consumer.client.id" not in note and "consumer.fetch.max.bytes" not in note
+    assert "key-secret" not in note and "producer-secret" not in note
+
+
+def test_the_consumer_map_wins_over_the_flat_keys_as_in_the_go_cdc(tmp_path):
+    config, _ = kafka_config(tmp_path, saslUsername="cdc", saslPassword="pw", securityProtocol="SASL_PLAINTEXT",
+                             consumer={"security.protocol": "SASL_SSL", "sasl.mechanisms": "scram-sha-256"})
+    options = m.KafkaChannelReader.consumer_options(config.source.kafka)
+    assert (options["security_protocol"], options["sasl_mechanism"]) == ("SASL_SSL", "SCRAM-SHA-256")
+
+
 GO_ONLY = {"detectDeadLock": True, "batchMode": True, "replicateID": "cdc-a", "dryRun": False,
            "Packer": {"TimerInterval": 5000, "MaxCount": 10}, "Retry": {"RetryTimes": 5, "MaxBackOff": 10},
            "enableReverse": False, "reverseMilvus": {"host": "localhost", "port": 19530},
@@ -415,6 +510,7 @@ def test_keys_match_regardless_of_case_like_the_go_cdc(tmp_path):
     ("sourceConfig.readChanLem", "sourceConfig.readChanLen"),
     ("maxTaskNumber", "maxTaskNum"),
     ("metaStoreConfig.etcdEndpoint", "metaStoreConfig.etcdEndpoints"),
+    ("sourceConfig.kafka.saslUserName2", "sourceConfig.kafka.saslUsername"),
     ("sourceConfig.defaultPartitonName", "sourceConfig.defaultPartitionName"),
 ])
 def test_a_likely_typo_is_a_warning_naming_the_nearest_key(tmp_path, dotted, nearest):
@@ -422,6 +518,40 @@ def test_a_likely_typo_is_a_warning_naming_the_nearest_key(tmp_path, dotted, nea
     set_key(data, dotted, 1)
     _, messages = m.load_config(write(tmp_path, data))
     assert warnings_of(messages) == [f"config: unknown key {dotted} ignored; did you mean {nearest}?"]
+
+
+def test_no_secret_appears_in_any_line_about_the_config(tmp_path):
+    secrets = ["etcd-secret-1", "kafka-secret-2", "token-secret-3-abcdefgh", "pulsar-secret-4", "mysql-secret-5",
+               "consumer-secret-6", "producer-secret-7", "key-secret-8"]
+    data = go_head_template()
+    data["metaStoreConfig"].update(storeType="mysql", mysqlSourceUrl=f"cdc:{secrets[4]}@tcp(db:3306)/cdc")
+    data["sourceConfig"]["etcd"].update(enableAuth=True, password=secrets[0])
+    data["apiToken"] = secrets[2]
+    data["sourceConfig"]["pulsar"]["authParams"] = f"token:{secrets[3]}"
+    data.update({k: v for k, v in GO_ONLY.items() if "." not in k}, unknownThing=1, reverseMilvus={
+        "host": "h", "password": "also-secret-9"})
+    _, messages = m.load_config(write(tmp_path, data))
+    kafka = {"address": "127.0.0.1:9092", "saslUsername": "cdc", "saslPassword": secrets[1],
+             "consumer": {"sasl.password": secrets[5], "ssl.key.password": secrets[7], "group.id": "g"},
+             "producer": {"sasl.password": secrets[6]}, "sasl": {"passwrd": "x"}}
+    data["sourceConfig"].pop("pulsar")
+    data["sourceConfig"]["kafka"] = kafka
+    _, more = m.load_config(write(tmp_path, data))
+    lines = [text for _, text in messages + more]
+    assert any("unknown key" in line for line in lines) and any("not used here" in line for line in lines)
+    for line in lines:
+        for secret in secrets + ["also-secret-9"]:
+            assert secret not in line, line
+    refusals = []
+    for change in ({"apiToken": "short-xyzzy"}, {"sourceConfig.kafka.saslPassword": ["list-xyzzy"]},
+                   {"sourceConfig.kafka.consumer": {"sasl.password": "a", "ssl.key.password": ["list-xyzzy"]}}):
+        bad = yaml.safe_load(yaml.safe_dump(data))
+        for dotted, value in change.items():
+            set_key(bad, dotted, value)
+        with pytest.raises(m.ConfigError) as refused:
+            m.load_config(write(tmp_path, bad))
+        refusals.append(str(refused.value))
+    assert not [r for r in refusals if "xyzzy" in r], refusals
 
 
 def test_the_server_logs_the_config_lines_at_their_levels(tmp_path):
