@@ -61,6 +61,11 @@ class ConfigError(Exception):
 TLS_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
 
 
+def is_secret(key: str) -> bool:
+    """Is a key's value a secret, never to be repeated in a message (a password, a token, a DSN with one)?"""
+    return any(word in key.lower() for word in ("password", "token", "authparams", "sourceurl"))
+
+
 @dataclass(frozen=True)
 class EtcdSettings:
     endpoints: tuple[str, ...]
@@ -170,7 +175,9 @@ class ServerConfig:
 class ConfigReader:
     """Reads one YAML mapping, checking each value it is asked for and remembering what it read.
 
-    Every problem is reported with the dotted key, so the user knows which line of the file to fix.
+    Every problem is reported with the dotted key, so the user knows which line of the file to fix. Keys match
+    regardless of case, as in the Go CDC (its YAML goes through encoding/json), so a Go config's ``Retry`` is the
+    ``retry`` asked for here; the file's own spelling is the one named in messages.
     """
 
     MISSING = object()
@@ -180,35 +187,70 @@ class ConfigReader:
             data = {}
         if not isinstance(data, dict):
             raise ConfigError(f"config: {path or 'the file'} must be a mapping, got {type(data).__name__}")
-        self.data, self.path, self.read_keys, self.children = data, path, set(), []
+        self.data, self.path = data, path
+        self.read_keys: set[Any] = set()  # keys of data, as the file spells them, that something read
+        self.known: set[str] = set()      # every name asked for: what a likely typo is compared with
+        self.children: list[ConfigReader] = []
 
-    def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
+    def key(self, name: Any) -> str:
+        return f"{self.path}.{name}" if self.path else str(name)
 
-    def has(self, name: str) -> bool:
-        return self.data.get(name) is not None
+    def spelling(self, name: str) -> Any:
+        """The file's key for ``name`` (any case), or None when the file does not have it."""
+        self.known.add(name)
+        found = [k for k in self.data if str(k).lower() == name.lower()]
+        if len(found) > 1:
+            raise ConfigError(f"config: {' and '.join(self.key(k) for k in found)} are one key (keys match "
+                              f"regardless of case); keep one")
+        return found[0] if found else None
+
+    def _take(self, name: str) -> tuple[str, Any]:
+        """The dotted key to name in messages, and the raw value (None when absent); marks the key read."""
+        spelled = self.spelling(name)
+        if spelled is None:
+            return self.key(name), None
+        self.read_keys.add(spelled)
+        return self.key(spelled), self.data[spelled]
 
     def section(self, name: str) -> "ConfigReader":
-        self.read_keys.add(name)
-        child = ConfigReader(self.data.get(name), self.key(name))
+        key, raw = self._take(name)
+        child = ConfigReader(raw, key)
         self.children.append(child)
         return child
 
+    def mapping(self, name: str, expect: str) -> dict:
+        """A mapping read whole, its keys not checked here (librdkafka's properties, say)."""
+        key, raw = self._take(name)
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict) or any(isinstance(v, (dict, list)) for v in raw.values()):
+            raise ConfigError(f"config: {key} must be {expect}")
+        return {str(k): v for k, v in raw.items()}
+
+    def accept(self, *names: str) -> list[str]:
+        """Mark keys that need no reading here as known; returns the dotted keys of those the file has."""
+        found = []
+        for name in names:
+            spelled = self.spelling(name)
+            if spelled is not None:
+                self.read_keys.add(spelled)
+                found.append(self.key(spelled))
+        return found
+
     def value(self, name: str, kind: type, default: Any = MISSING, check: Callable[[Any], bool] | None = None,
               expect: str = "") -> Any:
-        self.read_keys.add(name)
-        raw = self.data.get(name)
+        key, raw = self._take(name)
         if raw is None:
             if default is self.MISSING:
-                raise ConfigError(f"config: {self.key(name)} is required ({expect or kind.__name__})")
+                raise ConfigError(f"config: {key} is required ({expect or kind.__name__})")
             return default
+        got = "" if is_secret(name) else f", got {raw!r}"
         try:
             value = self._convert(raw, kind)
         except (TypeError, ValueError):
-            raise ConfigError(f"config: {self.key(name)} must be {expect or 'a ' + kind.__name__}, "
-                              f"got {raw!r}") from None
+            raise ConfigError(f"config: {key} must be {expect or 'a ' + kind.__name__}{got}") from None
         if check is not None and not check(value):
-            raise ConfigError(f"config: {self.key(name)} must be {expect}, got {raw!r}")
+            raise ConfigError(f"config: {key} must be {expect}{got}")
         return value
 
     @staticmethod
@@ -239,8 +281,15 @@ class ConfigReader:
             return list(raw)
         raise TypeError(kind)
 
-    def unknown_keys(self) -> list[str]:
-        found = [self.key(k) for k in self.data if k not in self.read_keys]
+    def unknown_keys(self) -> list[tuple[str, str | None]]:
+        """Keys nobody read, each with the known key of its section it most likely misspells (or None)."""
+        known = {name.lower(): name for name in self.known}
+        found = []
+        for k in self.data:
+            if k in self.read_keys:
+                continue
+            nearest = difflib.get_close_matches(str(k).lower(), known, n=1, cutoff=0.8)
+            found.append((self.key(k), self.key(known[nearest[0]]) if nearest else None))
         for child in self.children:
             found += child.unknown_keys()
         return found
@@ -280,15 +329,32 @@ def parse_mysql_dsn(url: str) -> dict:
             "charset": params.get("charset", "utf8mb4")}
 
 
-def _read_etcd(reader: ConfigReader, default_address: list[str] | None) -> EtcdSettings:
-    address = reader.value("address", list, default_address, lambda v: len(v) > 0,
+def _endpoints(reader: ConfigReader, name: str, default: list[str] | None) -> list[str] | None:
+    """A list of etcd endpoints, ``host:port`` with or without ``http://``."""
+    address = reader.value(name, list, default, lambda v: len(v) > 0,
                            "a list of etcd endpoints like http://127.0.0.1:2379")
-    for endpoint in address:
+    for endpoint in address or ():
         try:
             split_host_port(endpoint, 2379)
         except ValueError:
-            raise ConfigError(f"config: {reader.key('address')} has an endpoint that is not host:port: "
+            raise ConfigError(f"config: {reader.key(name)} has an endpoint that is not host:port: "
                               f"{endpoint!r}") from None
+    return address
+
+
+def _read_etcd(reader: ConfigReader, default_address: list[str], older: tuple[str, list[str]] | None = None
+               ) -> EtcdSettings:
+    """One etcd's settings; ``older`` is the Go CDC v1.0.0 spelling of its endpoints (dotted key, endpoints)
+    when the file has it."""
+    address = _endpoints(reader, "address", None)
+    if older is not None:
+        older_key, older_address = older
+        if address is not None and \
+                {split_host_port(e, 2379) for e in address} != {split_host_port(e, 2379) for e in older_address}:
+            raise ConfigError(f"config: {reader.key('address')} ({', '.join(address)}) and {older_key} "
+                              f"({', '.join(older_address)}) disagree; keep one")
+        address = older_address
+    address = address or default_address
     auth = reader.value("enableAuth", bool, False)
     tls = reader.value("enableTLS", bool, False)
     settings = EtcdSettings(
@@ -313,8 +379,122 @@ def _read_etcd(reader: ConfigReader, default_address: list[str] | None) -> EtcdS
     return settings
 
 
-def load_config(path: str) -> tuple[ServerConfig, list[str]]:
-    """Parse and check the config file; returns the config and warnings about keys it does not know."""
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI")  # those kafka-python can use from a file
+
+# The librdkafka properties of the Go CDC's sourceConfig.kafka.consumer that kafka-python's KafkaConsumer has an
+# equivalent for: property -> (option, kind), a kind being a type, the words allowed, or a word -> value mapping.
+# Others (group, commits, offset reset: the reader assigns partitions and seeks itself) are named as not used.
+KAFKA_CONSUMER_PROPERTIES: dict[str, tuple[str, Any]] = {
+    "client.id": ("client_id", str),
+    "client.rack": ("client_rack", str),
+    "fetch.max.bytes": ("fetch_max_bytes", int),
+    "max.partition.fetch.bytes": ("max_partition_fetch_bytes", int),
+    "fetch.min.bytes": ("fetch_min_bytes", int),
+    "fetch.wait.max.ms": ("fetch_max_wait_ms", int),
+    "receive.message.max.bytes": ("receive_message_max_bytes", int),
+    "socket.receive.buffer.bytes": ("receive_buffer_bytes", int),
+    "socket.send.buffer.bytes": ("send_buffer_bytes", int),
+    "max.in.flight.requests.per.connection": ("max_in_flight_requests_per_connection", int),
+    "max.in.flight": ("max_in_flight_requests_per_connection", int),
+    "metadata.max.age.ms": ("metadata_max_age_ms", int),
+    "connections.max.idle.ms": ("connections_max_idle_ms", int),
+    "reconnect.backoff.ms": ("reconnect_backoff_ms", int),
+    "reconnect.backoff.max.ms": ("reconnect_backoff_max_ms", int),
+    "retry.backoff.ms": ("retry_backoff_ms", int),
+    "check.crcs": ("check_crcs", bool),
+    "isolation.level": ("isolation_level", ("read_committed", "read_uncommitted")),
+    "security.protocol": ("security_protocol", SECURITY_PROTOCOLS),
+    "sasl.mechanisms": ("sasl_mechanism", SASL_MECHANISMS),
+    "sasl.mechanism": ("sasl_mechanism", SASL_MECHANISMS),
+    "sasl.username": ("sasl_plain_username", str),
+    "sasl.password": ("sasl_plain_password", str),
+    "sasl.kerberos.service.name": ("sasl_kerberos_service_name", str),
+    "ssl.ca.location": ("ssl_cafile", str),
+    "ssl.certificate.location": ("ssl_certfile", str),
+    "ssl.key.location": ("ssl_keyfile", str),
+    "ssl.key.password": ("ssl_password", str),
+    "ssl.crl.location": ("ssl_crlfile", str),
+    "ssl.cipher.suites": ("ssl_ciphers", str),
+    "ssl.endpoint.identification.algorithm": ("ssl_check_hostname", {"https": True, "none": False}),
+}
+KAFKA_FILE_OPTIONS = ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_crlfile")
+
+
+def _one_of(key: str, raw: Any, words: tuple[str, ...]) -> str:
+    """``raw`` as the one of ``words`` it names, in any case (librdkafka's own matching)."""
+    chosen = {word.lower(): word for word in words}.get(str(raw).lower())
+    if chosen is None:
+        raise ConfigError(f"config: {key} must be one of {', '.join(words)}, got {raw!r}")
+    return chosen
+
+
+def _read_kafka(reader: ConfigReader) -> tuple[dict, str]:
+    """sourceConfig.kafka: the brokers, SASL (the Go CDC's flat keys, or the nested ``sasl`` this CDC read first)
+    and the ``consumer`` map's properties as kafka-python options. Also returns a note naming the keys not used
+    here (empty when there are none)."""
+    address = reader.value("address", str, expect="host:port of a Kafka broker")
+    nested = reader.section("sasl")
+    sasl = {}
+    for flat, inner in (("saslUsername", "username"), ("saslPassword", "password"),
+                        ("saslMechanisms", "mechanisms"), ("securityProtocol", "securityProtocol")):
+        one, other = reader.value(flat, str, ""), nested.value(inner, str, "")
+        if one and other and one != other:
+            raise ConfigError(f"config: {reader.key(flat)} and {nested.key(inner)} disagree; keep one")
+        sasl[inner] = one or other
+    if bool(sasl["username"]) != bool(sasl["password"]):
+        raise ConfigError(f"config: {reader.key('saslUsername')} and {reader.key('saslPassword')} go together "
+                          f"(SASL needs both); set both or neither")
+    if sasl["mechanisms"]:
+        sasl["mechanisms"] = _one_of(reader.key("saslMechanisms"), sasl["mechanisms"], SASL_MECHANISMS)
+    if sasl["securityProtocol"]:
+        sasl["securityProtocol"] = _one_of(reader.key("securityProtocol"), sasl["securityProtocol"],
+                                           SECURITY_PROTOCOLS)
+    expect = "a mapping of librdkafka properties to values, like client.id: cdc"
+    consumer_key, producer_key = reader.key("consumer"), reader.key("producer")
+    consumer: dict[str, Any] = {}
+    unused_producer = [f"{producer_key}.{name}" for name in reader.mapping("producer", expect)]
+    unused_consumer = []
+    for name, raw in reader.mapping("consumer", expect).items():
+        key = f"{consumer_key}.{name}"
+        # ssl.ca.location "probe" asks for the system's CAs: kafka-python's default
+        if name not in KAFKA_CONSUMER_PROPERTIES or raw is None or (name, raw) == ("ssl.ca.location", "probe"):
+            unused_consumer.append(key)
+            continue
+        option, kind = KAFKA_CONSUMER_PROPERTIES[name]
+        if isinstance(kind, tuple):
+            consumer[option] = _one_of(key, raw, kind)
+        elif isinstance(kind, dict):
+            consumer[option] = kind.get(str(raw).lower())
+            if consumer[option] is None:
+                raise ConfigError(f"config: {key} must be one of {', '.join(kind)}, got {raw!r}")
+        else:
+            try:
+                consumer[option] = ConfigReader._convert(raw, kind)
+            except ValueError:
+                raise ConfigError(f"config: {key} must be a {kind.__name__}"
+                                  + ("" if is_secret(name) else f", got {raw!r}")) from None
+        if option in KAFKA_FILE_OPTIONS and not os.path.isfile(consumer[option]):
+            raise ConfigError(f"config: {key} names a file that does not exist: {consumer[option]}")
+    reasons = []
+    if unused_producer:
+        reasons.append(f"{', '.join(unused_producer)} (this CDC never writes to the source's Kafka)")
+    if unused_consumer:
+        reasons.append(f"{', '.join(unused_consumer)} (kafka-python has no such option, or the reader sets it "
+                       f"itself: it assigns partitions and seeks, in no consumer group)")
+    note = f"config: not used here: {'; '.join(reasons)}" if reasons else ""
+    return {"address": address, "sasl": sasl, "consumer": consumer}, note
+
+
+def log_level_name(level: str) -> str | None:
+    """A level as the config and the Go CDC spell it (debug, info, warn, warning, error), as logging names it."""
+    name = {"WARN": "WARNING"}.get(level.upper(), level.upper())
+    return name if name in ("DEBUG", "INFO", "WARNING", "ERROR") else None
+
+
+def load_config(path: str) -> tuple[ServerConfig, list[tuple[int, str]]]:
+    """Parse and check the config file. Returns the config and the lines to log about it, as (logging level,
+    text): a warning for each key it does not know, a note naming the Go CDC keys it accepts with no use here."""
     try:
         with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh)
@@ -335,9 +515,19 @@ def load_config(path: str) -> tuple[ServerConfig, list[str]]:
     max_name_length = root.value("maxNameLength", int, 256, lambda v: v >= 1, "an integer >= 1")
     api_token = root.value("apiToken", str, "", lambda v: v == "" or len(v) >= 16,
                            "empty (no authentication) or a secret of at least 16 characters")
-    log_level = root.value("logLevel", str, "info",
-                           lambda v: v.upper() in ("DEBUG", "INFO", "WARNING", "WARN", "ERROR"),
+    log_level = root.value("logLevel", str, "info", lambda v: log_level_name(v) is not None,
                            "one of debug, info, warning, error")
+    messages: list[tuple[int, str]] = []
+    # The Go CDC's own workings (deadlock detection, its message packer and retries, Milvus batch mode, the
+    # reverse replication v1.0.0 could set up): accepted so its configs start here unchanged, and named once.
+    go_only = root.accept("detectDeadLock", "batchMode", "replicateID", "packer", "retry", "enableReverse",
+                          "reverseMilvus", "currentMilvus", "dryRun")
+    if root.value("dryRun", bool, False):
+        raise ConfigError("config: dryRun is true, but this CDC has no dry run (its tasks write to their "
+                          "targets); remove dryRun or set it false")
+    if root.value("enableReverse", bool, False):
+        messages.append((logging.WARNING, "config: enableReverse is true, but this CDC does not replicate back "
+                                          "from the target; run a second CDC with the roles swapped for that"))
 
     meta = root.section("metaStoreConfig")
     store_type = meta.value("storeType", str, "sqlite", lambda v: v in ("sqlite", "mysql", "etcd"),
@@ -358,14 +548,21 @@ def load_config(path: str) -> tuple[ServerConfig, list[str]]:
     meta_etcd = None
     etcd_reader = meta.section("etcd")
     if store_type == "etcd":
-        meta_etcd = _read_etcd(etcd_reader, ["http://127.0.0.1:2379"])
-    else:
-        etcd_reader.read_keys.update(etcd_reader.data)  # kept for a later switch of storeType; not an error
+        endpoints = _endpoints(meta, "etcdEndpoints", None)  # the Go CDC v1.0.0's spelling of etcd.address
+        meta_etcd = _read_etcd(etcd_reader, ["http://127.0.0.1:2379"],
+                               (meta.key("etcdEndpoints"), endpoints) if endpoints else None)
+        go_only += etcd_reader.accept("rootPath", "metaSubPath")  # the store's prefix is metaStoreConfig.rootPath
+    else:  # kept for a later switch of storeType; not an error
+        etcd_reader.read_keys.update(etcd_reader.data)
+        meta.accept("etcdEndpoints")
     meta_store = MetaStoreSettings(store_type, root_path.strip("/"), sqlite_path, mysql, meta_etcd)
 
     src = root.section("sourceConfig")
     src_etcd_reader = src.section("etcd")
-    src_etcd = _read_etcd(src_etcd_reader, ["http://127.0.0.1:2379"])
+    endpoints = _endpoints(src, "etcdAddress", None)  # the Go CDC v1.0.0's spelling of etcd.address
+    src_etcd = _read_etcd(src_etcd_reader, ["http://127.0.0.1:2379"],
+                          (src.key("etcdAddress"), endpoints) if endpoints else None)
+    go_only += src.accept("channelNum", "timeTickInterval")
     old_root = src.value("etcdRootPath", str, "")
     old_meta = src.value("etcdMetaSubPath", str, "")
     new_root = src_etcd_reader.value("rootPath", str, "")
@@ -377,15 +574,17 @@ def load_config(path: str) -> tuple[ServerConfig, list[str]]:
                               f"disagree; keep one")
     read_chan_len = src.value("readChanLen", int, 4, lambda v: 1 <= v <= 100000, "an integer from 1 to 100000")
     kafka_reader, pulsar_reader = src.section("kafka"), src.section("pulsar")
-    kafka, pulsar = {}, {}
+    kafka: dict = {}
+    pulsar: dict = {}
     if kafka_reader.data:
-        kafka = {"address": kafka_reader.value("address", str, expect="host:port of a Kafka broker"),
-                 "sasl": {k: kafka_reader.section("sasl").value(k, str, "")
-                          for k in ("mechanisms", "securityProtocol", "username", "password")}}
+        kafka, note = _read_kafka(kafka_reader)
+        if note:
+            messages.append((logging.INFO, note))
     if pulsar_reader.data:
-        if pulsar_reader.has("webAddress"):
-            raise ConfigError("config: sourceConfig.pulsar.webAddress is not used by this CDC (it reads through "
-                              "the broker's pulsar:// address only); remove it")
+        web = pulsar_reader.accept("webAddress", "webPort", "port")
+        if web:
+            messages.append((logging.INFO, f"config: {', '.join(web)} not needed here: this CDC reads through "
+                                           f"the broker's pulsar:// address"))
         pulsar = {"address": pulsar_reader.value("address", str, expect="a pulsar:// URL"),
                   "maxMessageSize": pulsar_reader.value("maxMessageSize", int, 5242880, lambda v: v > 0,
                                                         "a positive integer"),
@@ -428,10 +627,15 @@ def load_config(path: str) -> tuple[ServerConfig, list[str]]:
             "leaseTTL", float, 10.0, lambda v: 3 <= v <= 300, "a number of seconds from 3 to 300"))
     else:
         cluster_reader.read_keys.update(cluster_reader.data)
-    level = {"WARN": "WARNING"}.get(log_level.upper(), log_level.upper())
-    config = ServerConfig(host, port, max_task_num, max_name_length, level, meta_store, source, replication,
-                          api_token, cluster)
-    return config, [f"config: unknown key {k} ignored" for k in root.unknown_keys()]
+    config = ServerConfig(host, port, max_task_num, max_name_length, log_level_name(log_level) or "INFO",
+                          meta_store, source, replication, api_token, cluster)
+    if go_only:
+        messages.append((logging.INFO, f"config: Go CDC keys not needed here, accepted and ignored: "
+                                       f"{', '.join(go_only)}"))
+    for key, nearest in root.unknown_keys():
+        messages.append((logging.WARNING, f"config: unknown key {key} ignored"
+                                          + (f"; did you mean {nearest}?" if nearest else "")))
+    return config, messages
 
 
 ###############################################################################
@@ -1583,17 +1787,28 @@ class KafkaChannelReader(ChannelReader):
 
     def __init__(self, settings: dict):
         from kafka import KafkaConsumer
-        options: dict[str, Any] = {}
+        self.consumer = KafkaConsumer(**self.consumer_options(settings))
+        self.partitions: dict[str, Any] = {}
+
+    @staticmethod
+    def consumer_options(settings: dict) -> dict[str, Any]:
+        """KafkaConsumer's arguments for sourceConfig.kafka as load_config leaves it: the reader's defaults, then
+        the security protocol and SASL, then the consumer map's options, which win, as librdkafka's extra
+        properties do in the Go CDC. Group and commits stay off whatever the map says: the reader seeks."""
+        # fetch_max_wait_ms: a broker holds a fetch that finds nothing new that long; ticks come every 200 ms
+        options: dict[str, Any] = {"bootstrap_servers": settings["address"].split(","), "fetch_max_bytes": 4 << 20,
+                                   "max_partition_fetch_bytes": 4 << 20, "fetch_max_wait_ms": 50,
+                                   "request_timeout_ms": 30000}
         sasl = settings.get("sasl") or {}
+        if sasl.get("securityProtocol"):
+            options["security_protocol"] = sasl["securityProtocol"]
         if sasl.get("username"):
             options.update(security_protocol=sasl.get("securityProtocol") or "SASL_PLAINTEXT",
                            sasl_mechanism=sasl.get("mechanisms") or "PLAIN",
                            sasl_plain_username=sasl["username"], sasl_plain_password=sasl.get("password", ""))
-        # fetch_max_wait_ms: a broker holds a fetch that finds nothing new that long; ticks come every 200 ms
-        self.consumer = KafkaConsumer(bootstrap_servers=settings["address"].split(","), enable_auto_commit=False,
-                                      group_id=None, fetch_max_bytes=4 << 20, max_partition_fetch_bytes=4 << 20,
-                                      fetch_max_wait_ms=50, request_timeout_ms=30000, **options)
-        self.partitions: dict[str, Any] = {}
+        options.update(settings.get("consumer") or {})
+        options.update(group_id=None, enable_auto_commit=False)
+        return options
 
     @staticmethod
     def offset(msg_id: bytes) -> int:
@@ -5296,12 +5511,6 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
         pass
 
 
-def log_level_name(level: str) -> str | None:
-    """A level as the config and the Go CDC spell it (debug, info, warn, warning, error), as logging names it."""
-    name = {"WARN": "WARNING"}.get(level.upper(), level.upper())
-    return name if name in ("DEBUG", "INFO", "WARNING", "ERROR") else None
-
-
 def apply_log_level(level: str) -> None:
     """The server's level; the MQ clients and waitress's queue stay at warning or above, their info is noise."""
     logging.getLogger().setLevel(level)
@@ -5315,14 +5524,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-c", "--config", default="config.yaml", help="path of the YAML config (config.yaml)")
     args = parser.parse_args(argv)
     try:
-        config, warnings = load_config(args.config)
+        config, messages = load_config(args.config)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     apply_log_level(config.log_level)
-    for warning in warnings:
-        log.warning(warning)
+    for level, text in messages:
+        log.log(level, text)
     for what, etcd in (("sourceConfig.etcd", config.source.etcd), ("metaStoreConfig.etcd", config.meta_store.etcd)):
         problem = etcd.check_tls_floor() if etcd is not None else None
         if problem:
