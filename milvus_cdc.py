@@ -4903,10 +4903,10 @@ class TaskManager:
                 log.info("task=%s created, not started (disable_auto_start)", task.task_id)
                 return task.task_id
             replicator = self._run(task)
-            problem = self._await_start(replicator)
-            if problem:
+            refusal = self._await_start(replicator)
+            if refusal:
                 self._undo_create(task, replicator)
-                raise problem
+                raise refusal
         finally:
             with self.lock:
                 self.busy.discard(task.task_id)
@@ -4986,9 +4986,9 @@ class TaskManager:
             first = task.state == TaskState.INITIAL  # never started (disable_auto_start): like a create
             self._store(task, state=TaskState.RUNNING, reason="")
             replicator = self._run(task)
-            problem = self._await_start(replicator) if first else None
-            if problem:
-                raise problem  # the task pauses itself with the reason
+            refusal = self._await_start(replicator) if first else None
+            if refusal:
+                raise refusal  # the task pauses itself with the reason
         log.info("task=%s resumed", task_id)
 
     def get(self, task_id: Any) -> dict:
@@ -5246,11 +5246,11 @@ class ClusterTaskManager(TaskManager):
             self.agent.wake()
             if task.disable_auto_start:
                 return task.task_id
-            problem = self._await_pickup(task.task_id)
-            if problem:
+            refusal = self._await_pickup(task.task_id)
+            if refusal:
                 with contextlib.suppress(MetaStoreUnavailable):
                     self.store.delete_task(task.task_id)
-                raise problem
+                raise refusal
         finally:
             self.creates.release()
         log.info("task=%s created for target %s, collections %s", task.task_id, task.connect.uri, task.scope())
@@ -5285,9 +5285,9 @@ class ClusterTaskManager(TaskManager):
         self._store(task, state=TaskState.RUNNING, reason="")
         self.agent.wake()
         if task.state == TaskState.INITIAL:  # never started (disable_auto_start): answered like a create
-            problem = self._await_pickup(task.task_id)
-            if problem:
-                raise problem
+            refusal = self._await_pickup(task.task_id)
+            if refusal:
+                raise refusal
         log.info("task=%s resumed", task_id)
 
     def delete(self, task_id: Any) -> None:
@@ -5474,9 +5474,10 @@ class CdcApi:
             raise ApiError(400, f"maintenance operation {operation!r} is not supported here; supported: "
                                 f"{', '.join(self.MAINTENANCE)}")
         level = (params or {}).get("log_level") if isinstance(params, dict) else None
-        if not isinstance(level, str) or log_level_name(level) is None:
+        name = log_level_name(level) if isinstance(level, str) else None
+        if name is None:
             raise ApiError(400, 'set_log_level needs params {"log_level": "debug" | "info" | "warn" | "error"}')
-        apply_log_level(log_level_name(level))
+        apply_log_level(name)
         log.info("log level set to %s", level.lower())
         return {"state": f"set log level to {level.lower()}"}
 
