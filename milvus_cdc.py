@@ -4983,7 +4983,7 @@ class TaskManager:
             if task.state == TaskState.RUNNING:
                 raise ApiError(400, f"task {task_id} is already running")
             self._halt(task.task_id)  # the threads of a pause that did not stop in time
-            first = task.state == TaskState.INITIAL  # never started (disable_auto_start): like a create
+            first = not self.store.load_checkpoints(task.task_id)  # never started: answered like a create
             self._store(task, state=TaskState.RUNNING, reason="")
             replicator = self._run(task)
             refusal = self._await_start(replicator) if first else None
@@ -5282,9 +5282,10 @@ class ClusterTaskManager(TaskManager):
         task = self._find(task_id)
         if task.state == TaskState.RUNNING:
             raise ApiError(400, f"task {task_id} is already running")
+        first = not self.store.load_checkpoints(task.task_id)  # never started: answered like a create
         self._store(task, state=TaskState.RUNNING, reason="")
         self.agent.wake()
-        if task.state == TaskState.INITIAL:  # never started (disable_auto_start): answered like a create
+        if first:
             refusal = self._await_pickup(task.task_id)
             if refusal:
                 raise refusal

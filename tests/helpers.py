@@ -240,6 +240,13 @@ def assert_same_rows(source, target, name: str, fields: list[str], pk: str = "id
     return expected
 
 
+def drop_everywhere(source, target, name: str) -> None:
+    """Drop a source collection (released first) and wait until its copy is gone from the target."""
+    source.release_collection(name)
+    source.drop_collection(name)
+    wait_until(lambda: not target.has_collection(name), 60, what=f"{name} dropped on the target")
+
+
 class TcpRelay:
     """A TCP forwarder in front of a real server that a test can cut and restore: a network outage."""
 

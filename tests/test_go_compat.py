@@ -13,7 +13,7 @@ from pymilvus import DataType, MilvusClient
 from pymilvus.grpc_gen import msg_pb2
 
 import milvus_cdc as m
-from helpers import client, running_server, wait_until
+from helpers import client, drop_everywhere, running_server, wait_until
 
 REPLICATE = "by-dev-replicate-msg"
 
@@ -195,9 +195,7 @@ def test_each_documented_create_shape_replicates_a_new_collection(stack, cdc, un
     wait_until(lambda: loaded(target, name), 60, what=f"{name} loaded on the target")
     answers = str(cdc.call("get", task_id=task_id)) + str(cdc.call("list"))
     assert "Milvus" not in answers and "Milvus" not in cdc.log_text().replace("Milvus CDC", "")
-    source.release_collection(name)
-    source.drop_collection(name)
-    wait_until(lambda: not target.has_collection(name), 60, what=f"{name} dropped on the target")
+    drop_everywhere(source, target, name)
     cdc.call("delete", task_id=task_id)
 
 
@@ -305,9 +303,7 @@ def test_a_new_task_from_the_positions_of_a_deleted_one_has_every_row_once(stack
     assert same_keys(source, target, name, name) == expected
     assert target.query(name, filter="", output_fields=["count(*)"], consistency_level="Strong")[0]["count(*)"] \
         == len(expected)
-    source.release_collection(name)
-    source.drop_collection(name)
-    wait_until(lambda: not target.has_collection(name), 60, what=f"{name} dropped on the target")
+    drop_everywhere(source, target, name)
     cdc.call("delete", task_id=second)
 
 
@@ -335,9 +331,7 @@ def test_task_id_and_disable_auto_start(stack, cdc, unique_name):
     cdc.call("resume", task_id="my-task_1")
     source.insert(name, rows(20, 20))
     same_keys(source, target, name, name)
-    source.release_collection(name)
-    source.drop_collection(name)
-    wait_until(lambda: not target.has_collection(name), 60, what=f"{name} dropped on the target")
+    drop_everywhere(source, target, name)
 
 
 def test_delete_ignore_not_found_and_maintenance(cdc):

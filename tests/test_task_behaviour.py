@@ -7,7 +7,8 @@ import time
 import pytest
 from pymilvus import DataType, MilvusClient
 
-from helpers import CdcServer, TcpRelay, assert_same_rows, client, running_server, server_config, wait_until
+from helpers import (CdcServer, TcpRelay, assert_same_rows, client, drop_everywhere, running_server,
+                     server_config, wait_until)
 
 
 @pytest.fixture
@@ -36,12 +37,6 @@ def rows(start: int, count: int) -> list[dict]:
 def wait_loaded(target, name: str) -> None:
     wait_until(lambda: target.has_collection(name) and
                str(target.get_load_state(name)["state"]).endswith("Loaded"), 90, what=f"{name} loaded on target")
-
-
-def drop_everywhere(source, target, name: str) -> None:
-    source.release_collection(name)
-    source.drop_collection(name)
-    wait_until(lambda: not target.has_collection(name), 60, what=f"{name} dropped on the target")
 
 
 def test_named_collections_are_the_only_ones_replicated(stack, server, unique_name):
