@@ -2442,6 +2442,12 @@ class SendLane:
     def close(self) -> None:
         self.work.put(None)
 
+    def join(self, deadline: float) -> bool:
+        """Wait (until ``deadline``, monotonic) for the lane's threads, and so its calls, to end; True if they did."""
+        for thread in (self.thread, *self.call_threads):
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in (self.thread, *self.call_threads))
+
     def _run(self) -> None:
         closing = False
         while not closing and (item := self.work.get()) is not None:
@@ -2532,9 +2538,14 @@ class Outbox:
         for lane in self.lanes.values():
             lane.drain()
 
-    def close(self) -> None:
+    def close(self, timeout: float = 0.0) -> bool:
+        """Stop the lanes, waiting up to ``timeout`` for the calls still out (what was queued behind them fails at
+        once once the task stops): a call that lands after its task stopped could land after the next run of the
+        task re-sent it, outside the tick window that makes a repeat harmless. True when none is out any more."""
+        deadline = time.monotonic() + timeout
         for lane in self.lanes.values():
             lane.close()
+        return all([lane.join(deadline) for lane in self.lanes.values()])
 
 
 @dataclass(frozen=True)
@@ -3919,7 +3930,9 @@ class Applier:
         try:
             self._loop()
         finally:
-            self.outbox.close()
+            if not self.outbox.close(self.writer.call_timeout + 5):
+                log.warning("task=%s stopping with a call to the target still out after %.0fs", self.tid,
+                            self.writer.call_timeout + 5)
             if not self.r.failed:
                 try:
                     self._save_checkpoint(force=True)

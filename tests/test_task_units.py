@@ -248,3 +248,27 @@ def test_flush_waits_for_every_call_out_not_only_the_last(monkeypatch):
     outbox.flush()
     assert sorted(writer.answered) == [b"first", b"second"], "flush returned while a call was still out"
     outbox.close()
+
+
+def test_closing_the_outbox_waits_for_the_calls_still_out():
+    """A task that stops (pause, hand-over) must not leave a ReplicateMessage out: it could land after the next run
+    re-sent the same messages (issue 17, item 4). The call is held open by an event, not by a sleep."""
+    import threading
+
+    class HeldWriter:
+        def __init__(self):
+            self.entered, self.release, self.done = threading.Event(), threading.Event(), threading.Event()
+
+        def replicate(self, pchannel, messages):
+            self.entered.set()
+            self.release.wait(10)
+            self.done.set()
+
+    writer = HeldWriter()
+    outbox = m.Outbox(writer, "t1")
+    outbox.add("ch", b"1", reorderable=True)
+    outbox.send()
+    assert writer.entered.wait(5)
+    assert outbox.close(timeout=0.2) is False, "close reports the call still out when the wait runs out"
+    threading.Timer(0.1, writer.release.set).start()
+    assert outbox.close(timeout=5) is True and writer.done.is_set(), "close returned before the call ended"
