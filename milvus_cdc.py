@@ -1186,7 +1186,8 @@ class MySQLMetaStore(SqlMetaStore):
         import pymysql
         return isinstance(error, (pymysql.err.OperationalError, pymysql.err.InterfaceError))
 
-    # Presence and ownership are rows with an expiry in the database's own time (NOW(6)), renewed by heartbeat;
+    # Presence and ownership are rows with an expiry in the database's own clock, in UTC (NOW() follows the
+    # session's time zone, which differs between servers and jumps at DST), renewed by heartbeat;
     # a target is taken with a conditional update, and a checkpoint is written only under a lock on its row.
 
     def _create_cluster_tables(self) -> None:
@@ -1201,7 +1202,7 @@ class MySQLMetaStore(SqlMetaStore):
     def _save_fenced(self, task_id, document, lease, target):
         with self._transaction() as cur:
             cur.execute("SELECT 1 FROM cdc_owner WHERE root_path = %s AND target = %s AND token = %s AND "
-                        "expires_at > NOW(6) FOR UPDATE", (self.root_path, target, lease.token))
+                        "expires_at > UTC_TIMESTAMP(6) FOR UPDATE", (self.root_path, target, lease.token))
             held = cur.fetchone() is not None
             cur.execute("SELECT 1 FROM task_info WHERE root_path = %s AND task_id = %s FOR UPDATE",
                         (self.root_path, task_id))
@@ -1214,8 +1215,8 @@ class MySQLMetaStore(SqlMetaStore):
         def enter():
             self._create_cluster_tables()
             with self._transaction() as cur:
-                cur.execute("REPLACE INTO cdc_server VALUES (%s, %s, %s, NOW(6) + INTERVAL %s MICROSECOND)",
-                            (self.root_path, server_id, token, int(ttl * 1e6)))
+                cur.execute("REPLACE INTO cdc_server VALUES (%s, %s, %s, UTC_TIMESTAMP(6) + INTERVAL %s "
+                            "MICROSECOND)", (self.root_path, server_id, token, int(ttl * 1e6)))
         token = f"{server_id}/{uuid.uuid4().hex[:12]}"
         started = time.monotonic()
         self._guard("joining the cluster", enter)
@@ -1224,13 +1225,13 @@ class MySQLMetaStore(SqlMetaStore):
     def renew(self, lease):
         def heartbeat():
             with self._transaction() as cur:
-                cur.execute("UPDATE cdc_server SET expires_at = NOW(6) + INTERVAL %s MICROSECOND WHERE root_path = %s "
-                            "AND server_id = %s AND token = %s AND expires_at > NOW(6)",
+                cur.execute("UPDATE cdc_server SET expires_at = UTC_TIMESTAMP(6) + INTERVAL %s MICROSECOND WHERE "
+                            "root_path = %s AND server_id = %s AND token = %s AND expires_at > UTC_TIMESTAMP(6)",
                             (int(lease.ttl * 1e6), self.root_path, lease.server_id, lease.token))
                 alive = cur.rowcount == 1
                 if alive:
-                    cur.execute("UPDATE cdc_owner SET expires_at = NOW(6) + INTERVAL %s MICROSECOND WHERE "
-                                "root_path = %s AND token = %s AND expires_at > NOW(6)",
+                    cur.execute("UPDATE cdc_owner SET expires_at = UTC_TIMESTAMP(6) + INTERVAL %s MICROSECOND WHERE "
+                                "root_path = %s AND token = %s AND expires_at > UTC_TIMESTAMP(6)",
                                 (int(lease.ttl * 1e6), self.root_path, lease.token))
             return alive
         started = time.monotonic()
@@ -1242,17 +1243,18 @@ class MySQLMetaStore(SqlMetaStore):
     def servers(self):
         def read():
             with self._transaction() as cur:
-                cur.execute("SELECT server_id, token FROM cdc_server WHERE root_path = %s AND expires_at > NOW(6)",
-                            (self.root_path,))
+                cur.execute("SELECT server_id, token FROM cdc_server WHERE root_path = %s AND "
+                            "expires_at > UTC_TIMESTAMP(6)", (self.root_path,))
                 return dict(cur.fetchall())
         return self._guard("listing servers", read)
 
     def acquire(self, lease, target):
         def take():
             with self._transaction() as cur:
-                cur.execute("INSERT IGNORE INTO cdc_owner VALUES (%s, %s, '', NOW(6))", (self.root_path, target))
-                cur.execute("UPDATE cdc_owner SET token = %s, expires_at = NOW(6) + INTERVAL %s MICROSECOND WHERE "
-                            "root_path = %s AND target = %s AND (token = %s OR expires_at <= NOW(6))",
+                cur.execute("INSERT IGNORE INTO cdc_owner VALUES (%s, %s, '', UTC_TIMESTAMP(6))",
+                            (self.root_path, target))
+                cur.execute("UPDATE cdc_owner SET token = %s, expires_at = UTC_TIMESTAMP(6) + INTERVAL %s MICROSECOND "
+                            "WHERE root_path = %s AND target = %s AND (token = %s OR expires_at <= UTC_TIMESTAMP(6))",
                             (lease.token, int(lease.ttl * 1e6), self.root_path, target, lease.token))
                 return cur.rowcount == 1
         return self._guard("taking a target", take)
@@ -1260,23 +1262,23 @@ class MySQLMetaStore(SqlMetaStore):
     def release(self, lease, target):
         def give():
             with self._transaction() as cur:
-                cur.execute("UPDATE cdc_owner SET token = '', expires_at = NOW(6) WHERE root_path = %s AND "
+                cur.execute("UPDATE cdc_owner SET token = '', expires_at = UTC_TIMESTAMP(6) WHERE root_path = %s AND "
                             "target = %s AND token = %s", (self.root_path, target, lease.token))
         self._guard("handing over a target", give)
 
     def owners(self):
         def read():
             with self._transaction() as cur:
-                cur.execute("SELECT target, token FROM cdc_owner WHERE root_path = %s AND expires_at > NOW(6) AND "
-                            "token <> ''", (self.root_path,))
+                cur.execute("SELECT target, token FROM cdc_owner WHERE root_path = %s AND "
+                            "expires_at > UTC_TIMESTAMP(6) AND token <> ''", (self.root_path,))
                 return {target: Lease.server_of(token) for target, token in cur.fetchall()}
         return self._guard("listing owners", read)
 
     def leave(self, lease):
         def out():
             with self._transaction() as cur:
-                cur.execute("UPDATE cdc_owner SET token = '', expires_at = NOW(6) WHERE root_path = %s AND token = %s",
-                            (self.root_path, lease.token))
+                cur.execute("UPDATE cdc_owner SET token = '', expires_at = UTC_TIMESTAMP(6) WHERE root_path = %s "
+                            "AND token = %s", (self.root_path, lease.token))
                 cur.execute("DELETE FROM cdc_server WHERE root_path = %s AND token = %s", (self.root_path, lease.token))
         self._guard("leaving the cluster", out)
 

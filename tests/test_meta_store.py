@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 import uuid
 
 import pymysql
@@ -163,3 +164,24 @@ def test_mysql_store_creates_its_database_and_tables(stack, tmp_path):
             cur.execute("DROP DATABASE `%s`" % database)
         conn.close()
     assert tables == {"task_info", "task_position"}
+
+
+def test_mysql_leases_live_in_utc_whatever_each_servers_session_time_zone(stack, tmp_path):
+    """Two servers whose MySQL sessions have other time zones (another host's default, a DST change) see one
+    lease expiry: a server that stopped renewing is seen gone after its TTL, not hours later (issue 17, item 12)."""
+    root = f"cdc-tz-{uuid.uuid4().hex[:10]}"
+
+    def store_in(zone: str) -> m.MySQLMetaStore:
+        settings = settings_for("mysql", stack, tmp_path, root)
+        return m.MySQLMetaStore({**settings.mysql, "init_command": f"SET time_zone = '{zone}'"}, root)
+    east, west = store_in("+10:00"), store_in("-05:00")
+    try:
+        east.join("east", ttl=1.0)
+        assert "east" in west.servers()
+        deadline = time.monotonic() + 10
+        while "east" in west.servers() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "east" not in west.servers(), "a lease written in another session time zone outlived its TTL"
+    finally:
+        east.close()
+        west.close()
