@@ -1731,6 +1731,15 @@ class SourceMessage:
 
 
 @dataclass(frozen=True)
+class ReadBatch:
+    """Messages as a task's reader hands them over, with the generation under which each channel was read: a
+    channel that is removed and added again is read anew, and what was read in its first life is not the
+    second's."""
+    generations: dict[str, int]
+    messages: list[SourceMessage]
+
+
+@dataclass(frozen=True)
 class StartAt:
     """Where a reader starts on a channel: ``after`` or ``at`` a message id, or at the ``latest`` / ``earliest``
     end of the channel."""
@@ -2908,6 +2917,7 @@ class _Input:
     name: str
     kind: InputKind
     skip_until: int                      # changes at or below were applied before a restart
+    generation: int = 0                  # which time the input was added: offers from another are stale
     promised: int | None = None          # nothing at or below this can still arrive
     pending: list[Change] = field(default_factory=list)   # in arrival order
     last: StartAt | None = None          # after the last position read, or where reading started
@@ -2936,9 +2946,11 @@ class ChangeOrder:
         self.added = False  # an input was added since the last take(): the watermark must be recomputed
         self.out: set[int] = set()  # seqs handed out, not committed
 
-    def add_input(self, name: str, kind: InputKind, start: StartAt | None = None, skip_until: int = 0) -> None:
+    def add_input(self, name: str, kind: InputKind, start: StartAt | None = None, skip_until: int = 0,
+                  generation: int = 0) -> None:
         if name not in self.inputs:
-            self.inputs[name] = _Input(name, kind, skip_until, last=start if start and start.msg_id else None)
+            self.inputs[name] = _Input(name, kind, skip_until, generation,
+                                       last=start if start and start.msg_id else None)
             self.added = True
 
     def remove_input(self, name: str) -> None:
@@ -2947,10 +2959,17 @@ class ChangeOrder:
     def has_input(self, name: str) -> bool:
         return name in self.inputs
 
-    def offer(self, name: str, ts: int, item: Any, position: bytes = b"") -> None:
+    def _current(self, name: str, generation: int | None) -> _Input | None:
+        """The input, unless it was removed, or removed and added again since this was read (``generation``)."""
         source = self.inputs.get(name)
+        if source is None or generation is not None and generation != source.generation:
+            return None
+        return source
+
+    def offer(self, name: str, ts: int, item: Any, position: bytes = b"", generation: int | None = None) -> None:
+        source = self._current(name, generation)
         if source is None:
-            return  # read before its input was removed
+            return  # read before its input was removed (and maybe added again)
         if position:
             source.last = StartAt("after", position)
         if ts <= source.skip_until:
@@ -2958,8 +2977,8 @@ class ChangeOrder:
         self.seq += 1
         source.pending.append(Change(ts, source.kind, self.seq, name, item, position))
 
-    def promise(self, name: str, ts: int, position: bytes = b"") -> None:
-        source = self.inputs.get(name)
+    def promise(self, name: str, ts: int, position: bytes = b"", generation: int | None = None) -> None:
+        source = self._current(name, generation)
         if source is None:
             return
         if position:
@@ -3519,10 +3538,11 @@ class Replicator:
 
     # -- reader thread ------------------------------------------------------------------------------------
 
-    def _run_reader(self, reader: ChannelReader) -> None:
-        self._ending("reading the source MQ", lambda: self._read(reader), [reader])
+    def _run_reader(self, reader: ChannelReader, generations: dict[str, int]) -> None:
+        self._ending("reading the source MQ", lambda: self._read(reader, generations), [reader])
 
-    def _read(self, reader: ChannelReader) -> None:
+    def _read(self, reader: ChannelReader, generations: dict[str, int]) -> None:
+        """``generations``: of the channels the reader reads already; the reader thread's own from here on."""
         from pymilvus.grpc_gen import common_pb2
         replicate = self.config.source.replicate_chan
         patience = self.patience("reader")
@@ -3530,14 +3550,16 @@ class Replicator:
         while not self.stop_event.is_set():
             while True:
                 try:
-                    command, channel, start = self.reader_commands.get_nowait()
+                    command, channel, start, generation = self.reader_commands.get_nowait()
                 except queue.Empty:
                     break
                 if command == "add":
                     patience.run(f"seeking {channel} in the source MQ",
                                  functools.partial(reader.add, channel, start), reader.transient)
+                    generations[channel] = generation
                 else:
                     reader.remove(channel)
+                    generations.pop(channel, None)
             messages = patience.run("reading the source MQ", lambda: reader.read(0.1), reader.transient)
             for message in messages:
                 if message.msg_type == common_pb2.TimeTick and message.channel != replicate:
@@ -3558,10 +3580,10 @@ class Replicator:
                 batch.append(message)
                 size += len(message.payload)
                 if size >= self.READ_BATCH_BYTES:
-                    self._hand_over(self.read_queue, batch)
+                    self._hand_over(self.read_queue, ReadBatch(dict(generations), batch))
                     batch, size = [], 0
             if batch:
-                self._hand_over(self.read_queue, batch)
+                self._hand_over(self.read_queue, ReadBatch(dict(generations), batch))
 
     # -- catalog thread -----------------------------------------------------------------------------------
 
@@ -3880,6 +3902,7 @@ class Applier:
                                                    for p in self.task.start_positions}
         self.order = ChangeOrder()
         self.followed: dict[int, SourceCollection] = {}        # collections whose channels are read
+        self.generations: dict[str, int] = {}   # times each channel was added as an input (ChangeOrder's stale check)
         self.catalog_fence = 0
         self.durable = 0
         self.last_checkpoint = 0.0
@@ -3926,7 +3949,7 @@ class Applier:
                          lambda: self._save_checkpoint(force=True, strict=True))
         log.info("task=%s started: %d collection(s), %d channel(s), resuming at ts %d", self.tid,
                  len(self.followed), len(self.order.names()) - 1, self.durable)
-        self.r._spawn("read", self.r._run_reader, reader)
+        self.r._spawn("read", self.r._run_reader, reader, dict(self.generations))
         self.r._spawn("catalog", self.r._run_catalog, poller)
         self.r.started.set()
         try:
@@ -4035,20 +4058,21 @@ class Applier:
 
     def _read(self, channel: str, start: StartAt, reader: ChannelReader | None = None) -> None:
         """Start reading a channel as one more input of the order."""
+        generation = self.generations[channel] = self.generations.get(channel, 0) + 1
         if reader is not None:
             start = reader.add(channel, start)  # at start-up, before the reader thread owns the reader
         else:
-            self.r.reader_commands.put(("add", channel, start))
+            self.r.reader_commands.put(("add", channel, start, generation))
         kind = InputKind.OPERATIONS if channel == self.replicate_chan else InputKind.DATA
         self.order.add_input(channel, kind, start if start.kind in ("after", "at") else None,
-                             skip_until=max(self.durable, self.floors.get((channel, ""), 0)))
+                             skip_until=max(self.durable, self.floors.get((channel, ""), 0)), generation=generation)
         log.info("task=%s reading %s from %s", self.tid, channel,
                  start.kind if not start.msg_id else f"{start.kind} {start.msg_id.hex()}")
 
     def _unread(self, channel: str) -> None:
         if self.order.has_input(channel):
             self.order.remove_input(channel)
-            self.r.reader_commands.put(("remove", channel, None))
+            self.r.reader_commands.put(("remove", channel, None, 0))
             log.info("task=%s stopped reading %s: no replicated collection left on it", self.tid, channel)
 
     # -- main loop ------------------------------------------------------------------------------------------
@@ -4075,17 +4099,18 @@ class Applier:
             # While calls are out, look again soon: their answers let the checkpoint, and so the tick, move on.
             batch = self.r.read_queue.get(timeout=0.005 if self.sent else 0.05)
         except queue.Empty:
-            batch = []
-        for message in batch:
+            batch = ReadBatch({}, [])
+        for message in batch.messages:
+            generation = batch.generations.get(message.channel, 0)
             if message.msg_type == common_pb2.TimeTick:
-                self.order.promise(message.channel, message.timestamp, message.msg_id)
+                self.order.promise(message.channel, message.timestamp, message.msg_id, generation)
                 continue
-            self.order.offer(message.channel, message.timestamp, message, message.msg_id)
+            self.order.offer(message.channel, message.timestamp, message, message.msg_id, generation)
             if message.msg_type == common_pb2.DropCollection and self.order.has_input(message.channel) and \
                     self._last_on_channel(message):
                 # The source stops ticking a channel with no collection left, possibly before a tick passes the
                 # drop; nothing can follow the drop there, so it stands for the channel's final tick.
-                self.order.promise(message.channel, message.timestamp)
+                self.order.promise(message.channel, message.timestamp, generation=generation)
         while True:
             try:
                 fence, changes = self.r.catalog_queue.get_nowait()

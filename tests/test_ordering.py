@@ -161,3 +161,22 @@ def test_changes_handed_out_are_not_taken_again_until_committed():
     order.hand_out(second)
     order.commit(first_seqs, watermark)
     assert order.applied == 15 and order.resume("a") == m.StartAt("at", pos(2))
+
+
+def test_a_channel_removed_and_added_again_takes_nothing_read_in_its_first_life():
+    """Batches of a channel's first life may still be queued when it is added again (its last collection dropped,
+    a new one created on it): they are stale, not the new input's (issue 17, item 3)."""
+    order = m.ChangeOrder()
+    order.add_input("ops", m.InputKind.OPERATIONS, generation=1)
+    order.add_input("dml", m.InputKind.DATA, generation=1)
+    order.promise("ops", 100, generation=1)
+    order.offer("dml", 10, "first life", b"\x01", generation=1)
+    order.remove_input("dml")
+    order.add_input("dml", m.InputKind.DATA, generation=2)
+    order.offer("dml", 20, "stale", b"\x02", generation=1)   # read before the remove, queued
+    order.promise("dml", 90, b"\x03", generation=1)          # a stale tick must not promise for the new life
+    assert order.watermark() == 0, "a stale promise moved the watermark"
+    order.offer("dml", 30, "second life", b"\x04", generation=2)
+    order.promise("dml", 40, b"\x05", generation=2)
+    ready, watermark = order.take()
+    assert [c.item for c in ready] == ["second life"] and watermark == 40
