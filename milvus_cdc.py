@@ -1459,6 +1459,7 @@ COLLECTION_CREATED, COLLECTION_CREATING, COLLECTION_DROPPING, COLLECTION_DROPPED
 PARTITION_CREATED = 0
 LOAD_TYPE_PARTITION, LOAD_TYPE_COLLECTION = 1, 2
 DEFAULT_DB = "default"
+UNKNOWN_DB = "#"  # the name of a database dropped before it was seen, followed by its id
 # A dropped key of Milvus's etcd is overwritten with this marker before garbage collection removes it.
 ETCD_TOMBSTONE = b"\xE2\x9B\xBC"
 
@@ -1572,7 +1573,7 @@ class SourceMeta:
         with self.lock:
             known = self.db_names.get(db_id)
         if known is None:
-            known = self.databases().get(db_id, f"#{db_id}")
+            known = self.databases().get(db_id, f"{UNKNOWN_DB}{db_id}")
         return known
 
     def collections(self, revision: int | None = None, since: int = 0) -> list[SourceCollection]:
@@ -2910,6 +2911,7 @@ class Change:
     input: str = field(compare=False)
     item: Any = field(compare=False)
     position: bytes = field(compare=False, default=b"")  # the MQ id of a message, to resume at
+    size: int = field(compare=False, default=0)          # bytes its item holds
 
 
 @dataclass
@@ -2945,6 +2947,7 @@ class ChangeOrder:
         self.seq = 0
         self.added = False  # an input was added since the last take(): the watermark must be recomputed
         self.out: set[int] = set()  # seqs handed out, not committed
+        self.held_bytes = 0         # of the items of changes not handed out (what waiting costs in memory)
 
     def add_input(self, name: str, kind: InputKind, start: StartAt | None = None, skip_until: int = 0,
                   generation: int = 0) -> None:
@@ -2954,7 +2957,9 @@ class ChangeOrder:
             self.added = True
 
     def remove_input(self, name: str) -> None:
-        self.inputs.pop(name, None)
+        removed = self.inputs.pop(name, None)
+        if removed is not None:
+            self.held_bytes -= sum(c.size for c in removed.pending if c.item is not None)
 
     def has_input(self, name: str) -> bool:
         return name in self.inputs
@@ -2975,7 +2980,9 @@ class ChangeOrder:
         if ts <= source.skip_until:
             return
         self.seq += 1
-        source.pending.append(Change(ts, source.kind, self.seq, name, item, position))
+        size = len(getattr(item, "payload", b""))
+        source.pending.append(Change(ts, source.kind, self.seq, name, item, position, size))
+        self.held_bytes += size
 
     def promise(self, name: str, ts: int, position: bytes = b"", generation: int | None = None) -> None:
         source = self._current(name, generation)
@@ -3005,6 +3012,7 @@ class ChangeOrder:
         places stay (their items are let go: what was applied needs no memory here). Returns their seqs."""
         seqs = {c.seq for c in changes}
         self.out |= seqs
+        self.held_bytes -= sum(c.size for c in changes)
         for source in self.inputs.values():
             source.pending = [dataclasses.replace(c, item=None) if c.seq in seqs else c for c in source.pending]
         return sorted(seqs)
@@ -3038,6 +3046,11 @@ class ChangeOrder:
             return sorted(silent)
         lowest = min(s.promised for s in self.inputs.values())
         return sorted(n for n, s in self.inputs.items() if s.promised == lowest)
+
+    def held_by_only(self, kind: InputKind) -> bool:
+        """Is every input that holds back a waiting change of this kind?"""
+        holding = self.holding()
+        return bool(holding) and all(self.inputs[name].kind == kind for name in holding)
 
     def names(self, kind: InputKind | None = None) -> list[str]:
         return sorted(n for n, s in self.inputs.items() if kind is None or s.kind == kind)
@@ -3292,6 +3305,7 @@ class TargetClock:
         self.fence: Lease | None = None   # in a cluster: ticks only while this server holds the target
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
+        self.waits = Waits()              # what the ticker waits out; every task on this target shows it in get
 
     def join(self, task_id: str, watermark: int, param: ConnectParam) -> None:
         with self.changed:
@@ -3333,7 +3347,8 @@ class TargetClock:
     def _run(self) -> None:
         sent: dict[str, int] = {}
         seen, writer, writer_param = 0, None, None
-        patience = Patience(self.settings, self.stopping, Waits(), "ticker", f"ticker:{self.address}")
+        patience = Patience(self.settings, self.stopping, self.waits, "ticker", f"ticker:{self.address}")
+        failures: list[float] = []  # when each failed round of ticks ended, since the last that went out
         while not self.stopping.is_set():
             with self.changed:
                 while self.posted == seen and not self.stopping.is_set():
@@ -3349,17 +3364,27 @@ class TargetClock:
                 if writer is None or param != writer_param:
                     if writer is not None:
                         writer.close()
+                    writer = None  # so that a writer that cannot be made is tried again, not the closed one
                     writer, writer_param = self.make_writer(param, patience), param
                 for pchannel in due:
                     writer.replicate(pchannel, [MessageRewriter.time_tick(tick)])
                     sent[pchannel] = tick
             except TaskStopping:
                 break
-            except (TaskHalt, TargetError) as exc:
-                log.warning("ticks to %s: %s; trying again", self.address, exc)
+            except Exception as exc:  # noqa: BLE001 - whatever it is (a TLS file rotated away...), ticks go on
+                # Without ticks the target's data stops becoming visible: never end the thread, say why in get.
+                failures.append(time.time())
+                self.waits.set("ticker", Wait(f"sending time ticks to {self.address}", failures[0], len(failures),
+                                              describe_error(exc)))
+                log.warning("ticks to %s: %s; trying again", self.address, describe_error(exc))
                 with self.changed:
                     self.posted += 1  # not sent: try again
-                self.stopping.wait(1.0)
+                self.stopping.wait(min(self.settings.retry_max_backoff, 0.5 * 2 ** min(len(failures), 6)))
+            else:
+                if failures:
+                    log.info("ticks to %s go out again", self.address)
+                    failures.clear()
+                    self.waits.clear("ticker")
         if writer is not None:
             writer.close()
 
@@ -3474,13 +3499,18 @@ class Replicator:
     def progress(self) -> dict:
         """What `get` shows of a running task: lag per channel, and what it waits on, if anything."""
         shown: dict[str, Any] = {"channels": self.lag()}
-        waits = self.waits.snapshot()
+        waits = self.faults()
         if waits:
             shown["retrying"] = [w.public() for w in waits]
         with self.status_lock:
             if self.status.get("waiting_for"):
                 shown["waiting_for"] = self.status["waiting_for"]
         return shown
+
+    def faults(self) -> list[Wait]:
+        """What the task waits out now: in its own threads, and in its target's ticker (shared with the other
+        tasks writing there)."""
+        return sorted(self.waits.snapshot() + self.clock.waits.snapshot(), key=lambda w: w.since)
 
     def patience(self, role: str) -> Patience:
         return Patience(self.config.replication, self.stop_event, self.waits, role, self.task.task_id)
@@ -3627,6 +3657,12 @@ class SourceCatalog:
         self.known: dict[int, SourceCollection | None] = {}
 
     def learn(self, collection: SourceCollection) -> None:
+        earlier = self.known.get(collection.id)
+        if earlier is not None and collection.db_name.startswith(UNKNOWN_DB) and \
+                not earlier.db_name.startswith(UNKNOWN_DB):
+            # Read by a poll after its database was dropped, by a reader that never saw the database: its name
+            # is known from before (a drop of the database must find its collections by that name).
+            collection = dataclasses.replace(collection, db_name=earlier.db_name)
         self.known[collection.id] = collection
 
     def get(self, collection_id: int) -> SourceCollection | None:
@@ -3778,9 +3814,13 @@ class TargetCopies:
         dropped right after its last collection is dropped comes before that message."""
         source = self.catalog.created_at(*self.names.source(target.db_name, target.name), target.created_ts)
         if source is None:
+            log.info("task=%s %s stays: it is not the copy of a source collection this task knows (created at ts "
+                     "%d)", self.tid, target.qualified_name, target.created_ts)
             return False
         now = self.meta.collection(source.id)
         if now is not None and not now.dropped:
+            log.info("task=%s %s stays: the source's %s is not dropped", self.tid, target.qualified_name,
+                     source.qualified_name)
             return False
         self.drop(source, target, ts)
         return True
@@ -3878,6 +3918,7 @@ class Applier:
 
     WRITE_AHEAD_BYTES = 16 << 20  # messages on their way to the target before the oldest round must be acknowledged
     ROUND_BYTES = 4 << 20         # messages one round hands to the send lanes, at most
+    HELD_BYTES = 64 << 20         # messages waiting above the watermark before the read queue is left be
 
     def __init__(self, replicator: Replicator, meta: SourceMeta, writer: TargetWriter):
         from pymilvus.grpc_gen import common_pb2
@@ -4095,11 +4136,17 @@ class Applier:
 
     def _receive(self) -> None:
         from pymilvus.grpc_gen import common_pb2
-        try:
-            # While calls are out, look again soon: their answers let the checkpoint, and so the tick, move on.
-            batch = self.r.read_queue.get(timeout=0.005 if self.sent else 0.05)
-        except queue.Empty:
-            batch = ReadBatch({}, [])
+        # While calls are out, look again soon: their answers let the checkpoint, and so the tick, move on.
+        wait = 0.005 if self.sent else 0.05
+        batch = ReadBatch({}, [])
+        if self.order.held_bytes > self.HELD_BYTES and self.order.held_by_only(InputKind.CATALOG):
+            # The source's etcd is silent and changes pile up behind it: leave the read queue be, so that the
+            # reader waits on it instead of memory growing. Only the catalog can free them, and it comes through
+            # its own queue (a DML or replicate channel holding back could not: its promise is in the read queue).
+            self.stop.wait(wait)
+        else:
+            with contextlib.suppress(queue.Empty):
+                batch = self.r.read_queue.get(timeout=wait)
         for message in batch.messages:
             generation = batch.generations.get(message.channel, 0)
             if message.msg_type == common_pb2.TimeTick:
@@ -4747,7 +4794,7 @@ class TaskGauges:
                 if replicator.checkpoint_at:
                     age.add_metric([task.task_id], now - replicator.checkpoint_at)
                 depth.add_metric([task.task_id], replicator.read_queue.qsize())
-                waiting.add_metric([task.task_id], 1.0 if replicator.waits.snapshot() else 0.0)
+                waiting.add_metric([task.task_id], 1.0 if replicator.faults() else 0.0)
         for each, number in totals.items():
             count.add_metric([each.value], number)
         yield from (state, count, lag, age, depth, waiting)
@@ -5074,6 +5121,16 @@ class TaskManager:
             if task.state == TaskState.RUNNING and (replicator is None or not replicator.alive()):
                 why = replicator.failure if replicator is not None and replicator.failure else "its threads stopped"
                 return f"task {task.task_id} is running but not replicating: {why}"
+        return self.ticks_problem()
+
+    def ticks_problem(self) -> str | None:
+        """Why a target gets no time ticks, once that has lasted retryTimeout: its data stops becoming visible."""
+        with self.lock:
+            clocks = list(self.clocks.values())
+        for clock in clocks:
+            for wait in clock.waits.snapshot():
+                if time.time() - wait.since > self.config.replication.retry_timeout:
+                    return f"{wait.operation} fails since {wait.public()['since']}: {wait.last_error}"
         return None
 
     def positions(self, task_id: Any) -> dict:
@@ -5365,7 +5422,7 @@ class ClusterTaskManager(TaskManager):
             if task.state == TaskState.RUNNING and task.connect.address in held and \
                     (replicator is None or not replicator.alive()):
                 return f"task {task.task_id} is held here but not replicating"
-        return None
+        return self.ticks_problem()
 
 
 ###############################################################################

@@ -81,8 +81,7 @@ def test_go_fields_that_cannot_be_honoured_as_given_are_refused_saying_why(data,
 
 
 def test_every_field_of_the_go_request_model_is_accepted():
-    position = base64.b64encode(msg_pb2.MsgPosition(channel_name="by-dev-rootcoord-dml_3_77v0", msgID=b"\x05" + 7 * b"\0",
-                                                    timestamp=42).SerializeToString()).decode()
+    position = m.StartPosition("by-dev-rootcoord-dml_3_77v0", b"\x05" + 7 * b"\0", 42).encode()
     request = create({
         "milvus_connect_param": {"uri": "http://t:19530", "token": "root:Milvus", "connect_timeout": 10,
                                  "channel_num": 16, "ignore_partition": False, "dial_config": {}},

@@ -1,6 +1,8 @@
 """Unit tests of the ordering rule (ChangeOrder): pure bookkeeping, no server."""
 from __future__ import annotations
 
+import dataclasses
+
 import milvus_cdc as m
 from milvus_cdc import InputKind
 
@@ -180,3 +182,23 @@ def test_a_channel_removed_and_added_again_takes_nothing_read_in_its_first_life(
     order.promise("dml", 40, b"\x05", generation=2)
     ready, watermark = order.take()
     assert [c.item for c in ready] == ["second life"] and watermark == 40
+
+
+def test_what_waits_behind_a_silent_catalog_is_counted_and_named():
+    """The applier leaves the read queue be when the changes waiting above the watermark pass a byte cap and only
+    the catalog holds them back (the source's etcd out under load): the reader then waits instead of memory
+    growing (issue 17, item 9). A DML channel holding back must not stop the reading: its promise is read there."""
+    order = m.ChangeOrder()
+    order.add_input("catalog", InputKind.CATALOG)
+    order.add_input("dml", InputKind.DATA)
+    message = m.SourceMessage("dml", b"\x01", 400, 10, b"x" * 1000)
+    for ts in (10, 20, 30):
+        order.offer("dml", ts, dataclasses.replace(message, timestamp=ts), b"%d" % ts)
+    order.promise("dml", 20)
+    assert order.held_bytes == 3000 and order.held_by_only(InputKind.CATALOG)
+    order.promise("catalog", 40)
+    ready, _ = order.take()
+    order.hand_out(ready)
+    assert order.held_bytes == 1000 and not order.held_by_only(InputKind.CATALOG)  # now the DML channel holds
+    order.remove_input("dml")
+    assert order.held_bytes == 0

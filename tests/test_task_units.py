@@ -272,3 +272,64 @@ def test_closing_the_outbox_waits_for_the_calls_still_out():
     assert outbox.close(timeout=0.2) is False, "close reports the call still out when the wait runs out"
     threading.Timer(0.1, writer.release.set).start()
     assert outbox.close(timeout=5) is True and writer.done.is_set(), "close returned before the call ended"
+
+
+def test_the_ticker_survives_any_failure_and_shows_it_until_ticks_go_out_again():
+    """A writer that cannot be made (a TLS file rotated away) used to end the tick thread silently: the target's
+    data then stopped becoming visible with nothing in get (issue 17, item 6)."""
+    import time
+    writer = RecordingWriter()
+    broken = {"left": 2}
+
+    def make_writer(param, patience):
+        if broken["left"]:
+            broken["left"] -= 1
+            raise m.TlsFileError("ca_pem_path")
+        return writer
+    settings = m.ReplicationSettings(retry_max_backoff=0.2)
+    clock = m.TargetClock(settings, "t:1", make_writer=make_writer)
+    try:
+        clock.join("t1", 100, m.ConnectParam("http://t:1"))
+        clock.add_channels(["a"])
+        deadline = time.monotonic() + 5
+        while not clock.waits.snapshot() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        [wait] = clock.waits.snapshot()
+        assert "ticks" in wait.operation and "ca_pem_path" in wait.last_error
+        while writer.sent != [("a", 100)] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert writer.sent == [("a", 100)] and clock.thread.is_alive()
+        assert clock.waits.snapshot() == [], "the fault is no longer shown once ticks go out"
+    finally:
+        clock.close()
+
+
+def test_readyz_names_a_target_without_ticks_for_longer_than_retry_timeout(tmp_path):
+    import dataclasses
+    import time
+    from pathlib import Path
+    config, _ = m.load_config(str(Path(__file__).resolve().parent.parent / "config.yaml"))
+    config = dataclasses.replace(config, replication=m.ReplicationSettings(retry_timeout=5))
+    manager = m.TaskManager(config, m.SqliteMetaStore(str(tmp_path / "meta.db"), "cdc"))
+    clock = manager.clocks["t:1"] = m.TargetClock(config.replication, "t:1")
+    assert manager.readiness() is None
+    clock.waits.set("ticker", m.Wait("sending time ticks to t:1", time.time() - 1, 3, "TlsFileError: ca"))
+    assert manager.readiness() is None, "a fault shorter than retryTimeout is being waited out"
+    clock.waits.set("ticker", m.Wait("sending time ticks to t:1", time.time() - 6, 9, "TlsFileError: ca"))
+    assert "sending time ticks to t:1" in manager.readiness() and "TlsFileError" in manager.readiness()
+    manager.store.close()
+
+
+def test_a_collection_read_after_its_database_was_dropped_keeps_the_database_name():
+    """create database d0; create d0.c2; ...; drop d0.c2; drop database d0, fired back to back: the catalog's poll
+    can read d0.c2 only after d0 is gone, with no name for its database. The database's drop must still find its
+    copy as d0.c2 (the open model-based failure of issue 17, item 15, seed 1097918520)."""
+    import dataclasses
+    from pymilvus.grpc_gen import schema_pb2
+    catalog = m.SourceCatalog(None, m.CollectionFilter(["*"]))
+    c2 = m.SourceCollection(id=7, name="c2", db_id=5, db_name="d0", schema=schema_pb2.CollectionSchema(),
+                            shards_num=1, consistency_level=0, properties=[], vchannels=["ch_7v0"], pchannels=["ch"],
+                            start_positions={}, create_time=100, state=0)
+    catalog.learn(c2)
+    catalog.learn(dataclasses.replace(c2, db_name=f"{m.UNKNOWN_DB}5", state=m.COLLECTION_DROPPING))
+    assert catalog.created_at("d0", "c2", 100) is not None and catalog.get(7).dropped
