@@ -7,8 +7,27 @@ through ``ReplicateMessage``. Tasks are managed through ``POST /cdc``.
 
     python milvus_cdc.py -c config.yaml
 
-The module reads top-down in the order data flows: configuration, meta store, source metadata, MQ readers,
-message rewrite, target writer, replication task, HTTP API, main.
+The module reads top-down in the order data flows, one banner section each:
+
+- Configuration: the YAML file, checked, in this project's and the Go CDC's spellings
+- Faults: what is waited out (Patience, one retry policy), and what a task shows meanwhile
+- Metrics: the Prometheus registry and each task's counters
+- Meta store: tasks, checkpoints and leases in sqlite, MySQL or etcd
+- Source metadata (etcd): the source's catalog, and the poller that follows it
+- MQ readers: Kafka and Pulsar channel readers
+- Message rewrite: source DML messages addressed to the target's collection, partition and shard
+- Target writer: every gRPC call to the target, classified, and the send lanes
+- Target mirror: the target's catalog as a task sees it, and the repairs a refusal calls for
+- Ordering: one timestamp order over every input (ChangeOrder)
+- Replication task: definition and clocks (the task's scope, names and start positions; time ticks)
+- Replication task: threads (reader, catalog, applier)
+- Replication task: collections and their copies
+- Replication task: the applier
+- Task requests: what a create may say, checked
+- Task manager: lifecycle and checked requests
+- Cluster: several servers, one set of tasks
+- HTTP API: ``POST /cdc``, metrics and health
+- Main
 """
 from __future__ import annotations
 
@@ -1667,6 +1686,7 @@ class CatalogChangeKind(enum.Enum):
     COLLECTION = "collection"  # created, or its info changed
     PARTITION = "partition"    # created
     LOAD = "load"              # the load state of a collection changed (no source time: Milvus 2.3 keeps none)
+    DROPPED = "dropped"        # dropped while the task was stopped (seen at its start)
 
 
 @dataclass(frozen=True)
@@ -3965,7 +3985,7 @@ class Applier:
             common_pb2.Flush: self.on_flush}
         self.catalog_handlers = {
             CatalogChangeKind.COLLECTION: self.on_collection_seen, CatalogChangeKind.PARTITION: self.on_partition_seen,
-            CatalogChangeKind.LOAD: self.on_load_changed}
+            CatalogChangeKind.LOAD: self.on_load_changed, CatalogChangeKind.DROPPED: self.on_dropped_while_stopped}
 
     # -- start ----------------------------------------------------------------------------------------------
 
@@ -4049,6 +4069,17 @@ class Applier:
                             CatalogChangeKind.PARTITION, collection.id, partition.created_ts, partition=partition))
                 self.order.offer(CATALOG_INPUT, self.durable + 1,
                                  CatalogChange(CatalogChangeKind.LOAD, collection.id))
+
+        if saved:
+            # Dropped while the task was stopped: the drop message is on the collection's channels, which are not
+            # read when no live collection needs them (and the source no longer ticks them). A copy is dropped
+            # right after the checkpoint's time instead (what came before the drop goes with it), or right after
+            # its creation when that is later (the target ignores a drop older than the collection).
+            for collection in listed:
+                if collection.dropped and self.filter.matches(collection.db_name, collection.name):
+                    ts = max(self.durable, collection.create_time) + 1
+                    self.order.offer(CATALOG_INPUT, ts, CatalogChange(CatalogChangeKind.DROPPED, collection.id, ts,
+                                                                      collection=collection))
 
         def resumed(channel: str) -> StartAt | None:
             checkpoint = saved.get(channel)
@@ -4474,6 +4505,18 @@ class Applier:
         copy = self.copies.of(change.collection_id)
         if copy is not None and not copy[0].has_partition_key():
             self.copies.partition(copy[1], change.partition.name, change.partition.id, change.partition.created_ts)
+
+    def on_dropped_while_stopped(self, change: CatalogChange, ts: int) -> None:
+        source = change.collection
+        if source is None or source.id in self.copies.gone:
+            return
+        target = self.copies.existing_copy(source)
+        if target is not None:
+            log.info("task=%s %s was dropped on the source while the task was stopped", self.tid,
+                     source.qualified_name)
+            self.copies.drop(source, target, ts)
+        else:
+            self.copies.forget(source)
 
     def on_load_changed(self, change: CatalogChange, ts: int) -> None:
         copy = self.copies.of(change.collection_id)

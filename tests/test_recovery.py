@@ -9,7 +9,7 @@ import time
 import pytest
 from pymilvus import DataType, MilvusClient
 
-from helpers import CdcServer, assert_same_rows, client, server_config, wait_until
+from helpers import CdcServer, assert_same_rows, client, running_server, server_config, wait_until
 
 
 class InsertLoad:
@@ -160,3 +160,33 @@ def test_checkpoints_are_written_in_batches_not_per_message(stack, tmp_path, uni
         server.call("delete", task_id=task_id)
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("stopped_by", ["pause", "kill -9"])
+def test_collections_dropped_while_the_task_is_stopped_are_dropped_on_the_target(stack, tmp_path, unique_name,
+                                                                                 stopped_by):
+    """A task naming only these collections reads no channel of theirs once they are gone, so their drops must
+    come from the catalog (issue 17, item 2)."""
+    names = [unique_name("gone") for _ in range(3)]
+    source, target = client(stack["source_milvus"]), client(stack["target_milvus"])
+    with running_server(stack, tmp_path) as server:
+        task_id = server.create_task(stack["target_milvus"], collections=names)
+        for name in names:  # not loaded: a release before the drop would name them on the replicate channel
+            schema = MilvusClient.create_schema(auto_id=False)
+            schema.add_field("id", DataType.INT64, is_primary=True)
+            schema.add_field("v", DataType.FLOAT_VECTOR, dim=4)
+            source.create_collection(name, schema=schema, shards_num=1)
+            source.insert(name, [{"id": i, "v": [i / 7] * 4} for i in range(10)])
+        wait_until(lambda: all(target.has_collection(n) for n in names), 60, what="the copies on the target")
+        if stopped_by == "pause":
+            server.call("pause", task_id=task_id)
+        else:
+            server.kill()
+        for name in names:
+            source.drop_collection(name)
+        if stopped_by == "pause":
+            server.call("resume", task_id=task_id)
+        else:
+            server.start()
+        wait_until(lambda: not any(target.has_collection(n) for n in names), 60, what="the copies dropped")
+        assert server.task(task_id)["state"] == "Running"
