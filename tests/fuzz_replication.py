@@ -9,10 +9,16 @@ collection *on the source* (the CDC replicates that too) and compares every row,
 ``count(*)``. A failing sequence is shrunk by hypothesis; the report is the shortest failing sequence of
 operations, as run on the source, and the diff.
 
-    python tests/fuzz_replication.py --sequences 20 [--steps 25] [--seed 7]
+Each sequence runs under a task of one of three scopes, in turn: ``star`` (every database and collection, same
+names on the target), ``scoped`` (``db_collections``: one database of the sequence, maybe not yet created; nothing
+else of the sequence may reach the target) or ``mapped`` (``*`` with a ``name_mapping`` renaming one database of
+the sequence and some collections); the target is compared with the source's state as the task's scope and names
+make it.
+
+    python tests/fuzz_replication.py --sequences 20 [--steps 25] [--seed 7] [--mode star|scoped|mapped|mixed]
 
 starts its own stack (tests/stack.py) unless CDC_TEST_STACK names a running stack's JSON, and its own CDC
-server with one ``*`` task. ``tests/test_fuzz_replication.py`` runs the same under pytest.
+server. ``tests/test_fuzz_replication.py`` runs the same under pytest.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -304,6 +311,87 @@ class Op:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The task's scope and names
+# ---------------------------------------------------------------------------------------------------------
+
+MODES = ("star", "scoped", "mapped")
+# What a mapped database or collection is called on the target: the sequence's name plus this, so the target's
+# names keep the sequence's prefix (the snapshot finds them, sweep_leftovers removes them), and no source name of
+# the sequence ends with it.
+MAPPED = "_m"
+
+
+@dataclass(frozen=True)
+class TaskScope:
+    """What a sequence's task replicates and under which names: ``star`` everything under its own name;
+    ``scoped`` only ``database``, its create and drop included; ``mapped`` everything, ``database`` renamed, and the
+    ``renamed`` collections renamed in the default database and in ``database``."""
+    mode: str = "star"
+    database: str = ""
+    renamed: tuple[str, ...] = ()
+
+    def request(self) -> dict:
+        """The create request's scope, as CdcServer.create_task takes it."""
+        if self.mode == "scoped":
+            return {"collections": (), "db_collections": {self.database: [{"name": "*"}]}}
+        if self.mode == "star":
+            return {}
+        renames = {name: name + MAPPED for name in self.renamed}
+        return {"name_mapping": [
+            {"source_db": DEFAULT_DB, "target_db": DEFAULT_DB, "collection_mapping": renames},
+            {"source_db": self.database, "target_db": self.database + MAPPED, "collection_mapping": renames}]}
+
+    @property
+    def partial(self) -> bool:
+        """Does the task leave some of the sequence out? Then the target being equal once is not enough: what is
+        left out must not arrive later either. (The clean-up's waits need not check again: it only drops.)"""
+        return self.mode == "scoped"
+
+    def target(self, db: str, *name: str) -> tuple[str, ...] | None:
+        """The target's names of a source database (or of a collection in it); None when the task leaves it out."""
+        if self.mode == "scoped" and db != self.database:
+            return None
+        mapped = self.mode == "mapped"
+        renamed = [n + MAPPED if mapped and db in (DEFAULT_DB, self.database) and n in self.renamed else n
+                   for n in name]
+        return (db + MAPPED if mapped and db == self.database else db, *renamed)
+
+    def source(self, db: str, *name: str) -> tuple[str, ...] | None:
+        """The source's names whose copy has these names on the target; None when nothing maps to them. The
+        mapping only appends MAPPED, which no source name of a sequence ends with."""
+        source = tuple(part.removesuffix(MAPPED) for part in (db, *name))
+        return source if self.target(*source) == (db, *name) else None
+
+    def __str__(self) -> str:
+        short = OUR_NAMES.sub("", self.database)
+        if self.mode == "scoped":
+            return f"scoped: db_collections {{{short}: *}}, nothing else of the sequence"
+        if self.mode == "mapped":
+            renamed = ", ".join(f"{OUR_NAMES.sub('', n)} -> {OUR_NAMES.sub('', n)}{MAPPED}" for n in self.renamed)
+            return f"mapped: * with {short} -> {short}{MAPPED}, and {renamed} in default and in {short}"
+        return "star: *"
+
+
+@dataclass(frozen=True)
+class ScopeChoice:
+    """What a scoped or mapped task is about, drawn before the sequence's names are known; ``resolve`` names it. A
+    mapped scope renames the first collection slot (every sequence creates it) and the ``renamed`` others; the
+    rest keep their names."""
+    database: int
+    renamed: frozenset[int]
+
+    def resolve(self, prefix: str, mode: str) -> TaskScope:
+        if mode == "star":
+            return TaskScope()
+        renamed = tuple(f"{prefix}_c{i}" for i in sorted({0, *self.renamed})) if mode == "mapped" else ()
+        return TaskScope(mode, f"{prefix}_d{self.database}", renamed)
+
+
+SCOPE_CHOICES = st.builds(ScopeChoice, database=st.integers(0, DB_SLOTS - 1),
+                          renamed=st.frozensets(st.integers(1, COLLECTION_SLOTS - 1)))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Snapshots of one side and their diff
 # ---------------------------------------------------------------------------------------------------------
 
@@ -383,6 +471,24 @@ def snapshot(clients: Clients, side: str, prefix: str, with_rows: bool) -> dict:
                                              rows_by_partition(m, n, k, ps, t))
             state[f"{db}.{name}"] = described
     return state
+
+
+def line_up(state: dict, side: str, scope: TaskScope) -> dict:
+    """One side's snapshot keyed so that the two sides line up: what the task replicates under "source name ->
+    target name" (the name alone when both are the same); on the source, what the task leaves out is left out; on
+    the target, a name nothing maps to stays, marked, and so shows as only on the target."""
+    def label(*names: str) -> str | None:
+        source, target = (names, scope.target(*names)) if side == "source" else (scope.source(*names), names)
+        if target is None:
+            return None
+        if source is None:
+            return f"{'.'.join(target)} (a target name that nothing in the task's scope maps to)"
+        return ".".join(source) if source == target else f"{'.'.join(source)} -> {'.'.join(target)}"
+    lined: dict[str, Any] = {"databases": sorted(filter(None, map(label, state["databases"])))}
+    for key, value in state.items():
+        if key != "databases" and (name := label(*key.split(".", 1))) is not None:
+            lined[name] = value
+    return lined
 
 
 def diff(source: Any, target: Any, path: str = "") -> list[str]:
@@ -473,6 +579,7 @@ class Limits:
 @dataclass
 class Failure:
     number: int
+    mode: str
     ops: list[Op]
     problem: str
 
@@ -565,21 +672,26 @@ def engine_script() -> Path:
 
 
 class Harness:
-    """One CDC server with one ``*`` task for all sequences, the clients of both sides, the convergence wait, and
-    the failures seen."""
+    """One CDC server with one task at a time (the scope of the sequence running), the clients of both sides, the
+    convergence wait, and the failures seen."""
 
     def __init__(self, endpoints: dict, workdir: Path, limits: Limits | None = None,
-                 out: Callable[[str], None] = print, verbose: bool = False, cdc_settings: dict | None = None):
+                 out: Callable[[str], None] = print, verbose: bool = False, cdc_settings: dict | None = None,
+                 modes: tuple[str, ...] = MODES):
         self.endpoints, self.workdir, self.limits = endpoints, workdir, limits or Limits()
         self.cdc_settings = cdc_settings or {}   # CDC config keys (dotted) for the run
         self.out, self.verbose = out, verbose
+        self.modes = modes                       # the task scopes sequences take in turn
+        self.turns = 0
         self.clients = Clients({"source": endpoints["source_milvus"], "target": endpoints["target_milvus"]})
         self.server: EngineServer | None = None
         self.task_id = ""
+        self.scope: TaskScope | None = None      # the running task's
         self.fresh_task_needed = False
         self.failures: list[Failure] = []
         self.examples = 0
         self.durations: list[float] = []
+        self.mode_counts: Counter[str] = Counter()   # sequences compared, per mode
 
     # -- the CDC ------------------------------------------------------------------------------------------
 
@@ -590,14 +702,13 @@ class Harness:
         config = server_config(self.endpoints, self.workdir, **{
             "replication.retryTimeout": float(os.environ.get("CDC_FUZZ_RETRY_TIMEOUT", "5")), **self.cdc_settings})
         self.server = EngineServer(config, self.workdir, engine_script()).start()
-        sweep_leftovers(self.clients, self.endpoints["target_milvus"], self.out)
-        self.task_id = self.server.create_task(self.endpoints["target_milvus"])
         return self
 
     def close(self) -> None:
         if self.server is not None:
-            with contextlib.suppress(Exception):
-                self.server.call("delete", task_id=self.task_id)
+            if self.task_id:
+                with contextlib.suppress(Exception):
+                    self.server.call("delete", task_id=self.task_id)
             if self.fresh_task_needed:  # the last sequence failed: leave no leftovers for whoever comes next
                 with contextlib.suppress(Exception):
                     sweep_leftovers(self.clients, self.endpoints["target_milvus"], self.out)
@@ -609,15 +720,31 @@ class Harness:
             return f"the CDC task is {task['state']}: {task.get('reason')}"
         return None
 
-    def ensure_fresh_task(self) -> None:
-        """After a failed sequence the task may be paused or wedged: the next sequence gets a new one, so each
-        sequence (and each shrink attempt) is judged on its own."""
-        if not self.fresh_task_needed and not self.task_problem():
+    def next_mode(self) -> str:
+        """The next sequence's task scope: the run's modes in turn, so that each has its share however hypothesis
+        draws (its draws come in runs of similar examples); once a sequence failed, that sequence's mode, so that
+        shrinking reproduces it."""
+        if self.failures:
+            return self.failures[0].mode
+        self.turns += 1
+        return self.modes[(self.turns - 1) % len(self.modes)]
+
+    def ensure_task(self, scope: TaskScope) -> None:
+        """A running task of ``scope``: the one there is when it has that scope and is well, else a new one, the old
+        one deleted first (the server refuses a second task whose scope overlaps). After a failed sequence the task
+        may be paused or wedged and both sides may hold leftovers: the next sequence gets a new task and swept
+        sides, so each sequence (and each shrink attempt) is judged on its own."""
+        suspect = self.fresh_task_needed or not self.task_id or self.task_problem() is not None
+        if not suspect and scope == self.scope:
             return
-        with contextlib.suppress(Exception):
-            self.server.call("delete", task_id=self.task_id)
-        sweep_leftovers(self.clients, self.endpoints["target_milvus"], self.out)
-        self.task_id = self.server.create_task(self.endpoints["target_milvus"])
+        if self.task_id:
+            with contextlib.suppress(Exception):
+                self.server.call("delete", task_id=self.task_id)
+            self.task_id, self.scope = "", None
+        if suspect:
+            sweep_leftovers(self.clients, self.endpoints["target_milvus"], self.out)
+        self.task_id = self.server.create_task(self.endpoints["target_milvus"], **scope.request())
+        self.scope = scope
         self.fresh_task_needed = False
 
     def log_mark(self) -> int:
@@ -636,8 +763,11 @@ class Harness:
 
     # -- convergence ----------------------------------------------------------------------------------------
 
-    def wait_same(self, prefix: str, with_rows: bool, end_ts: int, timeout: float | None = None) -> str | None:
-        """Poll until the target's snapshot equals the source's; None when it does, else the problem.
+    def wait_same(self, prefix: str, scope: TaskScope, with_rows: bool, end_ts: int, timeout: float | None = None,
+                  confirmed: bool = False) -> str | None:
+        """Poll until the target's snapshot equals the source's as ``scope`` replicates it; None when it does, else
+        the problem. ``confirmed`` also needs the CDC to have confirmed up to ``end_ts``: what a partial scope
+        leaves out must not arrive later either.
 
         Gives up early when the task pauses, when the CDC confirmed everything up to ``end_ts`` more than
         ``caught_up_grace`` ago, or when its confirmed position has not moved for ``stall_timeout``: a failing
@@ -655,18 +785,19 @@ class Harness:
             if bad := source_self_check(source):
                 return "\n".join(bad)
             target = _guarded(lambda: snapshot(self.clients, "target", prefix, with_rows))
-            differences = diff(source, target) if isinstance(target, dict) else [f"target: {target}"]
-            if not differences:
+            differences = diff(line_up(source, "source", scope), line_up(target, "target", scope)) \
+                if isinstance(target, dict) else [f"target: {target}"]
+            now = time.monotonic()
+            confirmed_ts = _guarded(self.confirmed_ts)
+            if isinstance(confirmed_ts, int):
+                if confirmed_ts != last_ts:
+                    last_ts, last_move = confirmed_ts, now
+                if confirmed_ts >= end_ts and caught_up_at is None:
+                    caught_up_at = now
+            if not differences and (caught_up_at is not None or not confirmed):
                 return None
             if problem := self.task_problem():
                 return problem + "\n" + "\n".join(differences)
-            now = time.monotonic()
-            confirmed = _guarded(self.confirmed_ts)
-            if isinstance(confirmed, int):
-                if confirmed != last_ts:
-                    last_ts, last_move = confirmed, now
-                if confirmed >= end_ts and caught_up_at is None:
-                    caught_up_at = now
             why = None
             if any("'Loading'" in line for line in differences):
                 caught_up_at = None  # the target is still loading: slow on a busy machine, not (yet) wrong
@@ -678,7 +809,9 @@ class Harness:
             elif now > deadline:
                 why = f"the target did not converge within {now - start:.0f}s"
             if why:
-                return f"{why}:\n" + "\n".join(f"  {line}" for line in differences)
+                shown = differences or ["no difference yet, but the CDC has not confirmed the sequence's end, so what "
+                                        "the task leaves out may still arrive"]
+                return f"{why}:\n" + "\n".join(f"  {line}" for line in shown)
             time.sleep(limits.poll_interval)
 
 
@@ -696,11 +829,11 @@ class ReplicationMachine(RuleBasedStateMachine):
     def __init__(self, harness: Harness):
         super().__init__()
         self.h = harness
-        harness.ensure_fresh_task()
         harness.examples += 1
         self.number = harness.examples
         self.started = time.monotonic()
         self.prefix = f"fz{uuid.uuid4().hex[:8]}"
+        self.scope: TaskScope | None = None   # set with the task, before the first operation
         self.dbs: set[str] = set()
         self.collections: dict[tuple[str, str], CollectionModel] = {}
         self.ops: list[Op] = []
@@ -715,6 +848,12 @@ class ReplicationMachine(RuleBasedStateMachine):
 
     def src(self, db: str):
         return self.h.clients.get("source", db)
+
+    def note(self, text: str) -> None:
+        """A line in the sequence's history that is not an operation on the source."""
+        self.ops.append(Op(f"-- {text} --"))
+        if self.h.verbose:
+            self.h.out(f"      -- {text} --")
 
     def do(self, text: str, call: Callable[[], Any]) -> bool:
         """Run one operation on the source; a refusal is recorded and the history stays what it accepted."""
@@ -829,12 +968,20 @@ class ReplicationMachine(RuleBasedStateMachine):
             return True
         return False
 
-    @initialize(spec=schema_specs(), in_database=st.booleans())
-    def first_collection(self, spec: SchemaSpec, in_database: bool) -> None:
+    @initialize(choice=SCOPE_CHOICES, spec=schema_specs(), in_database=st.booleans())
+    def first_collection(self, choice: ScopeChoice, spec: SchemaSpec, in_database: bool) -> None:
+        """The sequence's task first (create answers once the task's start positions are pinned, so every later
+        operation is replicated), then the first collection: in the database the scope names, or in the default
+        one, which a scoped task leaves out."""
+        scope = choice.resolve(self.prefix, self.h.next_mode())
+        with self.timed("task"):
+            self.h.ensure_task(scope)
+        self.scope = scope
+        self.note(f"task {scope}")
         db = DEFAULT_DB
         if in_database:
-            self._create_database(0)
-            db = f"{self.prefix}_d0" if self.dbs else DEFAULT_DB
+            self._create_database(choice.database)
+            db = f"{self.prefix}_d{choice.database}" if self.dbs else DEFAULT_DB
         self._create_collection(db, f"{self.prefix}_c0", spec)
 
     @precondition(lambda self: self.free_collection_slots())
@@ -1068,7 +1215,7 @@ class ReplicationMachine(RuleBasedStateMachine):
         CDC replicates like any other operation. The loads run side by side (each takes seconds)."""
         if not self.collections:
             return
-        self.ops.append(Op("-- final phase: index and load every collection on the source, compare rows --"))
+        self.note("final phase: index and load every collection on the source, compare rows")
         for c in self.all_collections(lambda c: c.index is None):
             if not self._create_index(c, default_index(c.spec.binary)):
                 raise AssertionError(f"test bug: the source refused an index on {self.label(c)}: {self.ops[-1]}")
@@ -1089,12 +1236,14 @@ class ReplicationMachine(RuleBasedStateMachine):
         h = self.h
         try:
             with self.timed("settle"):
-                problem = h.wait_same(self.prefix, with_rows=False, end_ts=hybrid_now())
+                problem = h.wait_same(self.prefix, self.scope, with_rows=False, end_ts=hybrid_now(),
+                                      confirmed=self.scope.partial)
             if problem is None:
                 with self.timed("final"):
                     self.final_index_and_load()
                 with self.timed("rows"):
-                    problem = h.wait_same(self.prefix, with_rows=True, end_ts=hybrid_now())
+                    problem = h.wait_same(self.prefix, self.scope, with_rows=True, end_ts=hybrid_now(),
+                                          confirmed=self.scope.partial)
             return problem
         except Exception as exc:  # noqa: BLE001 - a broken comparison is reported like a difference
             return f"the comparison raised {type(exc).__name__}: {exc}"
@@ -1103,9 +1252,11 @@ class ReplicationMachine(RuleBasedStateMachine):
         """Drop what the sequence created, as the source lists it (not as the model believes): collections
         first (Milvus 2.3 drops loaded ones as they are), then, once the target dropped them too, the databases.
         Waiting in between keeps the clean-up from racing the CDC: that race is a rule of its own
-        (drop_collections_then_database)."""
+        (drop_collections_then_database). Without a task (the example ended before it had one) there is nothing to
+        wait for."""
         h = self.h
-        self.ops.append(Op("-- teardown: drop the collections, wait for the target, then drop the databases --"))
+        wait = wait and self.scope is not None
+        self.note("teardown: drop the collections, wait for the target, then drop the databases")
         dbs = [d for d in self.src(DEFAULT_DB).list_databases() if d.startswith(self.prefix)]
         for db in [DEFAULT_DB, *dbs]:
             milvus = self.src(db)
@@ -1113,11 +1264,13 @@ class ReplicationMachine(RuleBasedStateMachine):
                 label = f"{db if db == DEFAULT_DB else self.short(db)}.{self.short(name)}"
                 self.do(f"drop collection {label}", lambda m=milvus, n=name: m.drop_collection(n))
                 h.clients.forget_schema("source", db, name)
-        if wait and (problem := h.wait_same(self.prefix, False, hybrid_now(), h.limits.teardown_timeout)):
+        if wait and (problem := h.wait_same(self.prefix, self.scope, False, hybrid_now(),
+                                            h.limits.teardown_timeout)):
             return "after the teardown dropped the collections: " + problem
         for db in dbs:
             self._drop_database(db)
-        if wait and dbs and (problem := h.wait_same(self.prefix, False, hybrid_now(), h.limits.teardown_timeout)):
+        if wait and dbs and (problem := h.wait_same(self.prefix, self.scope, False, hybrid_now(),
+                                                     h.limits.teardown_timeout)):
             return "after the teardown dropped the databases: " + problem
         return None
 
@@ -1138,7 +1291,7 @@ class ReplicationMachine(RuleBasedStateMachine):
                     self.h.fresh_task_needed = True
             self.h.out(f"[aborted {self.number}] {len(self.ops)} op(s): {sys.exc_info()[0].__name__}")
             return
-        self.timings["operations"] = time.monotonic() - self.started
+        self.timings["operations"] = time.monotonic() - self.started - self.timings.get("task", 0.0)
         problem = self.compare()
         with self.timed("teardown"):
             if problem is None:
@@ -1159,16 +1312,17 @@ class ReplicationMachine(RuleBasedStateMachine):
         h.durations.append(seconds)
         refused = sum(1 for o in self.ops if o.refused)
         phase = "shrink" if h.failures else "sequence"
+        h.mode_counts[self.scope.mode] += 1
         status = "ok" if problem is None else "FAILED: " + problem.splitlines()[0][:160]
         spent = ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items())
         slowest = max(self.ops, key=lambda o: o.seconds, default=None)
         slow = f"; slowest op {slowest.text.split(' [')[0][:40]!r} {slowest.seconds:.1f}s" if slowest else ""
-        h.out(f"[{phase} {self.number}] {len(self.ops)} op(s), {refused} refused, {seconds:.1f}s ({spent}{slow}), "
-              f"{status}")
+        h.out(f"[{phase} {self.number} {self.scope.mode}] {len(self.ops)} op(s), {refused} refused, {seconds:.1f}s "
+              f"({spent}{slow}), {status}")
         if problem is None:
             return
         h.fresh_task_needed = True
-        failure = Failure(self.number, list(self.ops), problem)
+        failure = Failure(self.number, self.scope.mode, list(self.ops), problem)
         h.failures.append(failure)
         raise AssertionError(failure.report())
 
@@ -1187,6 +1341,7 @@ class FuzzResult:
     failures: list[Failure]
     minimal: Failure | None
     durations: list[float]
+    modes: dict[str, int]   # sequences compared under each task scope, shrink attempts included
 
     @property
     def ok(self) -> bool:
@@ -1194,8 +1349,9 @@ class FuzzResult:
 
     def summary(self) -> str:
         per = f", {sum(self.durations) / len(self.durations):.1f}s per sequence" if self.durations else ""
+        modes = ",".join(f"{mode}:{count}" for mode, count in self.modes.items())
         return (f"seed={self.seed} sequences={self.sequences} steps={self.steps} elapsed={self.elapsed:.1f}s "
-                f"examples_run={self.examples}{per} failures={len(self.failures)}")
+                f"examples_run={self.examples}{per} modes={modes} failures={len(self.failures)}")
 
     def kinds(self) -> dict[str, Failure]:
         """The shortest failing sequence of each kind of failure met (shrinking may wander between bugs)."""
@@ -1234,14 +1390,26 @@ def machine_class(skip: list[str]) -> type[ReplicationMachine]:
         else ReplicationMachine
 
 
+def task_modes(mode: str) -> tuple[str, ...]:
+    """The task scopes a run's sequences are drawn from: one, or all (``mixed``)."""
+    if mode == "mixed":
+        return MODES
+    if mode not in MODES:
+        raise ValueError(f"no such mode: {mode} (expected {', '.join(MODES)} or mixed)")
+    return (mode,)
+
+
 def run_fuzz(endpoints: dict, workdir: Path, sequences: int, steps: int, seed: int | None = None,
              limits: Limits | None = None, shrink_seconds: int | None = None, out: Callable[[str], None] = print,
-             verbose: bool = False, skip: list[str] | None = None, cdc_settings: dict | None = None) -> FuzzResult:
-    """Run ``sequences`` random sequences of about ``steps`` operations; shrink the first failure."""
+             verbose: bool = False, skip: list[str] | None = None, cdc_settings: dict | None = None,
+             mode: str = "mixed") -> FuzzResult:
+    """Run ``sequences`` random sequences of about ``steps`` operations, each under a task of a scope drawn from
+    ``mode``; shrink the first failure."""
     quiet_pymilvus()
     machine = machine_class(skip or [])
+    modes = task_modes(mode)
     seed = random.randrange(1 << 32) if seed is None else seed
-    harness = Harness(endpoints, workdir, limits, out, verbose, cdc_settings).start()
+    harness = Harness(endpoints, workdir, limits, out, verbose, cdc_settings, modes).start()
     started = time.monotonic()
     minimal: Failure | None = None
     try:
@@ -1268,7 +1436,7 @@ def run_fuzz(endpoints: dict, workdir: Path, sequences: int, steps: int, seed: i
     finally:
         harness.close()
     return FuzzResult(seed, sequences, steps, time.monotonic() - started, harness.examples, harness.failures, minimal,
-                      harness.durations)
+                      harness.durations, {m: harness.mode_counts[m] for m in modes})
 
 
 @contextlib.contextmanager
@@ -1309,6 +1477,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sequences", type=int, default=20, help="random sequences to run (default 20)")
     parser.add_argument("--steps", type=int, default=25, help="rules per sequence (default 25)")
     parser.add_argument("--seed", type=int, help="hypothesis seed (default: random, printed)")
+    parser.add_argument("--mode", choices=[*MODES, "mixed"], default=os.environ.get("CDC_FUZZ_MODE", "mixed"),
+                        help="the task each sequence runs under: every collection (star), one database of the "
+                             "sequence (scoped), everything with one database and some collections renamed "
+                             "(mapped), or the three in turn (mixed, the default; env CDC_FUZZ_MODE)")
     parser.add_argument("--shrink-seconds", type=int, default=600, help="shrinking budget (default 600)")
     parser.add_argument("--skip", default=os.environ.get("CDC_FUZZ_SKIP"),
                         help="comma-separated rules to leave out (env CDC_FUZZ_SKIP), to look past a known failure")
@@ -1324,7 +1496,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"engine {engine_script()}; CDC log {workdir / 'server.log'}", flush=True)
         result = run_fuzz(endpoints, workdir, args.sequences, args.steps, args.seed,
                           shrink_seconds=args.shrink_seconds, verbose=args.verbose, skip=skipped_rules(args.skip),
-                          out=lambda line: print(line, flush=True),
+                          out=lambda line: print(line, flush=True), mode=args.mode,
                           cdc_settings={k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)})
     print("\n" + result.report())
     return 0 if result.ok else 1
