@@ -16,7 +16,11 @@ import yaml
 import milvus_cdc as m
 
 ROOT = Path(__file__).resolve().parent.parent
-USAGE_DOCUMENT = ROOT.parent / "shared" / "seeds" / "000_ca5ccc72ade68582.txt"
+# The usage document lies beside the project's checkout (../shared/seeds); a clone made elsewhere (CI's) finds it
+# where this workplace keeps it.
+USAGE_DOCUMENT = next((p for p in (ROOT.parent / "shared" / "seeds" / "000_ca5ccc72ade68582.txt",
+                                   Path("/work/shared/seeds/000_ca5ccc72ade68582.txt")) if p.is_file()),
+                      ROOT.parent / "shared" / "seeds" / "000_ca5ccc72ade68582.txt")
 
 # The server configuration template of the usage document, with its commented-out parts switched on.
 SEED_TEMPLATE = """
