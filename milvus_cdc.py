@@ -1526,8 +1526,13 @@ def shard_index(vchannel: str) -> int:
     return int(vchannel.rsplit("v", 1)[1])
 
 
-def pchannel_of(vchannel: str) -> str:
-    return vchannel.rsplit("_", 1)[0]
+VCHANNEL_PATTERN = re.compile(r"(?P<pchannel>.+)_(?P<collection>\d+)v(?P<shard>\d+)")
+
+
+def pchannel_of(channel: str) -> str:
+    """The pchannel of a vchannel name (``{pchannel}_{collectionID}v{shard}``); a pchannel name as it is."""
+    match = VCHANNEL_PATTERN.fullmatch(channel)
+    return match.group("pchannel") if match else channel
 
 
 @dataclass(frozen=True)
@@ -3154,15 +3159,6 @@ class NameMap:
         return source_db, self.source_collections.get((db_name, name), name)
 
 
-VCHANNEL_PATTERN = re.compile(r"(?P<pchannel>.+)_(?P<collection>\d+)v(?P<shard>\d+)")
-
-
-def physical_channel(name: str) -> str:
-    """The pchannel of a vchannel name (``{pchannel}_{collectionID}v{shard}``); a pchannel name as it is."""
-    match = VCHANNEL_PATTERN.fullmatch(name)
-    return match.group("pchannel") if match else name
-
-
 @dataclass(frozen=True)
 class StartPosition:
     """Where a new task starts reading one source channel, instead of at its latest offset: at ``msg_id``, skipping
@@ -3189,7 +3185,7 @@ class StartPosition:
         ValueError says what is wrong."""
         from google.protobuf.message import DecodeError
         from pymilvus.grpc_gen import msg_pb2
-        channel = physical_channel(key)
+        channel = pchannel_of(key)
         try:
             raw = base64.b64decode(text, validate=True)
         except (ValueError, TypeError):
@@ -3201,7 +3197,7 @@ class StartPosition:
         except DecodeError:
             position = None
         # A bare id can parse as a MsgPosition by chance; one that names this very channel cannot.
-        if position is not None and position.msgID and physical_channel(position.channel_name) == channel:
+        if position is not None and position.msgID and pchannel_of(position.channel_name) == channel:
             return cls(channel, position.msgID, position.timestamp, collection)
         return cls(channel, raw, 0, collection)
 
