@@ -3310,9 +3310,9 @@ class TargetClock:
     """
 
     def __init__(self, settings: ReplicationSettings, address: str,
-                 make_writer: Callable[[ConnectParam, Patience], Any] | None = None):
+                 make_writer: Callable[[ConnectParam, Patience, tuple[Lease, str] | None], Any] | None = None):
         self.settings, self.address = settings, address
-        self.make_writer = make_writer or TargetWriter
+        self.make_writer = make_writer or (lambda param, patience, fence: TargetWriter(param, patience, fence=fence))
         self.changed = threading.Condition()
         self.watermarks: dict[str, int] = {}
         self.channels: set[str] = set()
@@ -3362,7 +3362,7 @@ class TargetClock:
 
     def _run(self) -> None:
         sent: dict[str, int] = {}
-        seen, writer, writer_param = 0, None, None
+        seen, writer, made_for = 0, None, None
         patience = Patience(self.settings, self.stopping, self.waits, "ticker", f"ticker:{self.address}")
         failures: list[float] = []  # when each failed round of ticks ended, since the last that went out
         while not self.stopping.is_set():
@@ -3377,16 +3377,20 @@ class TargetClock:
             if not due:
                 continue
             try:
-                if writer is None or param != writer_param:
+                if writer is None or (param, fence) != made_for:
                     if writer is not None:
                         writer.close()
                     writer = None  # so that a writer that cannot be made is tried again, not the closed one
-                    writer, writer_param = self.make_writer(param, patience), param
+                    # fenced: every try of every tick checks the lease, also the retries after a backoff
+                    writer = self.make_writer(param, patience, (fence, self.address) if fence else None)
+                    made_for = (param, fence)
                 for pchannel in due:
                     writer.replicate(pchannel, [MessageRewriter.time_tick(tick)])
                     sent[pchannel] = tick
             except TaskStopping:
                 break
+            except LeaseLost as exc:  # not a fault: another server ticks this target now
+                log.info("ticks to %s stop here: %s", self.address, exc)
             except Exception as exc:  # noqa: BLE001 - whatever it is (a TLS file rotated away...), ticks go on
                 # Without ticks the target's data stops becoming visible: never end the thread, say why in get.
                 failures.append(time.time())
@@ -4937,6 +4941,8 @@ class TaskManager:
             if clock is None:
                 clock = self.clocks[task.connect.address] = TargetClock(self.config.replication,
                                                                         task.connect.address)
+                if fence is not None:
+                    clock.fence = fence[0]  # from its first tick, not from the cluster agent's next sync
             replicator = Replicator(task, self.config, self.store, clock, self._on_failure,
                                     self.metrics.task(task.task_id), fence)
             self.replicators[task.task_id] = replicator

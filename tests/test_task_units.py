@@ -24,7 +24,7 @@ class RecordingWriter:
 def test_target_ticks_follow_the_slowest_task_and_never_go_back():
     import time
     writer = RecordingWriter()
-    clock = m.TargetClock(m.ReplicationSettings(), "t:1", make_writer=lambda param, patience: writer)
+    clock = m.TargetClock(m.ReplicationSettings(), "t:1", make_writer=lambda param, patience, fence: writer)
     param = m.ConnectParam("http://t:1")
 
     def settled(expected):
@@ -281,7 +281,7 @@ def test_the_ticker_survives_any_failure_and_shows_it_until_ticks_go_out_again()
     writer = RecordingWriter()
     broken = {"left": 2}
 
-    def make_writer(param, patience):
+    def make_writer(param, patience, fence):
         if broken["left"]:
             broken["left"] -= 1
             raise m.TlsFileError("ca_pem_path")
@@ -333,3 +333,34 @@ def test_a_collection_read_after_its_database_was_dropped_keeps_the_database_nam
     catalog.learn(c2)
     catalog.learn(dataclasses.replace(c2, db_name=f"{m.UNKNOWN_DB}5", state=m.COLLECTION_DROPPING))
     assert catalog.created_at("d0", "c2", 100) is not None and catalog.get(7).dropped
+
+
+def test_every_try_of_a_tick_checks_the_lease():
+    """A tick refused for now (rate limit) is tried again after a backoff; if this server lost the target meanwhile
+    (a stall past the lease), the retry must not go out: another server ticks the target now (issue 17, item 7)."""
+    import time
+    from pymilvus.grpc_gen import common_pb2, milvus_pb2
+    lease = m.Lease("s1", "s1/x", ttl=30, renewed_at=time.monotonic())
+    calls = []
+
+    class RateLimitedStub:
+        def ReplicateMessage(self, request, timeout=None, metadata=None):
+            calls.append(request.channel_name)
+            lease.renewed_at = -1e9  # the server stalls past its lease while the backoff runs
+            return milvus_pb2.ReplicateMessageResponse(status=common_pb2.Status(code=8, reason="rate limited"))
+
+    def make_writer(param, patience, fence):
+        writer = m.TargetWriter(param, patience, fence=fence)
+        writer.stub = RateLimitedStub()
+        return writer
+    clock = m.TargetClock(m.ReplicationSettings(retry_max_backoff=0.2), "127.0.0.1:9", make_writer=make_writer)
+    clock.fence = lease
+    try:
+        clock.join("t1", 100, m.ConnectParam("http://127.0.0.1:9"))
+        clock.add_channels(["a"])
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert calls == ["a"], "a tick went out again after the lease ran out"
+    finally:
+        clock.close()
