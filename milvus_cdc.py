@@ -3243,10 +3243,9 @@ class TaskInfo:
         return NameMap(self.name_mapping)
 
     @property
-    def replayed(self) -> set[str]:
-        """Collections (``db.name``) to replay from their creation (``use_start_position``)."""
-        return {name if "." in name else f"{DEFAULT_DB}.{name}" for name, info in self.scope_infos()
-                if info.get("use_start_position")}
+    def replayed(self) -> CollectionFilter:
+        """The collections to replay from their creation (``use_start_position``; a database's ``*`` too)."""
+        return CollectionFilter([name for name, info in self.scope_infos() if info.get("use_start_position")])
 
     def to_store(self) -> dict:
         stored = {"task_id": self.task_id, "milvus_connect_param": self.connect_json(secrets=True),
@@ -4085,13 +4084,14 @@ class Applier:
             checkpoint = saved.get(channel)
             return StartAt(checkpoint.resume, checkpoint.msg_id) if checkpoint else None
 
+        replayed = self.task.replayed
         starts = {self.replicate_chan: resumed(self.replicate_chan) or pins.get(self.replicate_chan) or EARLIEST}
         for channel in sorted({p for c in live for p in c.pchannels}):
             if resumed(channel):
                 starts[channel] = resumed(channel)
                 continue
             newcomers = [c for c in live if channel in c.pchannels and (not fresh or c.id not in old
-                                                                         or c.qualified_name in self.task.replayed)]
+                                                                         or replayed.matches(c.db_name, c.name))]
             ids = [c.start_positions[channel] for c in newcomers if channel in c.start_positions]
             if channel in pins and pins[channel].kind == "at":
                 ids.append(pins[channel].msg_id)
