@@ -3363,7 +3363,7 @@ class TargetClock:
         sent: dict[str, int] = {}
         seen, writer, made_for = 0, None, None
         patience = Patience(self.settings, self.stopping, self.waits, "ticker", f"ticker:{self.address}")
-        failures: list[float] = []  # when each failed round of ticks ended, since the last that went out
+        failing_since, failures = 0.0, 0  # since when, and how many rounds of ticks failed since the last went out
         while not self.stopping.is_set():
             with self.changed:
                 while self.posted == seen and not self.stopping.is_set():
@@ -3392,17 +3392,17 @@ class TargetClock:
                 log.info("ticks to %s stop here: %s", self.address, exc)
             except Exception as exc:  # noqa: BLE001 - whatever it is (a TLS file rotated away...), ticks go on
                 # Without ticks the target's data stops becoming visible: never end the thread, say why in get.
-                failures.append(time.time())
-                self.waits.set("ticker", Wait(f"sending time ticks to {self.address}", failures[0], len(failures),
+                failing_since, failures = failing_since or time.time(), failures + 1
+                self.waits.set("ticker", Wait(f"sending time ticks to {self.address}", failing_since, failures,
                                               describe_error(exc)))
                 log.warning("ticks to %s: %s; trying again", self.address, describe_error(exc))
                 with self.changed:
                     self.posted += 1  # not sent: try again
-                self.stopping.wait(min(self.settings.retry_max_backoff, 0.5 * 2 ** min(len(failures), 6)))
+                self.stopping.wait(min(self.settings.retry_max_backoff, 0.5 * 2 ** min(failures, 6)))
             else:
                 if failures:
                     log.info("ticks to %s go out again", self.address)
-                    failures.clear()
+                    failing_since, failures = 0.0, 0
                     self.waits.clear("ticker")
         if writer is not None:
             writer.close()
