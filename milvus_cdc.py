@@ -876,15 +876,21 @@ class Checkpoint:
     msg_id: bytes
     timestamp: int
     resume: str = "after"  # "at" until the first message of a freshly started channel is confirmed
+    # The messages after the resume position that are on the target already: the replicate channel is not in
+    # timestamp order (an operation is written when it finished), so only their positions tell them apart.
+    applied: tuple[bytes, ...] = ()
 
     def to_json(self) -> dict:
-        return {"channel": self.channel, "msg_id": base64.b64encode(self.msg_id).decode(),
-                "timestamp": self.timestamp, "resume": self.resume}
+        shown = {"channel": self.channel, "msg_id": base64.b64encode(self.msg_id).decode(),
+                 "timestamp": self.timestamp, "resume": self.resume}
+        if self.applied:
+            shown["applied"] = [base64.b64encode(p).decode() for p in self.applied]
+        return shown
 
     @classmethod
     def from_json(cls, data: dict) -> "Checkpoint":
         return cls(data["channel"], base64.b64decode(data["msg_id"]), int(data["timestamp"]),
-                   data.get("resume", "after"))
+                   data.get("resume", "after"), tuple(base64.b64decode(p) for p in data.get("applied", ())))
 
 
 class MetaStoreUnavailable(Exception):
@@ -2945,6 +2951,9 @@ class _Input:
     kind: InputKind
     skip_until: int                      # changes at or below were applied before a restart
     generation: int = 0                  # which time the input was added: offers from another are stale
+    skip_positions: set[bytes] = field(default_factory=set)  # applied before a restart, not yet read again
+    applied_behind: list[tuple[int, bytes]] = field(default_factory=list)  # (seq, position) committed while an
+    #                                    earlier change of the input is still pending: the resume point is before them
     promised: int | None = None          # nothing at or below this can still arrive
     pending: list[Change] = field(default_factory=list)   # in arrival order
     last: StartAt | None = None          # after the last position read, or where reading started
@@ -2975,9 +2984,17 @@ class ChangeOrder:
         self.held_bytes = 0         # of the items of changes not handed out (what waiting costs in memory)
 
     def add_input(self, name: str, kind: InputKind, start: StartAt | None = None, skip_until: int = 0,
-                  generation: int = 0) -> None:
+                  generation: int = 0, durable: int = 0, skip_positions: Iterable[bytes] = ()) -> None:
+        """An input read from ``start``, after a restart from a checkpoint at time ``durable`` that says the
+        messages at ``skip_positions`` were applied; ``skip_until`` drops what is at or below that time.
+
+        What a DML channel holds at or below the checkpoint's time came before a tick above it, so it is
+        applied; an operation is written to the replicate channel when it finished, after its timestamp (and
+        maybe after the checkpoint passed it): only its position tells."""
+        if kind != InputKind.OPERATIONS:
+            skip_until = max(skip_until, durable)
         if name not in self.inputs:
-            self.inputs[name] = _Input(name, kind, skip_until, generation,
+            self.inputs[name] = _Input(name, kind, skip_until, generation, set(skip_positions),
                                        last=start if start and start.msg_id else None)
             self.added = True
 
@@ -3002,7 +3019,8 @@ class ChangeOrder:
             return  # read before its input was removed (and maybe added again)
         if position:
             source.last = StartAt("after", position)
-        if ts <= source.skip_until:
+        if ts <= source.skip_until or position in source.skip_positions:
+            source.skip_positions.discard(position)
             return
         self.seq += 1
         size = len(getattr(item, "payload", b""))
@@ -3047,7 +3065,11 @@ class ChangeOrder:
         ``upto``."""
         applied = set(done)
         for source in self.inputs.values():
+            behind = source.applied_behind + [(c.seq, c.position) for c in source.pending
+                                              if c.seq in applied and c.position]
             source.pending = [c for c in source.pending if c.seq not in applied]
+            first = next((c.seq for c in source.pending if c.position), None)
+            source.applied_behind = [(seq, p) for seq, p in behind if first is not None and seq > first]
         self.out -= applied
         self.applied = max(self.applied, upto)
 
@@ -3059,6 +3081,11 @@ class ChangeOrder:
             if change.position:
                 return StartAt("at", change.position)
         return source.last
+
+    def applied_after_resume(self, name: str) -> tuple[bytes, ...]:
+        """The positions after ``resume(name)`` whose messages are applied: a restart skips exactly these."""
+        source = self.inputs[name]
+        return tuple(sorted(source.skip_positions)) + tuple(p for _, p in source.applied_behind)
 
     def holding(self) -> list[str]:
         """The inputs that hold back a change waiting above the watermark: those that promised nothing yet, else
@@ -3999,7 +4026,7 @@ class Applier:
         try:
             poller, starts = self._plan_starts(saved, reader)
             for name, start in starts.items():
-                self._read(name, start, reader)
+                self._read(name, start, reader, saved[name].applied if name in saved else ())
         except BaseException:
             reader.close()
             raise
@@ -4128,8 +4155,10 @@ class Applier:
                                        f"give positions as `position` answers them, or use separate tasks")
         return found
 
-    def _read(self, channel: str, start: StartAt, reader: ChannelReader | None = None) -> None:
-        """Start reading a channel as one more input of the order."""
+    def _read(self, channel: str, start: StartAt, reader: ChannelReader | None = None,
+              applied: Iterable[bytes] = ()) -> None:
+        """Start reading a channel as one more input of the order; ``applied``: what its checkpoint says is
+        applied after ``start``."""
         generation = self.generations[channel] = self.generations.get(channel, 0) + 1
         if reader is not None:
             start = reader.add(channel, start)  # at start-up, before the reader thread owns the reader
@@ -4137,7 +4166,8 @@ class Applier:
             self.r.reader_commands.put(("add", channel, start, generation))
         kind = InputKind.OPERATIONS if channel == self.replicate_chan else InputKind.DATA
         self.order.add_input(channel, kind, start if start.kind in ("after", "at") else None,
-                             skip_until=max(self.durable, self.floors.get((channel, ""), 0)), generation=generation)
+                             skip_until=self.floors.get((channel, ""), 0), generation=generation,
+                             durable=self.durable, skip_positions=applied)
         log.info("task=%s reading %s from %s", self.tid, channel,
                  start.kind if not start.msg_id else f"{start.kind} {start.msg_id.hex()}")
 
@@ -4290,7 +4320,8 @@ class Applier:
         for name in self.order.names():
             resume = self.order.resume(name) if name != CATALOG_INPUT else None
             if resume is not None:
-                checkpoints.append(Checkpoint(name, resume.msg_id, applied, resume.kind))
+                checkpoints.append(Checkpoint(name, resume.msg_id, applied, resume.kind,
+                                              self.order.applied_after_resume(name)))
         try:
             self.r.store.save_checkpoints(self.tid, checkpoints, fence=self.r.fence)
         except MetaStoreUnavailable as exc:

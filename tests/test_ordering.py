@@ -105,7 +105,7 @@ def test_commit_removes_what_was_applied_and_keeps_the_rest():
 
 def test_a_restart_skips_what_was_applied_and_resumes_at_the_first_unapplied_message():
     order = m.ChangeOrder(applied=500)
-    order.add_input("dml", InputKind.DATA, m.StartAt("at", pos(10)), skip_until=500)
+    order.add_input("dml", InputKind.DATA, m.StartAt("at", pos(10)), durable=500)
     assert order.resume("dml") == m.StartAt("at", pos(10))
     order.offer("dml", 480, "applied before the crash", pos(10))
     order.offer("dml", 520, "new", pos(11))
@@ -202,3 +202,75 @@ def test_what_waits_behind_a_silent_catalog_is_counted_and_named():
     assert order.held_bytes == 1000 and not order.held_by_only(InputKind.CATALOG)  # now the DML channel holds
     order.remove_input("dml")
     assert order.held_bytes == 0
+
+
+def checkpoints_of(order: m.ChangeOrder) -> dict[str, m.Checkpoint]:
+    """What the applier stores: every input's resume position and what is applied after it."""
+    found = {}
+    for name in order.names():
+        resume = order.resume(name)
+        if resume is not None:
+            found[name] = m.Checkpoint(name, resume.msg_id, order.applied, resume.kind,
+                                       order.applied_after_resume(name))
+    return found
+
+
+def restarted(saved: dict[str, m.Checkpoint], kinds: dict[str, InputKind]) -> m.ChangeOrder:
+    """A new run from stored checkpoints, as the applier starts one (json round trip included)."""
+    saved = {n: m.Checkpoint.from_json(c.to_json()) for n, c in saved.items()}
+    durable = max(c.timestamp for c in saved.values())
+    order = m.ChangeOrder(durable)
+    for name, checkpoint in saved.items():
+        order.add_input(name, kinds[name], m.StartAt(checkpoint.resume, checkpoint.msg_id), durable=durable,
+                        skip_positions=checkpoint.applied)
+    return order
+
+
+def test_an_operation_written_after_the_watermark_passed_it_survives_a_restart():
+    # Issue 17 item 1: CreateIndex, Load, Flush and database operations reach the replicate channel after they
+    # finished, below what is already applied. Stopped after the checkpoint passed their time and before they
+    # were applied, they were skipped for good by the restart's timestamp rule.
+    kinds = {"dml": InputKind.DATA, "rep": OPS}
+    order = order_with(("dml", InputKind.DATA), ("rep", OPS))
+    order.offer("dml", 100, "insert@100", pos(1))
+    order.promise("dml", 150, pos(2))
+    order.promise("rep", 150, pos(10))
+    ready, watermark = order.take()
+    order.commit(order.hand_out(ready), watermark)
+    order.offer("rep", 120, "create index@120", pos(11))  # late: the watermark is past it already
+    saved = checkpoints_of(order)  # the task stops here, the index not applied
+    assert saved["rep"].timestamp == 150
+    again = restarted(saved, kinds)
+    again.offer("rep", 120, "create index@120", pos(11))
+    again.promise("dml", 160, pos(3))
+    again.promise("rep", 160, pos(12))
+    assert items(again.take()[0]) == ["create index@120"]
+
+
+def test_a_restart_skips_the_operations_applied_behind_one_still_waiting():
+    kinds = {"dml": InputKind.DATA, "rep": OPS}
+    order = order_with(("dml", InputKind.DATA), ("rep", OPS), applied=150)
+    order.promise("dml", 150, pos(2))
+    order.offer("rep", 200, "drop collection@200", pos(10))   # waits for the DML channel's tick
+    order.offer("rep", 120, "load@120", pos(11))              # late: applied at once
+    order.offer("rep", 130, "flush@130", pos(12))             # late too, and still out when the task stops
+    ready, watermark = order.take()
+    assert items(ready) == ["load@120", "flush@130"]
+    order.hand_out(ready)
+    order.commit([ready[0].seq], watermark)
+    saved = checkpoints_of(order)
+    assert (saved["rep"].resume, saved["rep"].msg_id, saved["rep"].applied) == ("at", pos(10), (pos(11),))
+    again = restarted(saved, kinds)
+    for ts, item, n in ((200, "drop collection@200", 10), (120, "load@120", 11), (130, "flush@130", 12)):
+        again.offer("rep", ts, item, pos(n))
+    again.promise("dml", 210, pos(3))
+    again.promise("rep", 210, pos(13))
+    assert items(again.take()[0]) == ["flush@130", "drop collection@200"], "load applied once, flush not lost"
+    assert again.applied_after_resume("rep") == ()
+
+
+def test_positions_applied_but_not_read_again_stay_in_the_next_checkpoint():
+    order = m.ChangeOrder(150)
+    order.add_input("rep", OPS, m.StartAt("at", pos(10)), skip_positions=[pos(11)])
+    order.offer("rep", 200, "waits", pos(10))
+    assert checkpoints_of(order)["rep"].applied == (pos(11),), "a stop before message 11 is read again"

@@ -7,6 +7,9 @@ import milvus_cdc as m
 def test_checkpoint_json_round_trip():
     checkpoint = m.Checkpoint("by-dev-rootcoord-dml_3", b"\x00\x01\xff", 470672960302874626, "at")
     assert m.Checkpoint.from_json(checkpoint.to_json()) == checkpoint
+    behind = m.Checkpoint("by-dev-replicate", b"\x07", 470672960302874626, "at", (b"\x08", b"\x0a"))
+    assert m.Checkpoint.from_json(behind.to_json()) == behind
+    assert m.Checkpoint.from_json({k: v for k, v in checkpoint.to_json().items() if k != "applied"}) == checkpoint
 
 
 class RecordingWriter:
