@@ -918,11 +918,12 @@ class Lease:
     ttl: float
     renewed_at: float   # time.monotonic() when the last successful grant or renewal was sent
     store_id: int = 0   # the etcd lease id
+    gone: bool = False  # the store said it is over (or a target held with it is): never valid again
 
     MARGIN = 1.0
 
     def valid(self) -> bool:
-        return time.monotonic() < self.renewed_at + self.ttl - self.MARGIN
+        return not self.gone and time.monotonic() < self.renewed_at + self.ttl - self.MARGIN
 
     @staticmethod
     def server_of(token: str) -> str:
@@ -1015,8 +1016,9 @@ class MetaStore(ABC):
         """Enter the cluster: a lease for this run of the server, and its presence."""
         raise NotImplementedError(f"{type(self).__name__} does not share tasks between servers")
 
-    def renew(self, lease: Lease) -> bool:
-        """Keep the lease (and every target held with it) alive; False when it is gone."""
+    def renew(self, lease: Lease, targets: Iterable[str] = ()) -> bool:
+        """Keep the lease and every target held with it alive; False when the lease is gone, or one of
+        ``targets`` (what the caller holds) was not renewed with it."""
         raise NotImplementedError
 
     def servers(self) -> dict[str, str]:
@@ -1247,18 +1249,27 @@ class MySQLMetaStore(SqlMetaStore):
         self._guard("joining the cluster", enter)
         return Lease(server_id, token, ttl, started)
 
-    def renew(self, lease):
+    def renew(self, lease, targets=()):
+        held = sorted(targets)
+
         def heartbeat():
             with self._transaction() as cur:
                 cur.execute("UPDATE cdc_server SET expires_at = UTC_TIMESTAMP(6) + INTERVAL %s MICROSECOND WHERE "
                             "root_path = %s AND server_id = %s AND token = %s AND expires_at > UTC_TIMESTAMP(6)",
                             (int(lease.ttl * 1e6), self.root_path, lease.server_id, lease.token))
-                alive = cur.rowcount == 1
-                if alive:
-                    cur.execute("UPDATE cdc_owner SET expires_at = UTC_TIMESTAMP(6) + INTERVAL %s MICROSECOND WHERE "
-                                "root_path = %s AND token = %s AND expires_at > UTC_TIMESTAMP(6)",
-                                (int(lease.ttl * 1e6), self.root_path, lease.token))
-            return alive
+                if cur.rowcount != 1:
+                    return False
+                cur.execute("UPDATE cdc_owner SET expires_at = UTC_TIMESTAMP(6) + INTERVAL %s MICROSECOND WHERE "
+                            "root_path = %s AND token = %s AND expires_at > UTC_TIMESTAMP(6)",
+                            (int(lease.ttl * 1e6), self.root_path, lease.token))
+                if not held:
+                    return True
+                # Each row has its own expiry: one that ran out (or was taken over) is not renewed with the server
+                # row, and the local fence must not be extended over it.
+                cur.execute(f"SELECT COUNT(*) FROM cdc_owner WHERE root_path = %s AND token = %s AND "
+                            f"expires_at > UTC_TIMESTAMP(6) AND target IN ({', '.join(['%s'] * len(held))})",
+                            (self.root_path, lease.token, *held))
+                return cur.fetchone()[0] == len(held)
         started = time.monotonic()
         if not self._guard("renewing the lease", heartbeat):
             return False
@@ -1367,7 +1378,8 @@ class EtcdMetaStore(MetaStore):
                                                                    lease=granted.id))
         return lease
 
-    def renew(self, lease):
+    def renew(self, lease, targets=()):
+        # the owner keys are bound to the lease and only their holder deletes them: alive while it is
         started = time.monotonic()
         answers = self._guard("renewing the lease", lambda: list(self.client.refresh_lease(lease.store_id)))
         if not answers or answers[-1].TTL <= 0:
@@ -5246,13 +5258,19 @@ class ClusterAgent:
         self.manager, self.store, self.server_id, self.ttl = manager, store, server_id, ttl
         self.stopping = threading.Event()
         self.woken = threading.Event()
-        self.thread: threading.Thread | None = None
+        self.threads: list[threading.Thread] = []
+        # The sync thread owns both; the renewal thread reads them under the lock (no I/O under it).
+        self.lock = threading.Lock()
         self.lease: Lease | None = None
         self.held: set[str] = set()
 
     def start(self) -> None:
-        self.thread = threading.Thread(target=self._run, name="cdc-cluster", daemon=True)
-        self.thread.start()
+        # Renewals have a thread of their own: the sync thread waits on tasks that stop (a call in flight can
+        # take its whole timeout), and a renewal that waited behind them would lose every target.
+        self.threads = [threading.Thread(target=self._run, name="cdc-cluster", daemon=True),
+                        threading.Thread(target=self._renew_loop, name="cdc-lease", daemon=True)]
+        for thread in self.threads:
+            thread.start()
 
     def wake(self) -> None:
         self.woken.set()
@@ -5260,27 +5278,46 @@ class ClusterAgent:
     def stop(self) -> None:
         self.stopping.set()
         self.woken.set()
-        if self.thread is not None:
-            self.thread.join(self.manager.STOP_TIMEOUT)
+        for thread in self.threads:
+            thread.join(self.manager.STOP_TIMEOUT)
         self.manager.sync(set(), None, None)
         if self.lease is not None and self.lease.valid():
             with contextlib.suppress(MetaStoreUnavailable):
                 self.store.leave(self.lease)  # the others take over at once rather than after the TTL
 
+    def _renew_loop(self) -> None:
+        while not self.stopping.is_set():
+            with self.lock:
+                lease, held = self.lease, frozenset(self.held)
+            if lease is not None and not lease.gone and time.monotonic() - lease.renewed_at >= self.ttl / 3:
+                try:
+                    if not self.store.renew(lease, held) and self._unchanged(lease, held):
+                        lease.gone = True  # the fence closes now, before the sync thread gets to the tasks
+                        log.warning("cluster: the store no longer has the lease of server %s on %s",
+                                    self.server_id, sorted(held))
+                        self.woken.set()
+                except MetaStoreUnavailable as exc:
+                    log.warning("cluster: %s", exc)
+                except Exception:  # noqa: BLE001 - renewals must go on; the trace goes to the log
+                    log.exception("cluster: renewing the lease failed")
+            self.stopping.wait(min(self.SYNC_INTERVAL, self.ttl / 6))
+
+    def _unchanged(self, lease: Lease, held: frozenset[str]) -> bool:
+        """Is this still what the sync thread holds? (A target handed over meanwhile is not renewed, rightly.)"""
+        with self.lock:
+            return self.lease is lease and self.held == held
+
     def _run(self) -> None:
-        renewed = 0.0
         while not self.stopping.is_set():
             try:
                 if self.lease is None:
-                    self.lease = self.store.join(self.server_id, self.ttl)
-                    renewed = time.monotonic()
+                    lease = self.store.join(self.server_id, self.ttl)
+                    with self.lock:
+                        self.lease = lease
                     log.info("cluster: server %s joined (lease ttl %gs)", self.server_id, self.ttl)
-                elif time.monotonic() - renewed >= self.ttl / 3:
-                    if self.store.renew(self.lease):
-                        renewed = time.monotonic()
-                    else:
-                        self._lost("its lease expired in the store")
-                        continue
+                elif self.lease.gone:
+                    self._lost("its lease expired in the store")
+                    continue
                 self._sync()
             except MetaStoreUnavailable as exc:
                 log.warning("cluster: %s", exc)
@@ -5293,9 +5330,10 @@ class ClusterAgent:
 
     def _lost(self, why: str) -> None:
         log.warning("cluster: server %s lost its targets %s: %s", self.server_id, sorted(self.held), why)
-        self.held = set()
+        with self.lock:
+            self.held = set()
+            self.lease = None  # join again, with a new token: nothing held with the old one counts
         self.manager.sync(set(), None, None)
-        self.lease = None  # join again, with a new token: nothing held with the old one counts
 
     def _sync(self) -> None:
         tasks = self.manager.stored_tasks()
@@ -5306,9 +5344,11 @@ class ClusterAgent:
         for target in sorted(self.held):
             if owners.get(target) != self.server_id:
                 log.warning("cluster: target %s is no longer held by %s", target, self.server_id)
-                self.held.discard(target)
+                with self.lock:
+                    self.held.discard(target)
             elif share.get(target) != self.server_id:  # no task left there, or another server's share now
-                self.held.discard(target)
+                with self.lock:
+                    self.held.discard(target)
                 self.manager.sync(self.held, self.lease, tasks)  # its tasks stop before the lease goes
                 self.store.release(self.lease, target)
                 log.info("cluster: %s handed target %s over to %s", self.server_id, target,
@@ -5316,7 +5356,8 @@ class ClusterAgent:
         for target in targets:
             if share[target] == self.server_id and target not in self.held and self.lease.valid() and \
                     self.store.acquire(self.lease, target):
-                self.held.add(target)
+                with self.lock:
+                    self.held.add(target)
                 log.info("cluster: %s took target %s", self.server_id, target)
         self.manager.sync(self.held, self.lease, tasks)
 
@@ -5357,15 +5398,19 @@ class ClusterTaskManager(TaskManager):
             running = dict(self.replicators)
             for address, clock in self.clocks.items():
                 clock.fence = lease if address in held else Lease("", "", 0, 0)  # an invalid fence: no ticks
+        leaving: dict[str, TaskInfo | None] = {}
         for task_id, replicator in running.items():
             task = tasks.get(task_id)
             if task is None or task.connect.address not in held or task.state != TaskState.RUNNING or \
                     not replicator.alive() and replicator.stop_event.is_set() and not replicator.failed:
-                with contextlib.suppress(ApiError):
-                    self._halt(task_id)
-                if task is not None:
-                    log.info("task=%s stopped here (%s)", task_id, "paused" if task.state != TaskState.RUNNING
-                             else "its target is not held by this server")
+                leaving[task_id] = task
+                replicator.stop(0)  # all at once: each waits out its calls in flight at the same time
+        for task_id, task in leaving.items():
+            with contextlib.suppress(ApiError):
+                self._halt(task_id)
+            if task is not None:
+                log.info("task=%s stopped here (%s)", task_id, "paused" if task.state != TaskState.RUNNING
+                         else "its target is not held by this server")
         with self.lock:
             self.tasks = tasks
         for task_id, task in sorted(tasks.items()):

@@ -189,3 +189,97 @@ def test_a_second_server_on_one_sqlite_file_is_refused(stack, tmp_path):
         assert "Traceback" not in done.stderr
     finally:
         first.stop()
+
+
+# -- the agent's lease, with fakes: the faults here are timing ------------------------------------------------
+
+class FakeClusterStore:
+    """One server's view of a store that grants everything and counts renewals."""
+
+    def __init__(self):
+        self.renewals: list[tuple[float, frozenset]] = []
+        self.held: set[str] = set()
+        self.refuse_renewal = False
+
+    def join(self, server_id, ttl):
+        import milvus_cdc as m
+        return m.Lease(server_id, f"{server_id}/1", ttl, time.monotonic())
+
+    def renew(self, lease, targets=()):
+        started = time.monotonic()
+        self.renewals.append((started, frozenset(targets)))
+        if self.refuse_renewal:
+            return False
+        lease.renewed_at = started
+        return True
+
+    def servers(self):
+        return {"s1": "s1/1"}
+
+    def owners(self):
+        return {target: "s1" for target in self.held}
+
+    def acquire(self, lease, target):
+        self.held.add(target)
+        return True
+
+    def release(self, lease, target):
+        self.held.discard(target)
+
+    def leave(self, lease):
+        pass
+
+
+class StuckManager:
+    """A task manager whose task takes long to start or stop (an applier in a call that waits its timeout)."""
+    STOP_TIMEOUT = 5.0
+
+    def __init__(self, stuck_for: float):
+        from types import SimpleNamespace
+        self.tasks = {"t1": SimpleNamespace(connect=SimpleNamespace(address="target-1"))}
+        self.stuck_for = stuck_for
+        self.synced: list[set] = []
+
+    def stored_tasks(self):
+        return self.tasks
+
+    def sync(self, held, lease, tasks):
+        self.synced.append(set(held))
+        if held and len(self.synced) == 1 + sum(1 for s in self.synced[:-1] if not s):
+            time.sleep(self.stuck_for)
+
+
+def test_renewals_go_on_while_the_tasks_take_long_to_start_or_stop():
+    """Issue 17, item 8: the agent renewed and synced tasks on one thread, so a task that took 30 s to stop
+    starved the renewals and the server lost every target. The lease must stay valid all along."""
+    import milvus_cdc as m
+    store, manager = FakeClusterStore(), StuckManager(stuck_for=4.0)
+    agent = m.ClusterAgent(manager, store, "s1", ttl=1.5)
+    agent.start()
+    try:
+        wait_until(lambda: manager.synced and manager.synced[-1], 5, what="the agent took the target")
+        invalid = 0
+        for _ in range(30):
+            time.sleep(0.1)
+            invalid += not agent.lease.valid()
+        assert invalid == 0, "the lease ran out while a task was slow to start"
+        assert len(store.renewals) >= 4
+        assert store.renewals[-1][1] == {"target-1"}, "a renewal names the targets the server holds"
+    finally:
+        agent.stop()
+
+
+def test_a_renewal_the_store_refuses_closes_the_fence_at_once_and_stops_the_tasks():
+    import milvus_cdc as m
+    store, manager = FakeClusterStore(), StuckManager(stuck_for=0.0)
+    agent = m.ClusterAgent(manager, store, "s1", ttl=3.0)
+    agent.start()
+    try:
+        wait_until(lambda: manager.synced and manager.synced[-1], 5, what="the agent took the target")
+        lease = agent.lease
+        store.refuse_renewal = True
+        wait_until(lambda: lease.gone, 5, what="the refused renewal was noticed")
+        assert not lease.valid(), "the fence is closed although the TTL has not run out locally"
+        wait_until(lambda: set() in manager.synced[1:], 5, what="the tasks were stopped")
+    finally:
+        agent.stop()

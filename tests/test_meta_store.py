@@ -185,3 +185,28 @@ def test_mysql_leases_live_in_utc_whatever_each_servers_session_time_zone(stack,
     finally:
         east.close()
         west.close()
+
+
+def test_mysql_renewal_fails_when_a_held_target_was_not_renewed_with_the_server(stack, tmp_path):
+    """Issue 17, item 7: each MySQL row has its own expiry. A renewal that found the server's row alive but not a
+    target's (it ran out, or another server took it after that) said yes, and the holder went on writing to a
+    target that was no longer its own."""
+    root = f"cdc-renew-{uuid.uuid4().hex[:10]}"
+    store = m.MySQLMetaStore(settings_for("mysql", stack, tmp_path, root).mysql, root)
+    other = m.MySQLMetaStore(settings_for("mysql", stack, tmp_path, root).mysql, root)
+    try:
+        lease = store.join("a", ttl=30.0)
+        assert store.acquire(lease, "t1") and store.acquire(lease, "t2")
+        assert store.renew(lease, {"t1", "t2"})
+        with store._transaction() as cur:
+            cur.execute("UPDATE cdc_owner SET expires_at = UTC_TIMESTAMP(6) - INTERVAL 1 SECOND WHERE "
+                        "root_path = %s AND target = 't2'", (root,))
+        assert not store.renew(lease, {"t1", "t2"}), "a target that ran out was renewed with the server"
+        assert store.renew(lease, {"t1"}), "the server and its other target are still alive"
+        taker = other.join("b", ttl=30.0)
+        assert other.acquire(taker, "t2")
+        assert not store.renew(lease, {"t1", "t2"}), "a target another server took was counted as renewed"
+        assert other.renew(taker, {"t2"})
+    finally:
+        store.close()
+        other.close()
