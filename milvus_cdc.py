@@ -949,6 +949,17 @@ class MetaStore(ABC):
     def _load_tasks(self) -> dict[str, str]: ...
 
     @abstractmethod
+    def _load_task(self, task_id: str) -> str | None: ...
+
+    @abstractmethod
+    def _insert_task(self, task_id: str, document: str) -> bool:
+        """Write the task only if there is none of that id; False when there is."""
+
+    @abstractmethod
+    def _replace_task(self, task_id: str, before: str, after: str) -> bool:
+        """Write ``after`` only if the task's document is still ``before``; False when it is not (or is gone)."""
+
+    @abstractmethod
     def _delete_task(self, task_id: str) -> None:
         """Remove the task and its checkpoints in one transaction."""
 
@@ -987,6 +998,27 @@ class MetaStore(ABC):
 
     def save_task(self, task_id: str, info: dict) -> None:
         self._guard("saving a task", lambda: self._save_task(task_id, json.dumps(info)), write="task")
+
+    def create_task(self, task_id: str, info: dict) -> bool:
+        """Store a new task; False (nothing written) when the id is taken."""
+        return self._guard("saving a task", lambda: self._insert_task(task_id, json.dumps(info)), write="task")
+
+    UPDATE_TRIES = 5
+
+    def update_task(self, task_id: str, change: Callable[[dict], dict]) -> dict | None:
+        """Read a task, change it and write it back only if nobody wrote it meanwhile (else read it again): what
+        several servers answering for one task need, so that one never undoes another's pause, resume or delete.
+        ``change`` may raise to refuse. The document written, or None when the task is gone."""
+        for _ in range(self.UPDATE_TRIES):
+            before = self._guard("loading a task", lambda: self._load_task(task_id))
+            if before is None:
+                return None
+            after = change(json.loads(before))
+            document = json.dumps(after)
+            if self._guard("saving a task", lambda: self._replace_task(task_id, before, document), write="task"):
+                return after
+        raise MetaStoreUnavailable(f"task {task_id} was changed by others {self.UPDATE_TRIES} times while this "
+                                   f"change was written; try again")
 
     def load_tasks(self) -> dict[str, dict]:
         return {task_id: json.loads(document)
@@ -1053,6 +1085,8 @@ class SqlMetaStore(MetaStore):
 
     MARK = "%s"                  # the driver's parameter marker
     REPLACE = "REPLACE INTO"     # insert or overwrite by primary key
+    INSERT_NEW = "INSERT IGNORE INTO"  # insert unless the primary key is there
+    SAME_TEXT = "BINARY info = %s"     # byte for byte (MySQL's text collations ignore case and trailing blanks)
     TEXT = "LONGTEXT"
     KEY = "VARCHAR(255)"
 
@@ -1098,6 +1132,26 @@ class SqlMetaStore(MetaStore):
             cur.execute(f"SELECT task_id, info FROM task_info WHERE root_path = {self.MARK}", (self.root_path,))
             return dict(cur.fetchall())
 
+    def _load_task(self, task_id):
+        m = self.MARK
+        with self._transaction() as cur:
+            cur.execute(f"SELECT info FROM task_info WHERE root_path = {m} AND task_id = {m}", (self.root_path, task_id))
+            row = cur.fetchone()
+        return row[0] if row else None
+
+    def _insert_task(self, task_id, document):
+        m = self.MARK
+        with self._transaction() as cur:
+            cur.execute(f"{self.INSERT_NEW} task_info VALUES ({m}, {m}, {m})", (self.root_path, task_id, document))
+            return cur.rowcount == 1
+
+    def _replace_task(self, task_id, before, after):
+        m = self.MARK
+        with self._transaction() as cur:
+            cur.execute(f"UPDATE task_info SET info = {m} WHERE root_path = {m} AND task_id = {m} AND "
+                        f"{self.SAME_TEXT}", (after, self.root_path, task_id, before))
+            return cur.rowcount == 1
+
     def _load_positions(self, task_id):
         m = self.MARK
         with self._transaction() as cur:
@@ -1117,6 +1171,7 @@ class SqliteMetaStore(SqlMetaStore):
     """The embedded default: one local file, no server to run. One connection, used by one thread at a time."""
 
     MARK, REPLACE, TEXT, KEY = "?", "INSERT OR REPLACE INTO", "TEXT", "TEXT"
+    INSERT_NEW, SAME_TEXT = "INSERT OR IGNORE INTO", "info = ?"
 
     def __init__(self, path: str, root_path: str):
         import fcntl
@@ -1343,6 +1398,22 @@ class EtcdMetaStore(MetaStore):
     def _load_tasks(self):
         prefix = self._key("task_info")
         return {meta.key.decode()[len(prefix):]: value.decode() for value, meta in self.client.get_prefix(prefix)}
+
+    def _load_task(self, task_id):
+        value, _ = self.client.get(self._key("task_info", task_id))
+        return value.decode() if value is not None else None
+
+    def _insert_task(self, task_id, document):
+        ops, key = self.client.transactions, self._key("task_info", task_id)
+        succeeded, _ = self.client.transaction(compare=[ops.version(key) == 0], success=[ops.put(key, document)],
+                                               failure=[])
+        return succeeded
+
+    def _replace_task(self, task_id, before, after):
+        ops, key = self.client.transactions, self._key("task_info", task_id)
+        succeeded, _ = self.client.transaction(compare=[ops.value(key) == before], success=[ops.put(key, after)],
+                                               failure=[])
+        return succeeded
 
     def _delete_task(self, task_id):
         ops = self.client.transactions
@@ -5422,15 +5493,35 @@ class ClusterTaskManager(TaskManager):
     def _on_failure(self, replicator: Replicator, reason: str) -> None:
         """A task stopped itself: store it as paused, as long as this server still holds its target."""
         delay = 0.5
+        ran = replicator.task
+
+        def still_running(state: TaskState, data: dict) -> ApiError | None:
+            if state != TaskState.RUNNING or data.get("created_at") != ran.created_at:
+                return ApiError(409, "paused, or deleted and created again, meanwhile")
+            return None
         while replicator.fence is None or replicator.fence[0].valid():
             try:
-                self._store(replicator.task, state=TaskState.PAUSED, reason=reason)
+                # Only over the run that failed: a pause, resume or delete on another server meanwhile stands.
+                with contextlib.suppress(ApiError):
+                    self._change_stored(ran.task_id, TaskState.PAUSED, reason, still_running)
                 self.agent.wake()
                 return
             except MetaStoreUnavailable as exc:
                 log.warning("task=%s cannot store its pause yet: %s", replicator.task.task_id, exc)
             time.sleep(delay)
             delay = min(delay * 2, self.config.replication.retry_max_backoff)
+
+    def _change_stored(self, task_id: str, state: TaskState, reason: str,
+                       refused: Callable[[TaskState, dict], ApiError | None]) -> None:
+        """Change a task's state in the store, unless ``refused`` objects to the state stored right then: a
+        conditional write, so a change made on another server meanwhile is never undone."""
+        def change(data: dict) -> dict:
+            refusal = refused(TaskState(data.get("state", TaskState.INITIAL.value)), data)
+            if refusal is not None:
+                raise refusal
+            return {**data, "state": state.value, "reason": reason}
+        if self.store.update_task(task_id, change) is None:
+            raise ApiError(404, f"not found the task, task_id: {task_id}")
 
     def _find(self, task_id: Any) -> TaskInfo:
         if not isinstance(task_id, str) or not task_id:
@@ -5460,7 +5551,9 @@ class ClusterTaskManager(TaskManager):
             problem = probe_target(task.connect, min(task.connect.connect_timeout, self.PROBE_TIMEOUT))
             if problem:
                 raise ApiError(400, problem)
-            self._store(task, **self._first_state(task))
+            if not self.store.create_task(task.task_id, dataclasses.replace(task, **self._first_state(task))
+                                          .to_store()):
+                raise ApiError(409, f"task_id {task.task_id} is taken by another task; choose another or leave it out")
             self.agent.wake()
             if task.disable_auto_start:
                 return task.task_id
@@ -5478,9 +5571,8 @@ class ClusterTaskManager(TaskManager):
 
     def pause(self, task_id: Any) -> None:
         task = self._find(task_id)
-        if task.state == TaskState.PAUSED:
-            raise ApiError(400, f"task {task_id} is already paused")
-        self._store(task, state=TaskState.PAUSED, reason=self.PAUSED_BY_USER)
+        self._change_stored(task.task_id, TaskState.PAUSED, self.PAUSED_BY_USER, lambda state, _: ApiError(
+            400, f"task {task_id} is already paused") if state == TaskState.PAUSED else None)
         self.agent.wake()
         log.info("task=%s paused", task_id)
 
@@ -5501,7 +5593,8 @@ class ClusterTaskManager(TaskManager):
         if task.state == TaskState.RUNNING:
             raise ApiError(400, f"task {task_id} is already running")
         first = not self.store.load_checkpoints(task.task_id)  # never started: answered like a create
-        self._store(task, state=TaskState.RUNNING, reason="")
+        self._change_stored(task.task_id, TaskState.RUNNING, "", lambda state, _: ApiError(
+            400, f"task {task_id} is already running") if state == TaskState.RUNNING else None)
         self.agent.wake()
         if first:
             refusal = self._await_pickup(task.task_id)

@@ -253,17 +253,17 @@ def test_renewals_go_on_while_the_tasks_take_long_to_start_or_stop():
     """Issue 17, item 8: the agent renewed and synced tasks on one thread, so a task that took 30 s to stop
     starved the renewals and the server lost every target. The lease must stay valid all along."""
     import milvus_cdc as m
-    store, manager = FakeClusterStore(), StuckManager(stuck_for=4.0)
-    agent = m.ClusterAgent(manager, store, "s1", ttl=1.5)
+    store, manager = FakeClusterStore(), StuckManager(stuck_for=6.0)
+    agent = m.ClusterAgent(manager, store, "s1", ttl=3.0)  # valid for 2 s after each renewal (Lease.MARGIN)
     agent.start()
     try:
         wait_until(lambda: manager.synced and manager.synced[-1], 5, what="the agent took the target")
         invalid = 0
-        for _ in range(30):
+        for _ in range(50):
             time.sleep(0.1)
             invalid += not agent.lease.valid()
         assert invalid == 0, "the lease ran out while a task was slow to start"
-        assert len(store.renewals) >= 4
+        assert len(store.renewals) >= 3
         assert store.renewals[-1][1] == {"target-1"}, "a renewal names the targets the server holds"
     finally:
         agent.stop()

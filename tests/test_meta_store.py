@@ -210,3 +210,50 @@ def test_mysql_renewal_fails_when_a_held_target_was_not_renewed_with_the_server(
     finally:
         store.close()
         other.close()
+
+
+def test_a_task_is_created_once_and_changed_only_over_what_was_read(opener):
+    """Issue 17, item 11: the cluster's API writes were read-modify-write; now a create is put-if-absent and a
+    change is written only if nobody wrote the task since it was read (else read again)."""
+    store = opener()
+    info = {"task_id": "t1", "state": "Running", "reason": "", "count": 0}
+    assert store.create_task("t1", info)
+    assert not store.create_task("t1", {**info, "state": "Paused"}), "a second create with the id wrote over it"
+    assert store.load_tasks()["t1"]["state"] == "Running"
+
+    def bump(data: dict) -> dict:
+        time.sleep(0.01)  # between the read and the conditional write: where the others' writes land
+        return {**data, "count": data["count"] + 1}
+    store.UPDATE_TRIES = 200
+    threads = [threading.Thread(target=lambda: [store.update_task("t1", bump) for _ in range(10)])
+               for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert store.load_tasks()["t1"]["count"] == 30, "an update undid another's"
+    store.delete_task("t1")
+    assert store.update_task("t1", bump) is None and store.load_tasks() == {}, "a deleted task came back"
+
+
+def test_a_failure_stored_after_another_server_deleted_the_task_does_not_bring_it_back(stack, tmp_path):
+    from types import SimpleNamespace
+    root = f"cdc-cas-{uuid.uuid4().hex[:10]}"
+    store = m.MySQLMetaStore(settings_for("mysql", stack, tmp_path, root).mysql, root)
+    try:
+        manager = object.__new__(m.ClusterTaskManager)  # only what the failure handler uses
+        manager.store, manager.agent = store, SimpleNamespace(wake=lambda: None)
+        ran = SimpleNamespace(task_id="t1", created_at=1.0)
+        store.create_task("t1", {"task_id": "t1", "state": "Running", "reason": "", "created_at": 1.0})
+        store.delete_task("t1")  # by another server, while this one's task was failing
+        manager._on_failure(SimpleNamespace(task=ran, fence=None), "writing to the target: refused")
+        assert store.load_tasks() == {}
+        store.create_task("t1", {"task_id": "t1", "state": "Paused", "reason": "manually", "created_at": 1.0})
+        manager._on_failure(SimpleNamespace(task=ran, fence=None), "writing to the target: refused")
+        assert store.load_tasks()["t1"]["reason"] == "manually", "a pause made meanwhile was written over"
+        store.save_task("t1", {"task_id": "t1", "state": "Running", "reason": "", "created_at": 1.0})
+        manager._on_failure(SimpleNamespace(task=ran, fence=None), "writing to the target: refused")
+        assert store.load_tasks()["t1"]["state"] == "Paused"
+        assert store.load_tasks()["t1"]["reason"] == "writing to the target: refused"
+    finally:
+        store.close()
