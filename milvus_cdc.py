@@ -2184,14 +2184,11 @@ class TargetError(Exception):
 
 
 class TargetRefusal(TargetError):
-    """The target answered and refused: the same call again cannot help, only a repair can."""
+    """The target answered and refused, saying why: the same call again cannot help, only a repair can."""
 
     def __init__(self, op: str, status):
         super().__init__(f"{op}: {status_text(status)}")
         self.op, self.status = op, status
-
-    def says(self, *needles: str) -> bool:
-        return answer_says(self.status, *needles)
 
 
 class TlsFileError(Exception):
@@ -2302,13 +2299,50 @@ def _transient_codes() -> tuple[frozenset[int], frozenset[int]]:
 TRANSIENT_CODES, TRANSIENT_ERROR_CODES = _transient_codes()
 
 
+def _clear_refusal_codes() -> tuple[frozenset[int], frozenset[int]]:
+    """Answers that say what is wrong with the request itself. Milvus 2.3 gives an invalid parameter as merr code
+    1100 (pymilvus names no constant for it) with the legacy ``error_code`` IllegalArgument beside it, so both
+    fields count."""
+    from pymilvus.exceptions import ErrorCode
+    from pymilvus.grpc_gen import common_pb2
+    codes = frozenset({ErrorCode.COLLECTION_NOT_FOUND, ErrorCode.INDEX_NOT_FOUND})
+    legacy = frozenset({common_pb2.PermissionDenied, common_pb2.CollectionNotExists, common_pb2.IllegalArgument,
+                        common_pb2.IllegalDimension, common_pb2.IllegalIndexType, common_pb2.IllegalCollectionName,
+                        common_pb2.IllegalTOPK, common_pb2.IllegalRowRecord, common_pb2.IllegalVectorID,
+                        common_pb2.IllegalSearchResult, common_pb2.IllegalNLIST, common_pb2.IllegalMetricType,
+                        common_pb2.IndexNotExist, common_pb2.CollectionNameNotFound, common_pb2.SchemaMismatch,
+                        common_pb2.UpsertAutoIDTrue})
+    return codes, legacy
+
+
+CLEAR_REFUSAL_CODES, CLEAR_REFUSAL_ERROR_CODES = _clear_refusal_codes()
+# The same in words, for the many refusals Milvus 2.3 answers with code 65535. "Not found" counts only right after
+# an object a request names: a restarting target says "node not found" (also "index node", or after "collection:")
+# of its own components.
+CLEAR_REFUSAL_TEXT = re.compile(
+    r"\b(?:collection|partition|database|index|field|alias)(?::\S+|\s+(?!node\b)\S+)?\s+"
+    r"(?:not found|not exist|doesn't exist|does not exist)"
+    r"|already exist|\bduplicate|\bconflict|\binvalid\b|\billegal\b|schema mismatch|missing parameter"
+    r"|not support|unsupported|exceeded the limit|permission denied|not permitted|not authenticated|deny to use")
+
+
+def clear_refusal(status) -> bool:
+    """Does the target's answer say what is wrong with the request (not found, already exists, invalid)? Only
+    such a refusal is final at once; any other answer may come from a target that is still settling."""
+    return status.code in CLEAR_REFUSAL_CODES or status.error_code in CLEAR_REFUSAL_ERROR_CODES or \
+        CLEAR_REFUSAL_TEXT.search((status.reason + " " + status.detail).lower()) is not None
+
+
 
 class TargetWriter:
     """Every call to the target Milvus, over pymilvus's gRPC stubs.
 
     Errors are classified: a transient one (unreachable, deadline, not ready, rate limit) is retried with backoff
-    for up to ``retryTimeout`` and then raises TargetError; a refusal raises TargetRefusal at once, for the caller
-    to repair or to stop on. ``ok_if`` tells which refusals mean the work is already done (a replay).
+    for up to ``retryTimeout`` and then halts the task; a refusal that says what is wrong with the request
+    (``clear_refusal``), or that ``explained_if`` says the caller can repair, raises TargetRefusal at once, for
+    the caller to repair or to stop on. Any other answer is retried like a transient one: a target that has just
+    restarted answers code 65535 "unrecoverable error" (a node not registered yet) for a while. ``ok_if`` tells
+    which refusals mean the work is already done (a replay).
     """
 
     def __init__(self, param: ConnectParam, patience: Patience, metrics: TaskMetrics | None = None,
@@ -2329,7 +2363,7 @@ class TargetWriter:
         return twin
 
     def call(self, op: str, method: str, request, db_name: str = "", ok_if: Callable[[Any], bool] | None = None,
-             transient_if: Callable[[Any], bool] | None = None):
+             transient_if: Callable[[Any], bool] | None = None, explained_if: Callable[[Any], bool] | None = None):
         import grpc
 
         def attempt():
@@ -2350,8 +2384,9 @@ class TargetWriter:
                 return response
             transient = status.code in TRANSIENT_CODES or status.error_code in TRANSIENT_ERROR_CODES or \
                 (transient_if is not None and transient_if(status))
-            self._count(method, started, str(status.code or status.error_code), transient)
-            if transient:
+            final = not transient and (clear_refusal(status) or (explained_if is not None and explained_if(status)))
+            self._count(method, started, str(status.code or status.error_code), not final)
+            if not final:
                 raise TransientError(status_text(status))
             raise TargetRefusal(op, status)
         try:
@@ -2677,7 +2712,7 @@ class Outbox:
 @dataclass(frozen=True)
 class Repair:
     """What to do first when the target refuses a call for a state reason the source's history explains."""
-    applies: Callable[[TargetRefusal], bool]
+    applies: Callable[[Any], bool]   # to the target's answer (its status)
     fix: Callable[[], None]
     why: str
 
@@ -2696,8 +2731,9 @@ class TargetMirror:
 
     Every change goes through ``apply``: when the target refuses it for a reason the source's own history
     explains (a partition still loaded when the source, which refuses the same, must have released it first),
-    the matching repair runs and the call is tried again; a refusal nothing explains stops the task at once with
-    the operation, the object and the target's answer.
+    the matching repair runs and the call is tried again (each repair once); a refusal nothing explains stops the
+    task with the operation, the object and the target's answer: at once when it says what is wrong with the
+    request, else once the writer has retried it for ``retryTimeout`` (a target settling after a restart).
     """
 
     def __init__(self, writer: TargetWriter, task_id: str):
@@ -2713,17 +2749,21 @@ class TargetMirror:
 
     def apply(self, op: str, method: str, request, db_name: str = "", ok_if: tuple[str, ...] = (),
               repairs: Iterable[Repair] = (), transient_if: Callable[[Any], bool] | None = None):
-        pending = list(repairs)
+        known = list(repairs)
+        pending = list(known)
         while True:
             try:
+                # A refusal any repair knows comes back at once, also once that repair is used up: it says what
+                # is wrong, and a repair that did not help is no reason to wait.
                 answer = self.writer.call(op, method, request, db_name,
                                           ok_if=(lambda s: answer_says(s, *ok_if)) if ok_if else None,
-                                          transient_if=transient_if)
+                                          transient_if=transient_if,
+                                          explained_if=lambda s: any(r.applies(s) for r in known))
                 if self.writer.metrics is not None:
                     self.writer.metrics.ddl(method)
                 return answer
             except TargetRefusal as refusal:
-                repair = next((r for r in pending if r.applies(refusal)), None)
+                repair = next((r for r in pending if r.applies(refusal.status)), None)
                 if repair is None:
                     raise TaskHalt(str(refusal)) from None
                 pending.remove(repair)
@@ -2822,7 +2862,7 @@ class TargetMirror:
                     drop_leftover(target, ts)
         self.apply(f"drop database {db_name}", "DropDatabase",
                    milvus_pb2.DropDatabaseRequest(base=self.base(common_pb2.DropDatabase, ts), db_name=db_name),
-                   ok_if=NOT_FOUND, repairs=[Repair(lambda r: r.says("not empty"), drop_leftovers,
+                   ok_if=NOT_FOUND, repairs=[Repair(lambda s: answer_says(s, "not empty"), drop_leftovers,
                                                     "dropping the collections the source dropped before")])
 
     # -- collections and partitions ----------------------------------------------------------------------------
@@ -2881,7 +2921,7 @@ class TargetMirror:
                                                    db_name=target.db_name, collection_name=target.name,
                                                    partition_name=name),
                    target.db_name, ok_if=NOT_FOUND,
-                   repairs=[Repair(lambda r: r.says("loaded", "release"),
+                   repairs=[Repair(lambda s: answer_says(s, "loaded", "release"),
                                    lambda: self.release_partitions(target, [name], ts), "releasing it")])
         target.partitions.pop(name, None)
 
@@ -2908,7 +2948,8 @@ class TargetMirror:
                                                  extra_params=[common_pb2.KeyValuePair(key=k, value=v)
                                                                for k, v in params]),
                    target.db_name,
-                   repairs=[Repair(lambda r: r.says("at most one distinct index", "multiple indexes on same field"),
+                   repairs=[Repair(lambda s: answer_says(s, "at most one distinct index",
+                                                         "multiple indexes on same field"),
                                    drop_unwanted, "dropping the index the source dropped before")])
         self.index_times[(target.id, index_name)] = ts
 
@@ -2924,7 +2965,7 @@ class TargetMirror:
                                                collection_name=target.name, field_name=field_name,
                                                index_name=index_name),
                    target.db_name, ok_if=NOT_FOUND + ("index not exist",),
-                   repairs=[Repair(lambda r: r.says("loaded", "release"),
+                   repairs=[Repair(lambda s: answer_says(s, "loaded", "release"),
                                    lambda: self.release_collection(target, ts), "releasing the collection")])
         self.index_times.pop((target.id, index_name), None)
 
@@ -2989,9 +3030,9 @@ class TargetMirror:
         request.db_name, request.collection_name, request.replica_number = target.db_name, target.name, replicas
         self.apply(f"{'load collection' if not partitions else f'load partitions {partitions} of'} "
                    f"{target.qualified_name}", method, request, target.db_name, repairs=[
-                       Repair(lambda r: r.says("index not found", "no vector index"), create_indexes,
+                       Repair(lambda s: answer_says(s, "index not found", "no vector index"), create_indexes,
                               "creating the source's indexes"),
-                       Repair(lambda r: r.says("replica number"), lambda: self.release_collection(target, ts),
+                       Repair(lambda s: answer_says(s, "replica number"), lambda: self.release_collection(target, ts),
                               "releasing the collection (its replica number changed)")])
 
     def flush(self, db_name: str, names: list[str], ts: int) -> None:

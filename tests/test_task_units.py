@@ -70,14 +70,15 @@ def test_task_info_hides_the_token_from_the_public_view_and_keeps_it_stored():
 
 
 class ScriptedWriter:
-    """A target writer that answers each call from a script: a status to refuse with, or success."""
+    """A target writer that answers each call from a script: a status to refuse with, or success. Its refusals
+    are ones the real writer hands back at once (clear, or explained by a repair of the call), not retried."""
 
     metrics = None
 
     def __init__(self, answers: dict[str, list]):
         self.answers, self.calls = answers, []
 
-    def call(self, op, method, request, db_name="", ok_if=None, transient_if=None):
+    def call(self, op, method, request, db_name="", ok_if=None, transient_if=None, explained_if=None):
         from pymilvus.grpc_gen import common_pb2
         self.calls.append(method)
         answer = self.answers.get(method, []).pop(0) if self.answers.get(method) else None
@@ -86,6 +87,8 @@ class ScriptedWriter:
         status = common_pb2.Status(code=65535, reason=answer)
         if ok_if is not None and ok_if(status):
             return status
+        assert m.clear_refusal(status) or (explained_if is not None and explained_if(status)), \
+            f"the real writer would retry {answer!r}, not refuse it at once"
         raise m.TargetRefusal(op, status)
 
     @staticmethod
@@ -367,3 +370,114 @@ def test_every_try_of_a_tick_checks_the_lease():
         assert calls == ["a"], "a tick went out again after the lease ran out"
     finally:
         clock.close()
+
+
+class AnsweringStub:
+    """A target's gRPC stub answering each method from a script of statuses (None: success), its last answer
+    forever. At every call it notes what `get` would show of the task's waits at that moment."""
+
+    def __init__(self, answers, waits):
+        self.answers, self.waits, self.calls, self.shown = answers, waits, [], []
+
+    def __getattr__(self, method):
+        from pymilvus.grpc_gen import common_pb2, milvus_pb2
+
+        def answer(request, timeout=None, metadata=None):
+            self.calls.append(method)
+            self.shown.append([w.public() for w in self.waits.snapshot()])
+            script = self.answers.get(method, [None])
+            status = script.pop(0) if len(script) > 1 else script[0]
+            status = status or common_pb2.Status()
+            return milvus_pb2.ShowPartitionsResponse(status=status) if method == "ShowPartitions" else status
+        return answer
+
+
+def answering_mirror(answers, retry_timeout):
+    """A mirror whose writer is the real TargetWriter (its classification and its patience), over AnsweringStub."""
+    import threading
+    waits, metrics = m.Waits(), m.Metrics()
+    patience = m.Patience(m.ReplicationSettings(retry_timeout=retry_timeout, retry_max_backoff=0.2),
+                          threading.Event(), waits, "applier", "t1")
+    writer = m.TargetWriter(m.ConnectParam("http://127.0.0.1:9"), patience, metrics.task("t1"))
+    writer.stub = AnsweringStub(answers, waits)
+    return m.TargetMirror(writer, "t1"), writer.stub, metrics
+
+
+SETTLING = "unrecoverable error: failed to load collection: node not found[node=3]"
+
+
+def settling_answer():
+    from pymilvus.grpc_gen import common_pb2
+    return common_pb2.Status(code=65535, error_code=common_pb2.UnexpectedError, reason=SETTLING)
+
+
+def load_whole(mirror):
+    target = m.TargetCollection(7, "shop", "c", 1, ["ch_1_7v0"], {}, {"_default": 1})
+    mirror.set_load(target, m.WantedLoad(whole=True, replicas=1, partitions=frozenset({"_default"})), 100,
+                    create_indexes=lambda: None)
+
+
+def test_a_target_settling_after_a_restart_is_waited_out_and_shown_meanwhile():
+    """Right after a target restarts, its LoadCollection answers code 65535 "unrecoverable error" (a node not
+    registered yet): no refusal of the request, so it is retried, shown in get and counted, not a pause
+    (issue 17, item 14)."""
+    mirror, stub, metrics = answering_mirror({"LoadCollection": [settling_answer(), settling_answer(), None]},
+                                             retry_timeout=30)
+    load_whole(mirror)  # a TaskHalt here fails the test
+    assert stub.calls == ["ShowPartitions", "LoadCollection", "LoadCollection", "LoadCollection"]
+    [wait] = stub.shown[-1]
+    assert wait["operation"] == "load collection shop.c" and wait["tries"] == 2 and "node not found" in \
+        wait["last_error"], "get showed the wait while the target settled"
+    assert metrics.registry.get_sample_value("milvus_cdc_target_retries_total", {
+        "task_id": "t1", "operation": "LoadCollection", "code": "65535"}) == 2
+
+
+def test_a_target_that_never_settles_halts_the_task_after_retry_timeout():
+    import time
+    mirror, stub, _ = answering_mirror({"LoadCollection": [settling_answer()]}, retry_timeout=0.8)
+    started = time.monotonic()
+    try:
+        load_whole(mirror)
+    except m.TaskHalt as halt:
+        reason = str(halt)
+    else:
+        raise AssertionError("an answer that never changes must halt the task in the end")
+    assert time.monotonic() - started >= 0.8, "halted before retryTimeout"
+    assert stub.calls.count("LoadCollection") > 2
+    assert "load collection shop.c" in reason and SETTLING in reason, reason  # the operation, object and answer
+
+
+def test_clear_refusals_halt_at_once_and_any_other_answer_is_retried():
+    """Only an answer that says what is wrong with the request is final at once; a settling target's answers
+    (even those that say "not found" of a node, or mention the collection) are retried."""
+    import time
+    from pymilvus.grpc_gen import common_pb2
+    clear = [common_pb2.Status(code=1100, error_code=common_pb2.IllegalArgument,
+                               reason="invalid parameter[expected=1][actual=3]"),
+             common_pb2.Status(code=100, error_code=common_pb2.CollectionNotExists,
+                               reason="collection not found[collection=c]"),
+             common_pb2.Status(error_code=common_pb2.IllegalArgument, reason="load request refused"),
+             common_pb2.Status(code=65535, error_code=common_pb2.UnexpectedError,
+                               reason="create duplicate collection with different parameters, collection: c"),
+             common_pb2.Status(code=65535, error_code=common_pb2.UnexpectedError, reason="database:d1 not found"),
+             common_pb2.Status(code=1900, error_code=common_pb2.UnexpectedError,
+                               reason="deny to use the replicate message in the normal instance")]
+    for answer in clear:
+        mirror, stub, metrics = answering_mirror({"LoadCollection": [answer]}, retry_timeout=30)
+        started = time.monotonic()
+        try:
+            load_whole(mirror)
+        except m.TaskHalt as halt:
+            assert str(halt) == f"load collection shop.c: {m.status_text(answer)}"
+        else:
+            raise AssertionError(f"{answer.reason} must halt the task")
+        assert stub.calls.count("LoadCollection") == 1 and time.monotonic() - started < 1, answer.reason
+        assert stub.shown[-1] == [] and metrics.registry.get_sample_value("milvus_cdc_target_failures_total", {
+            "task_id": "t1", "operation": "LoadCollection", "code": str(answer.code or answer.error_code)}) == 1
+    unsettled = ["failed to load collection: node not found[node=3]", "index node not found",
+                 "channel checkpoint is not ready", "find no available querynode"]
+    for reason in unsettled:
+        mirror, stub, _ = answering_mirror({"LoadCollection": [
+            common_pb2.Status(code=65535, error_code=common_pb2.UnexpectedError, reason=reason), None]}, 30)
+        load_whole(mirror)
+        assert stub.calls.count("LoadCollection") == 2, reason
