@@ -2009,6 +2009,8 @@ class PulsarChannelReader(ChannelReader):
     Pulsar MessageIdData, as Milvus stores it."""
 
     PREFETCH_BYTES = 256 << 20
+    # pulsar-client logs each refusal as an error: on an empty topic the end is promised at most this often
+    EMPTY_RECHECK = 1.0
 
     def __init__(self, settings: dict):
         import pulsar
@@ -2022,7 +2024,8 @@ class PulsarChannelReader(ChannelReader):
         self.receiver_queue = max(10, min(1000, self.PREFETCH_BYTES // settings.get("maxMessageSize", 5242880)))
         self.topic_prefix = f"persistent://{tenant}/{namespace}/"
         self.readers: dict[str, Any] = {}
-        self.stash: list[SourceMessage] = []  # read by at_end, returned by the next read
+        self.had_messages: set[str] = set()  # channels started at or after a message, or read from
+        self.refused_at: dict[str, float] = {}  # when the broker last refused the last message id, by channel
 
     def resolve(self, channel, start):
         return start  # a Pulsar reader cannot name the latest message before it reads one
@@ -2044,25 +2047,29 @@ class PulsarChannelReader(ChannelReader):
         self.readers[channel] = self.client.create_reader(self.topic_prefix + channel, message_id,
                                                           start_message_id_inclusive=inclusive,
                                                           receiver_queue_size=self.receiver_queue)
+        if start.msg_id:
+            self.had_messages.add(channel)
         return start
 
     def remove(self, channel):
         reader = self.readers.pop(channel, None)
+        self.had_messages.discard(channel)
+        self.refused_at.pop(channel, None)
         if reader is not None:
             reader.close()
 
     def read(self, timeout):
         deadline = time.monotonic() + timeout
-        messages, self.stash = self.stash, []
+        messages: list[SourceMessage] = []
         while not messages and time.monotonic() < deadline:
             for channel, reader in list(self.readers.items()):
-                # read_next with a short wait, not has_message_available: some brokers refuse the latter on
-                # an empty topic.
+                # Polling read_next costs no broker round trip; at_end asks the broker.
                 while len(messages) < 2000:
                     try:
                         msg = reader.read_next(timeout_millis=5)
                     except self.pulsar.Timeout:
                         break
+                    self.had_messages.add(channel)
                     messages.append(decode_source_message(channel, msg.message_id().serialize(), msg.data()))
             if not self.readers:
                 time.sleep(max(0.0, deadline - time.monotonic()))
@@ -2072,12 +2079,27 @@ class PulsarChannelReader(ChannelReader):
         reader = self.readers.get(channel)
         if reader is None:
             return False
+        refused = self.refused_at.get(channel)
+        if refused is not None and time.monotonic() - refused < self.EMPTY_RECHECK:
+            return False  # no promise this time: asking again so soon would mostly log the same refusal again
         try:
-            msg = reader.read_next(timeout_millis=5)
-        except self.pulsar.Timeout:
+            # The broker's last message id against the last one read_next returned: a read_next timeout would
+            # only say that nothing is dispatched to this consumer yet (a slow broker, a queue not yet filled).
+            # Until a reader started at the latest message reads one, the client compares with the mark-delete
+            # position the broker reports instead (brokers that report none look at their end then).
+            return not reader.has_message_available()
+        except self.pulsar.UnknownError as exc:
+            # pulsar-lite refuses the last message id of a topic without messages ("Topic has no messages";
+            # Apache Pulsar answers entry -1 instead). Taken for an empty topic only when the channel is not
+            # known to hold a message: otherwise it is some other failure, and a promise could run ahead.
+            if channel in self.had_messages:
+                log.warning("cannot read the last message id of %s: %s", channel, exc)
+                return False
+            self.refused_at[channel] = time.monotonic()
             return True
-        self.stash.append(decode_source_message(channel, msg.message_id().serialize(), msg.data()))
-        return False
+        except self.pulsar.PulsarException as exc:  # not known now: no promise for the channel this time
+            log.warning("cannot read the last message id of %s: %s", channel, exc)
+            return False
 
     def transient(self, error):
         return isinstance(error, (self.pulsar.ConnectError, self.pulsar.Timeout, self.pulsar.ServiceUnitNotReady,

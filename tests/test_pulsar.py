@@ -1,6 +1,9 @@
 """The Pulsar reader: Milvus's own messages, taken live from the Kafka-backed source, are written to pulsar-lite
 with pulsar-client, read back through the CDC's Pulsar reader (a server configured for Pulsar) and applied to
-the real target. (Milvus 2.3.5 itself cannot run on pulsar-lite: its Go client rejects pulsar-lite's checksums.)"""
+the real target. (Milvus 2.3.5 itself cannot run on pulsar-lite: its Go client rejects pulsar-lite's checksums.)
+
+The reader's end of a channel is tested on a fake reader and on a pulsar-lite of this module's own, without the
+stack."""
 from __future__ import annotations
 
 import threading
@@ -12,6 +15,7 @@ from kafka import KafkaConsumer, TopicPartition
 from pymilvus import DataType, MilvusClient
 from pymilvus.grpc_gen import common_pb2, milvus_pb2, milvus_pb2_grpc, msg_pb2
 
+import milvus_cdc as m
 from helpers import CdcServer, assert_same_rows, client, server_config, wait_until
 
 REPLICATE = "by-dev-replicate-msg"
@@ -128,3 +132,160 @@ def test_pulsar_reader_replicates_milvus_messages(stack, pulsar_cdc, unique_name
         wait_until(lambda: not target.has_collection(name), 60, what="the drop, read from Pulsar")
         assert relay.copied > 0
     pulsar_cdc.call("delete", task_id=task_id)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The reader's end of a channel
+# ---------------------------------------------------------------------------------------------------------
+
+def tick(ts: int) -> bytes:
+    return m.MessageRewriter.time_tick(ts)
+
+
+class FakeTopic:
+    """A topic as the broker stores it, and how many of its messages the broker has pushed to the reader."""
+
+    def __init__(self):
+        self.stored: list[bytes] = []
+        self.dispatched = 0
+
+
+class FakeMessage:
+    def __init__(self, index: int, payload: bytes):
+        self.index, self.payload = index, payload
+
+    def message_id(self):
+        return pulsar.MessageId(-1, 0, self.index, -1)
+
+    def data(self):
+        return self.payload
+
+
+class FakeReader:
+    """pulsar-client's Reader as far as the CDC uses it: read_next sees only what the broker dispatched;
+    has_message_available asks the broker for the topic's last message id, and, like pulsar-lite, the broker
+    refuses that on a topic with no messages."""
+
+    def __init__(self, topic: FakeTopic):
+        self.topic, self.next, self.asked = topic, 0, 0
+        self.failure: Exception | None = None  # what the broker answers to the next questions instead
+
+    def read_next(self, timeout_millis=None):
+        if self.next >= self.topic.dispatched:
+            raise pulsar.Timeout()
+        self.next += 1
+        return FakeMessage(self.next - 1, self.topic.stored[self.next - 1])
+
+    def has_message_available(self):
+        self.asked += 1
+        if self.failure is not None:
+            raise self.failure
+        if not self.topic.stored:
+            raise pulsar.UnknownError("Pulsar error: UnknownError")
+        return self.next < len(self.topic.stored)
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def fake_pulsar(monkeypatch):
+    """A PulsarChannelReader on one fake topic, channel "ch"; yields (reader, topic, the fake Reader)."""
+    topic = FakeTopic()
+    fakes: list[FakeReader] = []
+
+    class FakeClient:
+        def __init__(self, *_, **__):
+            pass
+
+        def create_reader(self, *_, **__):
+            fakes.append(FakeReader(topic))
+            return fakes[-1]
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(pulsar, "Client", FakeClient)
+    reader = m.PulsarChannelReader({"address": "pulsar://fake:6650"})
+    reader.add("ch", m.EARLIEST)
+    yield reader, topic, fakes[-1]
+    reader.close()
+
+
+def test_at_end_waits_for_a_message_the_broker_has_not_dispatched(fake_pulsar):
+    reader, topic, _ = fake_pulsar
+    topic.stored.append(tick(1))
+    assert not reader.at_end("ch")  # read_next times out, but the broker's last message is ahead
+    topic.dispatched = 1
+    assert [msg.timestamp for msg in reader.read(0.05)] == [1]
+    assert reader.at_end("ch")
+
+
+def test_at_end_on_an_empty_topic_the_broker_refuses(fake_pulsar, monkeypatch):
+    reader, topic, fake = fake_pulsar
+    now = [1000.0]
+    monkeypatch.setattr(m.time, "monotonic", lambda: now[0])
+    assert reader.at_end("ch") and fake.asked == 1  # refused: nothing on the topic, so nothing to wait for
+    topic.stored.append(tick(1))
+    assert not reader.at_end("ch") and fake.asked == 1  # no promise, and no question, right after a refusal
+    now[0] += reader.EMPTY_RECHECK
+    assert not reader.at_end("ch") and fake.asked == 2
+    topic.dispatched = 1
+    assert [msg.timestamp for msg in reader.read(0.05)] == [1]
+    assert reader.at_end("ch")
+    fake.failure = pulsar.UnknownError("Pulsar error: UnknownError")
+    assert not reader.at_end("ch")  # the channel had a message: the same refusal is not an empty topic now
+    fake.failure = pulsar.ConnectError("Pulsar error: ConnectError")
+    assert not reader.at_end("ch")
+
+
+def test_at_end_refused_for_a_channel_started_after_a_message(fake_pulsar):
+    reader, _, _ = fake_pulsar
+    reader.add("ch", m.StartAt("after", pulsar.MessageId(0, 0, 7, -1).serialize()))
+    assert not reader.at_end("ch")  # it started after a message, so the topic is not empty
+
+
+@pytest.fixture(scope="module")
+def own_pulsar(tmp_path_factory):
+    """A pulsar-lite broker of this module's own, started as the stack starts it (no Milvus needed)."""
+    from stack import Stack
+    broker = Stack(tmp_path_factory.mktemp("pulsar-lite"))
+    try:
+        broker._start_pulsar()
+        yield broker.endpoints["pulsar"]
+    finally:
+        broker.down()
+
+
+def test_at_end_on_pulsar_lite(own_pulsar, unique_name):
+    channel = unique_name("at-end")
+    reader = m.PulsarChannelReader({"address": own_pulsar})
+    reader.EMPTY_RECHECK = 0  # every at_end asks the broker
+    client = pulsar.Client(own_pulsar, logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Error))
+    try:
+        reader.add(channel, m.EARLIEST)
+        assert reader.at_end(channel)  # pulsar-lite refuses the last message id here: the topic is empty
+        producer = client.create_producer(f"persistent://public/default/{channel}", batching_enabled=False)
+        for ts in (1, 2, 3):
+            producer.send(tick(ts))
+        assert not reader.at_end(channel)
+        read: list[int] = []
+        wait_until(lambda: read.extend(msg.timestamp for msg in reader.read(0.1)) or len(read) >= 3, 10,
+                   what="the three ticks read")
+        assert read == [1, 2, 3]
+        assert reader.at_end(channel)
+        producer.send(tick(4))
+        assert not reader.at_end(channel)
+
+        # Started at the latest message, before it reads one, the client compares the broker's last message id
+        # with the reader's mark-delete position, and pulsar-lite's answer shows no new message there until it is
+        # dispatched to the reader: only "eventually not at the end" holds here.
+        reader.add(channel, m.LATEST)
+        assert reader.at_end(channel)
+        producer.send(tick(5))
+        wait_until(lambda: not reader.at_end(channel), 10, interval=0.05, what="the new tick seen")
+        wait_until(lambda: [msg.timestamp for msg in reader.read(0.1)] == [5], 10, what="the new tick read")
+        assert reader.at_end(channel)
+    finally:
+        reader.close()
+        client.close()
