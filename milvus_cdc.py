@@ -1135,7 +1135,8 @@ class SqlMetaStore(MetaStore):
     def _load_task(self, task_id):
         m = self.MARK
         with self._transaction() as cur:
-            cur.execute(f"SELECT info FROM task_info WHERE root_path = {m} AND task_id = {m}", (self.root_path, task_id))
+            cur.execute(f"SELECT info FROM task_info WHERE root_path = {m} AND task_id = {m}",
+                        (self.root_path, task_id))
             row = cur.fetchone()
         return row[0] if row else None
 
@@ -2296,12 +2297,16 @@ def status_text(status) -> str:
     return f"code {status.code or status.error_code}: {status.reason or status.detail}"
 
 
-def answer_says(status, *needles: str) -> bool:
+def answer_says(status, *needles: str | re.Pattern) -> bool:
     text = (status.reason + " " + status.detail).lower()
-    return any(n in text for n in needles)
+    return any(n.search(text) is not None if isinstance(n, re.Pattern) else n in text for n in needles)
 
 
-NOT_FOUND = ("not found", "not exist", "doesn't exist", "does not exist")
+# "Not found" of an object a request names (a replay of a drop or release finds it gone), not of the target's own
+# components ("node not found" while it settles after a restart, "index node", or after "collection:").
+OBJECT_NOT_FOUND = re.compile(r"\b(?:collection|partition|database|index|field|alias)(?::\S+|\s+(?!node\b)\S+)?\s+"
+                              r"(?:not found|not exist|doesn't exist|does not exist)")
+NOT_FOUND: tuple[str | re.Pattern, ...] = (OBJECT_NOT_FOUND,)
 ALREADY_EXISTS = ("already exist", "duplicate")
 
 
@@ -2338,14 +2343,12 @@ def _clear_refusal_codes() -> tuple[frozenset[int], frozenset[int]]:
 
 
 CLEAR_REFUSAL_CODES, CLEAR_REFUSAL_ERROR_CODES = _clear_refusal_codes()
-# The same in words, for the many refusals Milvus 2.3 answers with code 65535. "Not found" counts only right after
-# an object a request names: a restarting target says "node not found" (also "index node", or after "collection:")
-# of its own components.
+# The same in words, for the many refusals Milvus 2.3 answers with code 65535 (OBJECT_NOT_FOUND: only of an
+# object a request names).
 CLEAR_REFUSAL_TEXT = re.compile(
-    r"\b(?:collection|partition|database|index|field|alias)(?::\S+|\s+(?!node\b)\S+)?\s+"
-    r"(?:not found|not exist|doesn't exist|does not exist)"
-    r"|already exist|\bduplicate|\bconflict|\binvalid\b|\billegal\b|schema mismatch|missing parameter"
-    r"|not support|unsupported|exceeded the limit|permission denied|not permitted|not authenticated|deny to use")
+    OBJECT_NOT_FOUND.pattern + r"|already exist|\bduplicate|\bconflict|\binvalid\b|\billegal\b|schema mismatch"
+    r"|missing parameter|not support|unsupported|exceeded the limit|permission denied|not permitted"
+    r"|not authenticated|deny to use")
 
 
 def clear_refusal(status) -> bool:
@@ -2769,7 +2772,7 @@ class TargetMirror:
 
     # -- one checked call --------------------------------------------------------------------------------------
 
-    def apply(self, op: str, method: str, request, db_name: str = "", ok_if: tuple[str, ...] = (),
+    def apply(self, op: str, method: str, request, db_name: str = "", ok_if: tuple[str | re.Pattern, ...] = (),
               repairs: Iterable[Repair] = (), transient_if: Callable[[Any], bool] | None = None):
         known = list(repairs)
         pending = list(known)

@@ -481,3 +481,15 @@ def test_clear_refusals_halt_at_once_and_any_other_answer_is_retried():
             common_pb2.Status(code=65535, error_code=common_pb2.UnexpectedError, reason=reason), None]}, 30)
         load_whole(mirror)
         assert stub.calls.count("LoadCollection") == 2, reason
+
+
+def test_a_component_not_found_is_not_taken_for_a_replay_already_done():
+    """A settling target's "node not found" to a release or a drop index is not "the object is gone": it is
+    retried like any unclassified answer, while a real "collection not found" still means done."""
+    from types import SimpleNamespace
+    settling = SimpleNamespace(reason="unrecoverable error", detail="node not found[node=3]", code=65535)
+    gone = SimpleNamespace(reason="collection not found[collection=c1]", detail="", code=100)
+    assert not m.answer_says(settling, *m.NOT_FOUND) and not m.answer_says(settling, *m.NOT_FOUND, "not loaded")
+    assert m.answer_says(gone, *m.NOT_FOUND)
+    assert m.answer_says(SimpleNamespace(reason="index not exist", detail="", code=65535), *m.NOT_FOUND)
+    assert m.answer_says(SimpleNamespace(reason="database:d1 not found", detail="", code=65535), *m.NOT_FOUND)
