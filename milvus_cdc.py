@@ -1651,6 +1651,9 @@ class SourceMeta:
         self.client = settings.etcd.client()
         self.lock = threading.Lock()
         self.db_names: dict[int, str] = {}
+        # (a source time in Unix seconds, time.monotonic() when it was first read): the source's clock had passed
+        # it then (0 until read)
+        self.source_time: tuple[float, float] = (0.0, 0.0)
 
     def close(self) -> None:
         self.client.close()
@@ -1666,9 +1669,20 @@ class SourceMeta:
                                         self.client.get_prefix(self.prefix + sub, **kwargs)
                                         if value and value != ETCD_TOMBSTONE])
 
+    # The source's TSO saves the upper end of the window it allocates from, its clock plus 3 s, at
+    # {rootPath}/{kvSubPath}/gid/timestamp (big-endian Unix nanoseconds), before it allocates past it: so that
+    # value less 3 s is a time the source's clock had passed when it was read.
+    TSO_KEY, TSO_WINDOW = "kv/gid/timestamp", 3.0
+
     def revision(self) -> int:
-        return self._etcd("revision", lambda: self.client.get_response(self.prefix, keys_only=True, limit=1)
-                          .header.revision)
+        """The etcd revision now; reads the source's TSO window (``source_time``) on the way."""
+        response = self._etcd("revision", lambda: self.client.get_response(
+            f"{self.settings.root_path}/{self.TSO_KEY}"))
+        if response.kvs and len(response.kvs[0].value) == 8:
+            passed = struct.unpack(">Q", response.kvs[0].value)[0] / 1e9 - self.TSO_WINDOW
+            if passed > self.source_time[0]:
+                self.source_time = (passed, time.monotonic())
+        return response.header.revision
 
     def databases(self, revision: int | None = None) -> dict[int, str]:
         """The live databases by id."""
@@ -3588,8 +3602,10 @@ class SourceClock:
     """The latest source time a task has evidence of: the highest time tick read on any of its channels. The
     reader thread writes it; the catalog thread and the replicate channel's promise read it.
 
-    With no tick for a while (no collection on the channels read, or none at all) the local clock, held back by
-    a margin, stands in: then nothing but the replicate channel and the catalog is ordered by it.
+    With no tick for a while (no collection on the channels read, or none at all) the source's own clock stands
+    in, as the catalog thread last read it from the source's TSO (``SourceMeta.source_time``) plus the time
+    elapsed since on this host's monotonic clock: never this host's wall clock, which may run ahead of the
+    source's, and then a new collection's first inserts would fall below what is already applied.
     """
 
     FALLBACK_AFTER = 1.0
@@ -3597,12 +3613,19 @@ class SourceClock:
     def __init__(self):
         self.moved = threading.Condition()
         self.tick, self.tick_at = 0, 0.0
+        self.passed, self.passed_at = 0.0, 0.0
 
     def saw_tick(self, ts: int) -> None:
         with self.moved:
             if ts > self.tick:
                 self.tick, self.tick_at = ts, time.monotonic()
                 self.moved.notify_all()
+
+    def saw_source_time(self, passed: float, read_at: float) -> None:
+        """The source's clock had passed ``passed`` (Unix seconds) at ``read_at`` (time.monotonic())."""
+        with self.moved:
+            if passed > self.passed:
+                self.passed, self.passed_at = passed, read_at
 
     def wait_past(self, ts: int, timeout: float) -> None:
         """Until a tick above ``ts`` is read, or ``timeout``: a catalog poll right after each new tick keeps the
@@ -3613,9 +3636,9 @@ class SourceClock:
     def now(self) -> int:
         from pymilvus.client.utils import mkts_from_unixtime
         with self.moved:
-            tick, tick_at = self.tick, self.tick_at
-        if time.monotonic() - tick_at > self.FALLBACK_AFTER:
-            return max(tick, mkts_from_unixtime(time.time() - self.FALLBACK_AFTER))
+            tick, tick_at, passed, passed_at = self.tick, self.tick_at, self.passed, self.passed_at
+        if passed and time.monotonic() - tick_at > self.FALLBACK_AFTER:
+            return max(tick, mkts_from_unixtime(passed + time.monotonic() - passed_at))
         return tick
 
 
@@ -3815,10 +3838,20 @@ class Replicator:
     def _run_catalog(self, poller: CatalogPoller) -> None:
         def poll():
             before = 0
+            warned = False
             while not self.stop_event.wait(self.CATALOG_SPACING):
                 self.source_clock.wait_past(before, self.CATALOG_IDLE)
                 before = self.source_clock.now()
                 changes = poller.poll()
+                if poller.meta.source_time[0]:
+                    self.source_clock.saw_source_time(*poller.meta.source_time)
+                else:  # not a layout this server knows: better this host's clock than operations held for good
+                    if not warned:
+                        log.warning("task=%s the source's etcd has no %s/%s: with no time tick to go by, this "
+                                    "host's clock orders database operations", self.task.task_id,
+                                    self.config.source.root_path, SourceMeta.TSO_KEY)
+                        warned = True
+                    self.source_clock.saw_source_time(time.time() - SourceClock.FALLBACK_AFTER, time.monotonic())
                 # Started after `before` was read: every catalog write made before it was issued is here.
                 self._hand_over(self.catalog_queue, (before, changes))
         self._ending("reading the source etcd", poll, [poller.meta])

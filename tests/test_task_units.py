@@ -1,6 +1,8 @@
 """Unit tests of the task's small value types and bookkeeping (fakes stand in for the servers here)."""
 from __future__ import annotations
 
+import time
+
 import milvus_cdc as m
 
 
@@ -493,3 +495,22 @@ def test_a_component_not_found_is_not_taken_for_a_replay_already_done():
     assert m.answer_says(gone, *m.NOT_FOUND)
     assert m.answer_says(SimpleNamespace(reason="index not exist", detail="", code=65535), *m.NOT_FOUND)
     assert m.answer_says(SimpleNamespace(reason="database:d1 not found", detail="", code=65535), *m.NOT_FOUND)
+
+
+def test_with_no_tick_the_source_clock_follows_the_source_not_this_host(monkeypatch):
+    """Issue 17, item 5: with no DML tick for a second, the replicate channel and the catalog promised this host's
+    time less a second; a host whose clock runs ahead of the source's promised times the source had not reached,
+    and a new collection's first inserts fell below what was applied. The stand-in is the source's own TSO."""
+    from pymilvus.client.utils import hybridts_to_unixtime
+    real_time = time.time
+    source_now = real_time()
+    monkeypatch.setattr(m.time, "time", lambda: real_time() + 60)  # this host runs a minute ahead
+    clock = m.SourceClock()
+    clock.saw_source_time(source_now - 0.5, time.monotonic())
+    assert clock.now() == 0 or hybridts_to_unixtime(clock.now()) <= real_time()
+    time.sleep(m.SourceClock.FALLBACK_AFTER + 0.2)
+    promised = hybridts_to_unixtime(clock.now())
+    assert promised <= real_time(), f"promised {promised - real_time():.1f}s past the source's clock"
+    assert promised >= real_time() - 2, "the stand-in follows the source's clock closely"
+    clock.saw_tick(m.hybrid_now())  # ticks again (this host's time here): the tick rules
+    assert clock.now() == clock.tick
