@@ -98,7 +98,9 @@ class EtcdSettings:
 
     def client(self, timeout: float = 10.0):
         """A pyetcd client over every endpoint, failing over between them. An endpoint that failed is tried
-        again after a second (pyetcd's default is five minutes, which outlasts any etcd restart)."""
+        again after a second (pyetcd's default is five minutes, which outlasts any etcd restart); a lone endpoint
+        at once: pyetcd answers "no endpoint available" without asking while every endpoint counts as failed, and
+        one slow answer must not fail every call of the next second."""
         import grpc
         from pyetcd.client import Endpoint, MultiEndpointEtcd3Client
         credentials = None
@@ -109,7 +111,8 @@ class EtcdSettings:
                 with open(path, "rb") as fh:
                     return fh.read()
             credentials = grpc.ssl_channel_credentials(read(self.ca_cert), read(self.key), read(self.cert))
-        endpoints = [Endpoint(*split_host_port(address, 2379), secure=self.tls, creds=credentials, time_retry=1.0)
+        retry = 1.0 if len(self.endpoints) > 1 else 0.0
+        endpoints = [Endpoint(*split_host_port(address, 2379), secure=self.tls, creds=credentials, time_retry=retry)
                      for address in self.endpoints]
         auth = {"user": self.username, "password": self.password} if self.enable_auth else {}
         return MultiEndpointEtcd3Client(endpoints=endpoints, timeout=timeout, failover=True, **auth)
@@ -930,6 +933,20 @@ class Lease:
         return token.rsplit("/", 1)[0]
 
 
+@dataclass(frozen=True)
+class PositionsWrite:
+    """One task's checkpoints to store; with ``fence`` (the lease, the target), only while that holds."""
+    task_id: str
+    document: str
+    fence: tuple[Lease, str] | None = None
+
+
+@dataclass(eq=False)
+class _QueuedWrite:
+    write: PositionsWrite
+    outcome: bool | BaseException | None = None  # written, fenced off, or why not; None while queued
+
+
 class MetaStore(ABC):
     """Where tasks and their checkpoints live. Each call is one atomic write or read.
 
@@ -941,6 +958,10 @@ class MetaStore(ABC):
     def __init__(self, root_path: str):
         self.root_path = root_path
         self.metrics: Metrics | None = None  # counts the writes when set
+        # Checkpoints of all the tasks of the server wait here for the next transaction (see save_checkpoints).
+        self.queued: list[_QueuedWrite] = []
+        self.queue_turn = threading.Condition()
+        self.writing = False
 
     @abstractmethod
     def _save_task(self, task_id: str, document: str) -> None: ...
@@ -964,7 +985,8 @@ class MetaStore(ABC):
         """Remove the task and its checkpoints in one transaction."""
 
     @abstractmethod
-    def _save_positions(self, task_id: str, document: str) -> None: ...
+    def _save_positions(self, writes: list[PositionsWrite]) -> list[bool]:
+        """Write these in one transaction; for each, False when its fence did not hold (then it is not written)."""
 
     @abstractmethod
     def _load_positions(self, task_id: str) -> str | None: ...
@@ -1032,17 +1054,57 @@ class MetaStore(ABC):
         """Replace the task's whole set of checkpoints in one write. With ``fence`` (the lease and the target),
         only while this server holds that target and the task still exists; else LeaseLost and nothing is
         written."""
-        document = json.dumps([c.to_json() for c in sorted(checkpoints)])
-        if fence is None:
-            self._guard("saving checkpoints", lambda: self._save_positions(task_id, document), write="checkpoint")
-        elif not self._guard("saving checkpoints", lambda: self._save_fenced(task_id, document, *fence),
-                             write="checkpoint"):
-            raise LeaseLost(f"target {fence[1]} is no longer held by this server, or task {task_id} is gone")
+        queued = _QueuedWrite(PositionsWrite(task_id, json.dumps([c.to_json() for c in sorted(checkpoints)]),
+                                             fence))
+        with self.queue_turn:
+            self.queued.append(queued)
+        # Group commit: whoever finds no write under way writes everything queued meanwhile, in one transaction,
+        # so a server with maxTaskNum busy tasks writes its checkpoints a few times per interval, not once per task.
+        while True:
+            with self.queue_turn:
+                self.queue_turn.wait_for(lambda: queued.outcome is not None or not self.writing)
+                if queued.outcome is not None:
+                    break
+                self.writing = True
+                batch = self._next_batch()
+            self._write_batch(batch)
+        if isinstance(queued.outcome, BaseException):
+            raise copy.copy(queued.outcome)  # one error object per waiting thread: raising sets its traceback
+        if not queued.outcome:
+            raise LeaseLost(f"target {fence[1] if fence else ''} is no longer held by this server, or task "
+                            f"{task_id} is gone")
+
+    BATCH_WRITES, BATCH_BYTES = 64, 1 << 20  # within etcd's limits: 128 operations, 1.5 MiB per request
+
+    def _next_batch(self) -> list[_QueuedWrite]:
+        """The oldest queued writes, as many as one transaction takes (with the queue's condition held)."""
+        size = count = 0
+        for count, queued in enumerate(self.queued[:self.BATCH_WRITES], 1):
+            size += len(queued.write.document)
+            if size > self.BATCH_BYTES and count > 1:
+                count -= 1
+                break
+        batch, self.queued = self.queued[:count], self.queued[count:]
+        return batch
+
+    def _write_batch(self, batch: list[_QueuedWrite]) -> None:
+        # A task queued twice: its last set replaces the whole earlier one, which is not written (nor can etcd
+        # take one key twice in a transaction).
+        last = {queued.write.task_id: queued.write for queued in batch}
+        outcomes: dict[str, bool | BaseException]
+        try:
+            written = self._guard("saving checkpoints", lambda: self._save_positions(list(last.values())),
+                                  write="checkpoint")
+            outcomes = dict(zip(last, written))
+        except Exception as exc:  # noqa: BLE001 - handed to each writer, raised in its thread
+            outcomes = dict.fromkeys(last, exc)
+        with self.queue_turn:
+            for queued in batch:
+                queued.outcome = outcomes[queued.write.task_id]
+            self.writing = False
+            self.queue_turn.notify_all()
 
     # -- cluster: leases on targets (etcd and MySQL; sqlite is for one server) -------------------------------
-
-    def _save_fenced(self, task_id: str, document: str, lease: Lease, target: str) -> bool:
-        raise NotImplementedError(f"{type(self).__name__} does not share tasks between servers")
 
     def join(self, server_id: str, ttl: float) -> Lease:
         """Enter the cluster: a lease for this run of the server, and its presence."""
@@ -1124,8 +1186,22 @@ class SqlMetaStore(MetaStore):
     def _save_task(self, task_id, document):
         self._put("task_info", task_id, document)
 
-    def _save_positions(self, task_id, document):
-        self._put("task_position", task_id, document)
+    def _save_positions(self, writes):
+        m = self.MARK
+        written = []
+        with self._transaction() as cur:
+            for write in writes:
+                if write.fence is not None and not self._fence_holds(cur, write):
+                    written.append(False)
+                    continue
+                cur.execute(f"{self.REPLACE} task_position VALUES ({m}, {m}, {m})",
+                            (self.root_path, write.task_id, write.document))
+                written.append(True)
+        return written
+
+    def _fence_holds(self, cur, write: PositionsWrite) -> bool:
+        """Inside the transaction: does this server hold the write's target, and does its task still exist?"""
+        raise NotImplementedError(f"{type(self).__name__} does not share tasks between servers")
 
     def _load_tasks(self):
         with self._transaction() as cur:
@@ -1282,17 +1358,14 @@ class MySQLMetaStore(SqlMetaStore):
                         f"NOT NULL, token {self.KEY} NOT NULL, expires_at DATETIME(6) NOT NULL, "
                         f"PRIMARY KEY (root_path, target))")
 
-    def _save_fenced(self, task_id, document, lease, target):
-        with self._transaction() as cur:
-            cur.execute("SELECT 1 FROM cdc_owner WHERE root_path = %s AND target = %s AND token = %s AND "
-                        "expires_at > UTC_TIMESTAMP(6) FOR UPDATE", (self.root_path, target, lease.token))
-            held = cur.fetchone() is not None
-            cur.execute("SELECT 1 FROM task_info WHERE root_path = %s AND task_id = %s FOR UPDATE",
-                        (self.root_path, task_id))
-            if not held or cur.fetchone() is None:
-                return False
-            cur.execute(f"{self.REPLACE} task_position VALUES (%s, %s, %s)", (self.root_path, task_id, document))
-        return True
+    def _fence_holds(self, cur, write):
+        lease, target = write.fence
+        cur.execute("SELECT 1 FROM cdc_owner WHERE root_path = %s AND target = %s AND token = %s AND "
+                    "expires_at > UTC_TIMESTAMP(6) FOR UPDATE", (self.root_path, target, lease.token))
+        held = cur.fetchone() is not None
+        cur.execute("SELECT 1 FROM task_info WHERE root_path = %s AND task_id = %s FOR UPDATE",
+                    (self.root_path, write.task_id))
+        return held and cur.fetchone() is not None
 
     def join(self, server_id, ttl):
         def enter():
@@ -1422,8 +1495,16 @@ class EtcdMetaStore(MetaStore):
                                                      ops.delete(self._key("task_position", task_id))],
                                 failure=[])
 
-    def _save_positions(self, task_id, document):
-        self.client.put(self._key("task_position", task_id), document)
+    def _save_positions(self, writes):
+        ops = self.client.transactions
+        compare = [check for write in writes if write.fence is not None for check in (
+            ops.value(self._key("owner", write.fence[1])) == write.fence[0].token,
+            ops.version(self._key("task_info", write.task_id)) > 0)]
+        succeeded, _ = self.client.transaction(compare=compare, success=[
+            ops.put(self._key("task_position", w.task_id), w.document) for w in writes], failure=[])
+        if succeeded or len(writes) == 1:
+            return [succeeded] * len(writes)
+        return [self._save_positions([write])[0] for write in writes]  # which fence failed: each alone (rare)
 
     def _load_positions(self, task_id):
         value, _ = self.client.get(self._key("task_position", task_id))
@@ -1431,14 +1512,6 @@ class EtcdMetaStore(MetaStore):
 
     def _transient(self, error):
         return etcd_fault(error)
-
-    def _save_fenced(self, task_id, document, lease, target):
-        ops = self.client.transactions
-        succeeded, _ = self.client.transaction(
-            compare=[ops.value(self._key("owner", target)) == lease.token,
-                     ops.version(self._key("task_info", task_id)) > 0],
-            success=[ops.put(self._key("task_position", task_id), document)], failure=[])
-        return succeeded
 
     # Presence and ownership keys are bound to the server's etcd lease: when it expires, etcd deletes them.
 

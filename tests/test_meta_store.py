@@ -257,3 +257,67 @@ def test_a_failure_stored_after_another_server_deleted_the_task_does_not_bring_i
         assert store.load_tasks()["t1"]["reason"] == "writing to the target: refused"
     finally:
         store.close()
+
+
+def test_the_checkpoints_of_many_tasks_go_in_few_transactions(opener):
+    """Issue 17, item 16: a server with maxTaskNum busy tasks wrote one transaction per task and checkpoint
+    interval; now the writes queued while one is under way go together in the next."""
+    store = opener()
+    transactions = []
+    inner = store._save_positions
+
+    def counted(writes):
+        transactions.append(len(writes))
+        time.sleep(0.02)  # a store under load: the others queue meanwhile
+        return inner(writes)
+    store._save_positions = counted
+    errors = []
+
+    def task(n: int):
+        try:
+            for round_ in range(5):
+                store.save_checkpoints(f"t{n}", checkpoints((f"ch{n}", bytes([n, round_]), round_, "after")))
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+    threads = [threading.Thread(target=task, args=(n,)) for n in range(100)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert sum(transactions) <= 500 and len(transactions) < 100, f"{len(transactions)} transactions for 500 saves"
+    for n in range(100):
+        assert store.load_checkpoints(f"t{n}")[f"ch{n}"].msg_id == bytes([n, 4]), "a task's last set is stored"
+
+
+@pytest.mark.parametrize("kind", ["mysql", "etcd"])
+def test_a_fence_that_fails_in_a_batch_stops_only_its_own_task(kind, stack, tmp_path):
+    root = f"cdc-batch-{uuid.uuid4().hex[:10]}"
+    store = m.open_meta_store(settings_for(kind, stack, tmp_path, root))
+    try:
+        lease = store.join("a", ttl=30.0)
+        assert store.acquire(lease, "held")
+        for task_id in ("t-held", "t-other", "t-gone"):
+            store.save_task(task_id, {"task_id": task_id})
+        store.delete_task("t-gone")
+        outcomes = {}
+        start = threading.Barrier(3)
+
+        def save(task_id: str, target: str):
+            start.wait()
+            try:
+                store.save_checkpoints(task_id, checkpoints(("ch", b"\x01", 1, "after")), fence=(lease, target))
+                outcomes[task_id] = "written"
+            except m.LeaseLost:
+                outcomes[task_id] = "fenced off"
+        threads = [threading.Thread(target=save, args=args) for args in
+                   (("t-held", "held"), ("t-other", "not-held"), ("t-gone", "held"))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert outcomes == {"t-held": "written", "t-other": "fenced off", "t-gone": "fenced off"}
+        assert store.load_checkpoints("t-held") and not store.load_checkpoints("t-other")
+        assert not store.load_checkpoints("t-gone")
+    finally:
+        store.close()
