@@ -2821,6 +2821,11 @@ class Outbox:
         return all([lane.join(deadline) for lane in self.lanes.values()])
 
 
+class Undone(Exception):
+    """A repair found that the source's history undid what the refused call would do (a load whose index the
+    source dropped since, which it could do only after releasing): the call is skipped, not the task halted."""
+
+
 @dataclass(frozen=True)
 class Repair:
     """What to do first when the target refuses a call for a state reason the source's history explains."""
@@ -2881,7 +2886,11 @@ class TargetMirror:
                 pending.remove(repair)
                 log.info("task=%s %s was refused (%s): %s first", self.task_id, op, status_text(refusal.status),
                          repair.why)
-                repair.fix()
+                try:
+                    repair.fix()
+                except Undone as undone:
+                    log.info("task=%s %s skipped: %s", self.task_id, op, undone)
+                    return None
 
     def base(self, msg_type: int, ts: int):
         return self.writer.base(msg_type, ts)
@@ -3120,32 +3129,37 @@ class TargetMirror:
             partitions = set()
         if wanted.whole:
             if not partitions or wanted.partitions - partitions:
-                self._load(target, "LoadCollection", [], wanted.replicas, ts, create_indexes)
+                if not self._load(target, "LoadCollection", [], wanted.replicas, ts, create_indexes):
+                    return
                 partitions = set(target.partitions)
         else:
-            self._load(target, "LoadPartitions", sorted(wanted.partitions - partitions), wanted.replicas, ts,
-                       create_indexes)
+            if not self._load(target, "LoadPartitions", sorted(wanted.partitions - partitions), wanted.replicas, ts,
+                              create_indexes):
+                return
             partitions |= wanted.partitions
         self.load_kinds[target.id] = wanted.whole
         if partitions - wanted.partitions and not wanted.partition_key:
             self.release_partitions(target, partitions - wanted.partitions, ts)
 
     def _load(self, target: TargetCollection, method: str, partitions: list[str], replicas: int, ts: int,
-              create_indexes: Callable[[], None]) -> None:
+              create_indexes: Callable[[], None]) -> bool:
+        """False when the load was skipped: the source's history undid it (see Undone)."""
         from pymilvus.grpc_gen import common_pb2, milvus_pb2
         if method == "LoadPartitions" and not partitions:
-            return
+            return True
         request = (milvus_pb2.LoadCollectionRequest(base=self.base(common_pb2.LoadCollection, ts))
                    if method == "LoadCollection" else
                    milvus_pb2.LoadPartitionsRequest(base=self.base(common_pb2.LoadPartitions, ts),
                                                     partition_names=partitions))
         request.db_name, request.collection_name, request.replica_number = target.db_name, target.name, replicas
-        self.apply(f"{'load collection' if not partitions else f'load partitions {partitions} of'} "
-                   f"{target.qualified_name}", method, request, target.db_name, repairs=[
-                       Repair(lambda s: answer_says(s, "index not found", "no vector index"), create_indexes,
-                              "creating the source's indexes"),
-                       Repair(lambda s: answer_says(s, "replica number"), lambda: self.release_collection(target, ts),
-                              "releasing the collection (its replica number changed)")])
+        answer = self.apply(f"{'load collection' if not partitions else f'load partitions {partitions} of'} "
+                            f"{target.qualified_name}", method, request, target.db_name, repairs=[
+                                Repair(lambda s: answer_says(s, "index not found", "no vector index"),
+                                       create_indexes, "creating the source's indexes"),
+                                Repair(lambda s: answer_says(s, "replica number"),
+                                       lambda: self.release_collection(target, ts),
+                                       "releasing the collection (its replica number changed)")])
+        return answer is not None
 
     def flush(self, db_name: str, names: list[str], ts: int) -> None:
         from pymilvus.grpc_gen import common_pb2, milvus_pb2
@@ -4139,6 +4153,14 @@ class TargetCopies:
             self.mirror.create_index(target, index.field_name, index.index_name, index.params, index.create_time,
                                      unwanted=self.index_dropped(source))
 
+    def indexes_for_load(self, source: SourceCollection, target: TargetCollection) -> None:
+        """A load refused for want of an index: the source's indexes, as they are now. When the source has none
+        any more, it dropped them after the load being copied, and so released the collection before (Milvus
+        drops no index of a loaded collection): that release, or the drop, comes later in its history."""
+        if not self.meta.indexes(source):
+            raise Undone(f"the source's {source.qualified_name} has no index any more, so it was released since")
+        self.create_indexes(source, target)
+
     def index_dropped(self, source: SourceCollection) -> Callable[[str], bool]:
         return lambda name: name not in {i.index_name for i in self.meta.indexes(source)}
 
@@ -4154,7 +4176,7 @@ class TargetCopies:
                 self.partition(target, name, ids[name], ts)
             wanted = WantedLoad(state.load_type == LOAD_TYPE_COLLECTION, state.replicas, loaded,
                                 source.has_partition_key())
-        self.mirror.set_load(target, wanted, ts, create_indexes=lambda: self.create_indexes(source, target))
+        self.mirror.set_load(target, wanted, ts, create_indexes=lambda: self.indexes_for_load(source, target))
 
     def partition(self, target: TargetCollection, name: str, source_id: int, ts: int) -> int:
         """The target partition that copies source partition ``source_id`` named ``name``, made when missing.

@@ -514,3 +514,22 @@ def test_with_no_tick_the_source_clock_follows_the_source_not_this_host(monkeypa
     assert promised >= real_time() - 2, "the stand-in follows the source's clock closely"
     clock.saw_tick(m.hybrid_now())  # ticks again (this host's time here): the tick rules
     assert clock.now() == clock.tick
+
+
+def test_a_load_whose_index_the_source_dropped_since_is_skipped_not_halted():
+    """Issue 17, item 13: a load refused "index not found" read the source's indexes as they are now; after the
+    source dropped its index (which it can only do once released) there was nothing to create and the task
+    halted. The load is undone by the source's own history: it is skipped, and the release that follows stays
+    the last word."""
+    from types import SimpleNamespace
+    from pymilvus.grpc_gen import common_pb2
+    refused = common_pb2.Status(code=65535, reason="index not found[collection=c]")
+    mirror, stub, _ = answering_mirror({"LoadCollection": [refused]}, retry_timeout=30)
+    copies = object.__new__(m.TargetCopies)  # only what the repair reads: the source's indexes now
+    copies.meta = SimpleNamespace(indexes=lambda source: [])
+    source = SimpleNamespace(qualified_name="shop.c")
+    target = m.TargetCollection(7, "shop", "c", 1, ["ch_1_7v0"], {}, {"_default": 1})
+    mirror.set_load(target, m.WantedLoad(whole=True, replicas=1, partitions=frozenset({"_default"})), 100,
+                    create_indexes=lambda: copies.indexes_for_load(source, target))  # a TaskHalt fails the test
+    assert stub.calls == ["ShowPartitions", "LoadCollection"], "skipped: not tried again, nothing else done"
+    assert target.id not in mirror.load_kinds, "the mirror does not take the copy for loaded"
