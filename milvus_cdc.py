@@ -1569,6 +1569,7 @@ def open_meta_store(settings: MetaStoreSettings) -> MetaStore:
         return SqliteMetaStore(settings.sqlite_path, settings.root_path)
     if settings.store_type == "mysql":
         return MySQLMetaStore(settings.mysql, settings.root_path)
+    assert settings.etcd is not None  # read_config sets it when storeType is etcd
     return EtcdMetaStore(settings.etcd, settings.root_path)
 
 
@@ -1576,7 +1577,7 @@ def open_meta_store(settings: MetaStoreSettings) -> MetaStore:
 # Source metadata (etcd) #######################################################
 ###############################################################################
 
-def _declare_etcd_messages() -> dict[str, type]:
+def _declare_etcd_messages() -> dict[str, Any]:  # message classes made at run time: mypy cannot see their fields
     """Protobuf classes the CDC declares itself: the few Milvus-internal etcd values it reads (not shipped by
     pymilvus), and a projection of data messages.
 
@@ -2535,6 +2536,7 @@ class TargetWriter:
     def replicate(self, pchannel: str, messages: list[bytes]) -> None:
         from pymilvus.grpc_gen import milvus_pb2
         # One request per ~16 MB keeps every call far below gRPC's and the target MQ's message limits.
+        chunk: list[bytes]
         chunk, size = [], 0
         for message in messages + [None]:
             if message is None or (chunk and size + len(message) > 16 << 20):
@@ -3286,8 +3288,8 @@ class ChangeOrder:
         source.promised = ts if source.promised is None else max(source.promised, ts)
 
     def watermark(self) -> int:
-        promises = [source.promised for source in self.inputs.values()]
-        if not promises or any(p is None for p in promises):
+        promises = [source.promised for source in self.inputs.values() if source.promised is not None]
+        if not promises or len(promises) < len(self.inputs):  # none, or one input promised nothing yet
             return self.applied
         return max(self.applied, min(promises))
 
@@ -3346,7 +3348,7 @@ class ChangeOrder:
         silent = [n for n, s in self.inputs.items() if s.promised is None]
         if silent:
             return sorted(silent)
-        lowest = min(s.promised for s in self.inputs.values())
+        lowest = min(s.promised for s in self.inputs.values() if s.promised is not None)  # all promised by now
         return sorted(n for n, s in self.inputs.items() if s.promised == lowest)
 
     def held_by_only(self, kind: InputKind) -> bool:
@@ -3646,6 +3648,7 @@ class TargetClock:
                 while self.posted == seen and not self.stopping.is_set():
                     self.changed.wait(1.0)
                 seen, param, fence = self.posted, self.param, self.fence
+                assert param is not None  # join sets it before it starts this thread
                 if fence is not None and not fence.valid():
                     continue  # the target may be another server's by now
                 tick = min(self.watermarks.values()) if self.watermarks else 0
@@ -4391,8 +4394,8 @@ class Applier:
         replayed = self.task.replayed
         starts = {self.replicate_chan: resumed(self.replicate_chan) or pins.get(self.replicate_chan) or EARLIEST}
         for channel in sorted({p for c in live for p in c.pchannels}):
-            if resumed(channel):
-                starts[channel] = resumed(channel)
+            if start := resumed(channel):
+                starts[channel] = start
                 continue
             newcomers = [c for c in live if channel in c.pchannels and (not fresh or c.id not in old
                                                                          or replayed.matches(c.db_name, c.name))]
@@ -4514,11 +4517,13 @@ class Applier:
     def _accept_catalog(self, change: CatalogChange) -> None:
         if change.kind == CatalogChangeKind.COLLECTION:
             collection = change.collection
+            assert collection is not None  # a COLLECTION change carries its collection
             self.catalog.learn(collection)  # what it is now; its creation is applied in order
             if collection.state in (COLLECTION_CREATED, COLLECTION_CREATING) and \
                     self.filter.matches(collection.db_name, collection.name):
                 self.order.offer(CATALOG_INPUT, collection.create_time, change)
         elif change.kind == CatalogChangeKind.PARTITION:
+            assert change.partition is not None  # a PARTITION change carries its partition
             if change.partition.state == PARTITION_CREATED and self.catalog.get(change.collection_id):
                 self.order.offer(CATALOG_INPUT, change.ts, change)
         elif self.catalog.get(change.collection_id):
@@ -4811,6 +4816,7 @@ class Applier:
 
     def on_partition_seen(self, change: CatalogChange, ts: int) -> None:
         copy = self.copies.of(change.collection_id)
+        assert change.partition is not None  # a PARTITION change carries its partition
         if copy is not None and not copy[0].has_partition_key():
             self.copies.partition(copy[1], change.partition.name, change.partition.id, change.partition.created_ts)
 
@@ -5454,7 +5460,7 @@ class TaskManager:
         now = time.time()
         return [channel_lag(c.channel, c.timestamp, now) for c in sorted(self.store.load_checkpoints(task_id).values())]
 
-    def list(self) -> list[dict]:
+    def list_tasks(self) -> list[dict]:
         with self.lock:
             return [t.public() for t in sorted(self.tasks.values(), key=lambda t: t.created_at)]
 
@@ -5601,6 +5607,7 @@ class ClusterAgent:
         self.manager.sync(set(), None, None)
 
     def _sync(self) -> None:
+        assert self.lease is not None  # _run joins before it syncs, and only its thread changes the lease
         tasks = self.manager.stored_tasks()
         servers = sorted(self.store.servers())
         owners = self.store.owners()
@@ -5680,6 +5687,7 @@ class ClusterTaskManager(TaskManager):
             self.tasks = tasks
         for task_id, task in sorted(tasks.items()):
             if task.state == TaskState.RUNNING and task.connect.address in held and task_id not in self.replicators:
+                assert lease is not None  # a target is held only under a lease
                 with contextlib.suppress(ApiError):
                     self._run(task, fence=(lease, task.connect.address))
                     log.info("task=%s runs here, on server %s", task_id, self.server_id)
@@ -5814,7 +5822,7 @@ class ClusterTaskManager(TaskManager):
             shown["channels"] = self._stored_lag(task.task_id)
         return shown
 
-    def list(self) -> list[dict]:
+    def list_tasks(self) -> list[dict]:
         owners = self.store.owners()
         return [self._show(t, owners) for t in sorted(self.stored_tasks().values(), key=lambda t: t.created_at)]
 
@@ -5951,7 +5959,7 @@ class CdcApi:
         if kind == "list":
             if data not in (None, {}):
                 raise ApiError(400, "list takes no request_data")
-            return {"tasks": self.manager.list()}
+            return {"tasks": self.manager.list_tasks()}
         fields = self.FIELDS.get(kind, ("task_id",))
         if not isinstance(data, dict):
             raise ApiError(400, f"{kind} needs request_data with {' and '.join(fields)}")
@@ -5981,7 +5989,7 @@ class CdcApi:
                                 f"{', '.join(self.MAINTENANCE)}")
         level = (params or {}).get("log_level") if isinstance(params, dict) else None
         name = log_level_name(level) if isinstance(level, str) else None
-        if name is None:
+        if not isinstance(level, str) or name is None:
             raise ApiError(400, 'set_log_level needs params {"log_level": "debug" | "info" | "warn" | "error"}')
         apply_log_level(name)
         log.info("log level set to %s", level.lower())
@@ -6055,6 +6063,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     metrics = Metrics()
     store.metrics = metrics
+    manager: TaskManager
     if config.cluster is not None:
         manager = ClusterTaskManager(config, store, metrics, config.cluster.server_id, config.cluster.lease_ttl)
     else:
