@@ -578,7 +578,8 @@ class Bench:
             counted = count_rows(self.target_stub, name, guarantee_ts=last_ts, timeout=timeout)
             while counted < rows:
                 if time.monotonic() - started > timeout:
-                    raise RuntimeError(f"{cdc.label}: only {counted} of {rows} rows on the target after {timeout:.0f} s")
+                    raise RuntimeError(f"{cdc.label}: only {counted} of {rows} rows on the target "
+                                       f"after {timeout:.0f} s")
                 time.sleep(0.02)
                 counted = count_rows(self.target_stub, name)
             seconds = time.monotonic() - started
@@ -774,7 +775,8 @@ class Bench:
                  "max_s": max(measured) if measured else None,
                  "mean_s": statistics.fmean(measured) if measured else None, "measured": len(measured),
                  "late": sorted(late), "late_max_s": max((x[2] for x in late), default=None), "cdc": stats,
-                 "replicate_call_s": calls_after - calls_before if None not in (calls_before, calls_after) else None, "count_at_end": count_rows(self.target_stub, name),
+                 "replicate_call_s": calls_after - calls_before if None not in (calls_before, calls_after) else None,
+                 "count_at_end": count_rows(self.target_stub, name),
                  "expected_at_end": total}
         if failures:
             self.problem(f"{cdc.label} at {rate} rows/s: {len(failures)} visibility queries failed: {failures[:3]}")
