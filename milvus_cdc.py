@@ -2010,9 +2010,10 @@ class KafkaChannelReader(ChannelReader):
         """KafkaConsumer's arguments for sourceConfig.kafka as load_config leaves it: the reader's defaults, then
         the security protocol and SASL, then the consumer map's options, which win, as librdkafka's extra
         properties do in the Go CDC. Group and commits stay off whatever the map says: the reader seeks."""
-        # fetch_max_wait_ms: a broker holds a fetch that finds nothing new that long; ticks come every 200 ms
+        # fetch_max_wait_ms: a broker holds a fetch that finds nothing new that long, and answers as soon as
+        # something comes: longer costs no latency, and an idle task asks twice a second, not twenty times
         options: dict[str, Any] = {"bootstrap_servers": settings["address"].split(","), "fetch_max_bytes": 4 << 20,
-                                   "max_partition_fetch_bytes": 4 << 20, "fetch_max_wait_ms": 50,
+                                   "max_partition_fetch_bytes": 4 << 20, "fetch_max_wait_ms": 500,
                                    "request_timeout_ms": 30000}
         sasl = settings.get("sasl") or {}
         if sasl.get("securityProtocol"):
@@ -3723,6 +3724,11 @@ class SourceClock:
         with self.moved:
             self.moved.wait_for(lambda: self.tick > ts, timeout)
 
+    def standing_in(self) -> bool:
+        """Is the source's clock standing in for time ticks (none for a while)?"""
+        with self.moved:
+            return time.monotonic() - self.tick_at > self.FALLBACK_AFTER
+
     def now(self) -> int:
         from pymilvus.client.utils import mkts_from_unixtime
         with self.moved:
@@ -3748,6 +3754,7 @@ class Replicator:
     """
 
     FENCE_INTERVAL = 0.05        # seconds between two promises of the replicate channel, at most
+    READ_WAIT = 0.25             # seconds a read waits for messages (a channel with a collection ticks every 0.2)
     READ_BATCH_BYTES = 4 << 20   # one batch of the read queue
     CATALOG_SPACING = 0.03       # seconds between two polls of the source's catalog, at least
     CATALOG_IDLE = 0.5           # seconds between two polls when no new tick comes
@@ -3884,7 +3891,7 @@ class Replicator:
         from pymilvus.grpc_gen import common_pb2
         replicate = self.config.source.replicate_chan
         patience = self.patience("reader")
-        last_fence = 0.0
+        last_fence, promised = 0.0, 0
         while not self.stop_event.is_set():
             while True:
                 try:
@@ -3898,19 +3905,22 @@ class Replicator:
                 else:
                     reader.remove(channel)
                     generations.pop(channel, None)
-            messages = patience.run("reading the source MQ", lambda: reader.read(0.1), reader.transient)
+            messages = patience.run("reading the source MQ", lambda: reader.read(self.READ_WAIT), reader.transient)
             for message in messages:
                 if message.msg_type == common_pb2.TimeTick and message.channel != replicate:
                     self.source_clock.saw_tick(message.timestamp)
             if messages:
                 self.metrics.read(collections.Counter(m.channel for m in messages))
-            if time.monotonic() - last_fence >= self.FENCE_INTERVAL:
+            # The end of the replicate channel is asked of the broker only when there is more to promise: after a
+            # new tick, or (with none to go by) at the catalog's idle pace.
+            spacing = self.CATALOG_IDLE if self.source_clock.standing_in() else self.FENCE_INTERVAL
+            if time.monotonic() - last_fence >= spacing and (before := self.source_clock.now()) > promised:
                 last_fence = time.monotonic()
-                before = self.source_clock.now()
                 if reader.at_end(replicate):
                     # Read to the end observed after `before` was read: every operation the source
                     # completed before issuing `before` is read.
                     messages.append(SourceMessage(replicate, b"", common_pb2.TimeTick, before, b""))
+                    promised = before
             # readChanLen counts batches: each at most READ_BATCH_BYTES, so the buffer's size is bounded too
             batch: list[SourceMessage] = []
             size = 0
