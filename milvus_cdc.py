@@ -1898,17 +1898,144 @@ class CatalogPoller:
         revision = self.meta.revision()
         if revision == self.revision:
             return []
+        return self._changes(self.meta.collections(revision, since=self.revision),
+                             self.meta.partitions(revision=revision, since=self.revision),
+                             revision, self.meta.load_keys(revision))
+
+    def take(self, latest: "CatalogPoll", feed: "CatalogFeed") -> list[CatalogChange]:
+        """The changes up to a poll of the server's feed: from the feed's polls since this task's last, or read
+        alone when the feed no longer (or not yet) has them."""
+        if latest.revision <= self.revision:
+            return []
+        polls = feed.between(self.revision, latest.revision)
+        if polls is None:
+            collections = self.meta.collections(latest.revision, since=self.revision)
+            partitions = self.meta.partitions(revision=latest.revision, since=self.revision)
+        else:  # each as the last poll read it, as one read over the whole span would
+            collections = list({c.id: c for poll in polls for c in poll.collections}.values())
+            partitions = list({(p.collection_id, p.id): p for poll in polls for p in poll.partitions}.values())
+        return self._changes(collections, partitions, latest.revision, latest.load_keys)
+
+    def _changes(self, collections: list[SourceCollection], partitions: list[SourcePartition], revision: int,
+                 load_keys: dict[str, bytes]) -> list[CatalogChange]:
         changes = [CatalogChange(CatalogChangeKind.COLLECTION, c.id, c.create_time, collection=c)
-                   for c in self.meta.collections(revision, since=self.revision)]
+                   for c in collections]
         changes += [CatalogChange(CatalogChangeKind.PARTITION, p.collection_id, p.created_ts, partition=p)
-                    for p in self.meta.partitions(revision=revision, since=self.revision)]
-        load_keys = self.meta.load_keys(revision)
+                    for p in partitions]
         touched = {key for key in load_keys.keys() | self.load_keys.keys()
                    if load_keys.get(key) != self.load_keys.get(key)}
         changes += [CatalogChange(CatalogChangeKind.LOAD, collection_id)
                     for collection_id in sorted({load_key_collection(key) for key in touched})]
         self.revision, self.load_keys = revision, load_keys
         return changes
+
+
+@dataclass(frozen=True)
+class CatalogPoll:
+    """One poll of the source's catalog, shared by the tasks of a server."""
+    started_at: float   # time.monotonic(): the poll sees every catalog write made before this
+    since: int          # the revision of the poll before (its own for the first)
+    revision: int
+    collections: list[SourceCollection]   # changed in (since, revision], as read at revision
+    partitions: list[SourcePartition]
+    load_keys: dict[str, bytes]            # every load-state key at revision
+    source_time: tuple[float, float]       # SourceMeta.source_time as this poll read it
+
+
+class CatalogFeed:
+    """The source's catalog polled once for all the tasks of a server.
+
+    Each task polling on its own cost a scan of the catalog per task and per time tick: a server with maxTaskNum
+    tasks kept the source's etcd and itself busy with nothing but that. A task asks for a poll that started after
+    a moment (after it read a tick: the ordering's promise); the feed makes one poll for everyone who asked
+    meanwhile, and keeps the recent ones, so that each task takes the changes since the last poll it saw."""
+
+    KEEP = 600  # polls kept (a few minutes of them): a task further behind reads its own way back
+
+    def __init__(self, settings: SourceSettings, backoff_max: float,
+                 open_meta: Callable[[SourceSettings], SourceMeta] = SourceMeta):
+        self.settings, self.backoff_max, self.open_meta = settings, backoff_max, open_meta
+        self.changed = threading.Condition()
+        self.polls: collections.deque[CatalogPoll] = collections.deque(maxlen=self.KEEP)
+        self.asked = 0.0            # polls must go on while a task asks for one started after this
+        self.started = -1.0         # when the last poll started
+        self.error = ""             # why the last poll failed ("" once one succeeds)
+        self.closing = False
+        self.thread: threading.Thread | None = None
+
+    def poll_after(self, moment: float, timeout: float) -> CatalogPoll | None:
+        """The latest poll, once one that started after ``moment`` has ended; None after ``timeout``."""
+        def done() -> bool:
+            return bool(self.polls) and self.polls[-1].started_at > moment
+        with self.changed:
+            if self.thread is None and not self.closing:
+                self.thread = threading.Thread(target=self._run, name="cdc-catalog-feed", daemon=True)
+                self.thread.start()
+            self.asked = max(self.asked, moment)
+            self.changed.notify_all()
+            return self.polls[-1] if self.changed.wait_for(done, timeout) else None
+
+    def between(self, since: int, upto: int) -> list[CatalogPoll] | None:
+        """The polls that read (since, upto], or None when they are not all kept."""
+        with self.changed:
+            polls = list(self.polls)
+        start = next((i for i, poll in enumerate(polls) if poll.revision == since), None)
+        if start is None:
+            return None
+        chain = [poll for poll in polls[start + 1:] if poll.revision <= upto]
+        return chain if (chain[-1].revision if chain else since) == upto else None
+
+    def close(self) -> None:
+        with self.changed:
+            self.closing = True
+            self.changed.notify_all()
+            thread = self.thread
+        if thread is not None:
+            thread.join(10)
+
+    def _run(self) -> None:
+        import tenacity
+        backoff = tenacity.wait_exponential(multiplier=0.5, min=0.2, max=self.backoff_max)
+        meta = self.open_meta(self.settings)
+        last: CatalogPoll | None = None
+        failures = 0
+        try:
+            while True:
+                with self.changed:
+                    self.changed.wait_for(lambda: self.closing or self.asked >= self.started)
+                    if self.closing:
+                        return
+                    self.started = started = time.monotonic()
+                try:
+                    last = self._poll(meta, last, started)
+                except Exception as exc:  # noqa: BLE001 - the tasks waiting show it, and give up in time
+                    failures += 1
+                    with self.changed:
+                        self.error, self.started = describe_error(exc), -1.0
+                    log.warning("catalog: reading the source etcd failed (try %d): %s", failures, self.error)
+                    state = tenacity.RetryCallState(tenacity.Retrying(), None, (), {})
+                    state.attempt_number = failures
+                    with self.changed:
+                        self.changed.wait_for(lambda: self.closing, backoff(state))
+                    continue
+                failures = 0
+                with self.changed:
+                    self.polls.append(last)
+                    self.error = ""
+                    self.changed.notify_all()
+        finally:
+            meta.close()
+
+    @staticmethod
+    def _poll(meta: SourceMeta, last: CatalogPoll | None, started: float) -> CatalogPoll:
+        revision = meta.revision()
+        if last is None or revision == last.revision:
+            load_keys = meta.load_keys(revision) if last is None else last.load_keys
+            return CatalogPoll(started, revision, revision, [], [], load_keys, meta.source_time)
+        load_keys = meta.load_keys(revision)
+        return CatalogPoll(started, last.revision, revision, meta.collections(revision, since=last.revision),
+                           meta.partitions(revision=revision, since=last.revision),
+                           last.load_keys if load_keys == last.load_keys else load_keys, meta.source_time)
 
 
 def load_key_collection(key: str) -> int:
@@ -3761,8 +3888,10 @@ class Replicator:
 
     def __init__(self, task: TaskInfo, config: ServerConfig, store: MetaStore, clock: TargetClock,
                  on_failure: Callable[["Replicator", str], None], metrics: TaskMetrics,
-                 fence: tuple[Lease, str] | None = None):
+                 fence: tuple[Lease, str] | None = None, catalog_feed: CatalogFeed | None = None):
         self.task, self.config, self.store, self.clock, self.metrics = task, config, store, clock, metrics
+        # the server's (shared by its tasks), or one of the task's own
+        self.catalog_feed = catalog_feed or CatalogFeed(config.source, config.replication.retry_max_backoff)
         self.fence = fence  # in a cluster: the lease this server holds the task's target with
         self.on_failure = on_failure
         self.stop_event = threading.Event()
@@ -3941,10 +4070,11 @@ class Replicator:
             warned = False
             while not self.stop_event.wait(self.CATALOG_SPACING):
                 self.source_clock.wait_past(before, self.CATALOG_IDLE)
-                before = self.source_clock.now()
-                changes = poller.poll()
-                if poller.meta.source_time[0]:
-                    self.source_clock.saw_source_time(*poller.meta.source_time)
+                before, asked = self.source_clock.now(), time.monotonic()
+                latest = self._next_poll(asked)
+                changes = poller.take(latest, self.catalog_feed)
+                if latest.source_time[0]:
+                    self.source_clock.saw_source_time(*latest.source_time)
                 else:  # not a layout this server knows: better this host's clock than operations held for good
                     if not warned:
                         log.warning("task=%s the source's etcd has no %s/%s: with no time tick to go by, this "
@@ -3955,6 +4085,21 @@ class Replicator:
                 # Started after `before` was read: every catalog write made before it was issued is here.
                 self._hand_over(self.catalog_queue, (before, changes))
         self._ending("reading the source etcd", poll, [poller.meta])
+
+    def _next_poll(self, asked: float) -> CatalogPoll:
+        """The server's next catalog poll that started after ``asked``; while the source's etcd does not answer,
+        the wait is shown in `get`, and the task halts past retryTimeout as for any other fault."""
+        since, rounds = time.time(), 0
+        while (latest := self.catalog_feed.poll_after(asked, 0.5)) is None:
+            if self.stop_event.is_set():
+                raise TaskStopping()
+            error, rounds = self.catalog_feed.error, rounds + 1
+            if error:
+                self.waits.set("catalog", Wait("reading the source etcd", since, rounds, error))
+                if time.time() - since > self.config.replication.retry_timeout:
+                    raise TaskHalt(f"reading the source etcd: {error} (retried for {time.time() - since:.0f}s)")
+        self.waits.clear("catalog")
+        return latest
 
     # -- applier thread -----------------------------------------------------------------------------------
 
@@ -5195,6 +5340,7 @@ class TaskManager:
         self.busy: set[str] = set()
         self.lags: dict[str, list[dict]] = {}  # the last lag of a task that stopped
         self.creates = threading.BoundedSemaphore(self.CREATE_SLOTS)
+        self.catalog_feed = CatalogFeed(config.source, config.replication.retry_max_backoff)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -5228,6 +5374,7 @@ class TaskManager:
             replicator.stop()
         for clock in clocks:
             clock.close()
+        self.catalog_feed.close()
 
     def _get(self, task_id: Any) -> TaskInfo:
         if not isinstance(task_id, str) or not task_id:
@@ -5268,7 +5415,7 @@ class TaskManager:
                 if fence is not None:
                     clock.fence = fence[0]  # from its first tick, not from the cluster agent's next sync
             replicator = Replicator(task, self.config, self.store, clock, self._on_failure,
-                                    self.metrics.task(task.task_id), fence)
+                                    self.metrics.task(task.task_id), fence, self.catalog_feed)
             self.replicators[task.task_id] = replicator
             task.state, task.reason = TaskState.RUNNING, ""
         replicator.start()

@@ -533,3 +533,77 @@ def test_a_load_whose_index_the_source_dropped_since_is_skipped_not_halted():
                     create_indexes=lambda: copies.indexes_for_load(source, target))  # a TaskHalt fails the test
     assert stub.calls == ["ShowPartitions", "LoadCollection"], "skipped: not tried again, nothing else done"
     assert target.id not in mirror.load_kinds, "the mirror does not take the copy for loaded"
+
+
+class FakeCatalog:
+    """A source catalog that changes at every read of its revision: one collection more each time."""
+
+    def __init__(self, settings=None, slow: float = 0.05):
+        self.revisions, self.slow, self.source_time = 0, slow, (0.0, 0.0)
+
+    def revision(self):
+        time.sleep(self.slow)  # a poll takes a while: meanwhile the other tasks ask too
+        self.revisions += 1
+        return 100 + self.revisions
+
+    def collections(self, revision, since=0):
+        from types import SimpleNamespace
+        return [SimpleNamespace(id=r, create_time=r, name=f"c{r}") for r in range(since + 1, revision + 1)]
+
+    def partitions(self, collection_id=None, revision=None, since=0):
+        return []
+
+    def load_keys(self, revision=None):
+        return {}
+
+    def close(self):
+        pass
+
+
+def test_the_tasks_of_a_server_share_the_polls_of_the_source_catalog():
+    """Issue 17, item 16: each task polled the whole catalog after each tick it read; a hundred tasks kept the
+    source's etcd busy with nothing else. A poll now serves every task that asked before it started."""
+    import threading
+    catalog = FakeCatalog()
+    feed = m.CatalogFeed(None, 1.0, open_meta=lambda settings: catalog)
+    try:
+        first = feed.poll_after(time.monotonic(), 5)
+        polls, barrier = [], threading.Barrier(20)
+
+        def task():
+            barrier.wait()
+            asked = time.monotonic()
+            poll = feed.poll_after(asked, 5)
+            assert poll is not None and poll.started_at > asked, "a poll that started after the ask"
+            polls.append(poll)
+        threads = [threading.Thread(target=task) for _ in range(20)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(polls) == 20 and catalog.revisions <= 3, f"{catalog.revisions - 1} polls for 20 tasks"
+        # each task takes the changes since the last poll it saw, from the feed's polls
+        cursor = object.__new__(m.CatalogPoller)
+        cursor.meta, cursor.revision, cursor.load_keys = None, first.revision, {}
+        latest = polls[-1]
+        assert feed.between(first.revision, latest.revision) is not None
+        changes = cursor.take(latest, feed)
+        assert sorted(c.collection_id for c in changes) == list(range(first.revision + 1, latest.revision + 1))
+        assert cursor.take(latest, feed) == [], "nothing twice"
+    finally:
+        feed.close()
+
+
+def test_a_task_the_catalog_feed_lost_track_of_reads_its_own_way():
+    feed = m.CatalogFeed(None, 1.0, open_meta=lambda settings: FakeCatalog(slow=0.0))
+    try:
+        latest = feed.poll_after(time.monotonic(), 5)
+        latest = feed.poll_after(time.monotonic(), 5)
+        own = FakeCatalog(slow=0.0)
+        cursor = m.CatalogPoller.__new__(m.CatalogPoller)
+        cursor.meta, cursor.revision, cursor.load_keys = own, 90, {}  # listed before the feed's first poll
+        assert feed.between(90, latest.revision) is None
+        changes = cursor.take(latest, feed)
+        assert sorted(c.collection_id for c in changes) == list(range(91, latest.revision + 1))
+    finally:
+        feed.close()
