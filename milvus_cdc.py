@@ -1707,6 +1707,13 @@ class SourceIndex:
     create_time: int
 
 
+def index_made_at(indexes: list[SourceIndex], field_name: str, ts: int) -> str:
+    """The name of the index the source made on a field by a request at ``ts``: the one created closest to that
+    time (a request replayed late must not take the name of an index made on the field since)."""
+    made = [i for i in indexes if i.field_name == field_name]
+    return min(made, key=lambda i: abs(i.create_time - ts)).index_name if made else field_name
+
+
 @dataclass(frozen=True)
 class SourceLoad:
     """How the source has a collection loaded."""
@@ -4285,11 +4292,20 @@ class TargetCopies:
 
         Milvus writes a collection's drop message to its channels after the drop call returns, so a database
         dropped right after its last collection is dropped comes before that message."""
-        source = self.catalog.created_at(*self.names.source(target.db_name, target.name), target.created_ts)
+        db_name, name = self.names.source(target.db_name, target.name)
+        source = self.catalog.created_at(db_name, name, target.created_ts)
         if source is None:
-            log.info("task=%s %s stays: it is not the copy of a source collection this task knows (created at ts "
-                     "%d)", self.tid, target.qualified_name, target.created_ts)
-            return False
+            # Its source was dropped and forgotten by the source's etcd while the task was stopped, so its drop
+            # message is on channels nobody reads: the source's dropping the database (which it does only once
+            # the database is empty) says the copy goes, unless the source has a collection of that name now.
+            if any(c.db_name == db_name and c.name == name and not c.dropped for c in self.meta.collections()):
+                log.info("task=%s %s stays: it is not the copy of a source collection this task knows (created at "
+                         "ts %d)", self.tid, target.qualified_name, target.created_ts)
+                return False
+            self.mirror.drop_collection(target, ts, MessageRewriter.drop_collection(target, ts, ts), self.outbox)
+            log.info("task=%s dropped collection %s on the target: the source dropped it before its database",
+                     self.tid, target.qualified_name)
+            return True
         now = self.meta.collection(source.id)
         if now is not None and not now.dropped:
             log.info("task=%s %s stays: the source's %s is not dropped", self.tid, target.qualified_name,
@@ -4922,8 +4938,8 @@ class Applier:
         # Milvus 2.3.5 writes the request with an empty index name and names the index after its field; the
         # source's catalog has the name it chose (also once the index is dropped again). Never leave it empty:
         # each Milvus would choose its own, and a later drop by the source's name would miss the target's.
-        name = request.index_name or next((i.index_name for i in reversed(self.meta.indexes(source, dropped=True))
-                                           if i.field_name == request.field_name), request.field_name)
+        name = request.index_name or index_made_at(self.meta.indexes(source, dropped=True), request.field_name,
+                                                   message.timestamp)
         self.outbox.flush()
         self.mirror.create_index(target, request.field_name, name, [(p.key, p.value) for p in request.extra_params],
                                  message.timestamp, unwanted=self.copies.index_dropped(source))

@@ -607,3 +607,34 @@ def test_a_task_the_catalog_feed_lost_track_of_reads_its_own_way():
         assert sorted(c.collection_id for c in changes) == list(range(91, latest.revision + 1))
     finally:
         feed.close()
+
+
+def test_an_unnamed_create_index_replayed_late_takes_the_name_of_the_index_it_made():
+    """Found by the model-based test with restarts mixed in: an unnamed CreateIndex replayed after the source had
+    dropped that index and made another on the field took the newer one's name (and its drop then missed)."""
+    indexes = [m.SourceIndex("v", "v", (("index_type", "FLAT"),), 100),
+               m.SourceIndex("v", "v_idx", (("index_type", "IVF_FLAT"),), 300),
+               m.SourceIndex("w", "w_idx", (), 200)]
+    assert m.index_made_at(indexes, "v", 100) == "v"
+    assert m.index_made_at(indexes, "v", 300) == "v_idx"
+    assert m.index_made_at(indexes, "x", 100) == "x", "no index of the field known: the field's name"
+
+
+def test_a_database_drop_takes_the_copies_whose_source_the_source_forgot_while_the_task_was_stopped():
+    """Found by the model-based test with restarts mixed in (a scoped task): a collection dropped while the task
+    was stopped, then forgotten by the source's etcd, left its copy, and the database's drop was refused "not
+    empty" for good. The source drops a database only once it is empty: the copy goes."""
+    from types import SimpleNamespace
+    dropped = []
+    copies = object.__new__(m.TargetCopies)
+    copies.tid = "t1"
+    copies.names = SimpleNamespace(source=lambda db, name: (db, name))
+    copies.catalog = SimpleNamespace(created_at=lambda db, name, ts: None)
+    copies.mirror = SimpleNamespace(drop_collection=lambda target, ts, messages, outbox: dropped.append(target.name))
+    copies.outbox = None
+    target = m.TargetCollection(7, "d1", "c0", 50, ["ch_1_7v0"], {}, {"_default": 1})
+    copies.meta = SimpleNamespace(collections=lambda: [])
+    assert copies.drop_leftover(target, 100) and dropped == ["c0"]
+    live = SimpleNamespace(db_name="d1", name="c0", dropped=False)
+    copies.meta = SimpleNamespace(collections=lambda: [live])
+    assert not copies.drop_leftover(target, 100) and dropped == ["c0"], "a live source collection of the name stays"
