@@ -1656,6 +1656,19 @@ def stack_endpoints():
         running.down()
 
 
+@contextlib.contextmanager
+def own_target(endpoints: dict, wanted: bool):
+    """The endpoints, with a target Milvus of this run's own when ``wanted`` (stack.ExtraTarget on the stack's etcd,
+    stopped afterwards). A run sharing the stack with other tests needs one: another test's ``*`` task copies the
+    sequences' operations into the stack's target a second time (and this run's ``*`` tasks copy that test's)."""
+    if not wanted:
+        yield endpoints
+        return
+    from stack import ExtraTarget
+    with ExtraTarget(endpoints, 0) as target:
+        yield {**endpoints, "target_milvus": target.uri}
+
+
 def skipped_rules(text: str | None) -> list[str]:
     return [name.strip() for name in (text or "").split(",") if name.strip()]
 
@@ -1682,16 +1695,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-going", action="store_true", default=bool(os.environ.get("CDC_FUZZ_KEEP_GOING")),
                         help="record a failing sequence and go on with the next, without shrinking: the report "
                              "shows the shortest failing sequence of each kind (env CDC_FUZZ_KEEP_GOING)")
+    parser.add_argument("--own-target", action="store_true", default=bool(os.environ.get("CDC_FUZZ_OWN_TARGET")),
+                        help="replicate into a target Milvus started for the run on the stack's etcd, not the stack's "
+                             "target: for a stack other tests use at the same time (env CDC_FUZZ_OWN_TARGET)")
     parser.add_argument("--workdir", help="where the CDC server keeps its config, meta store and log "
                                           "(default: a temporary directory, removed afterwards)")
     parser.add_argument("--verbose", action="store_true", help="print every operation as it runs")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a CDC config key for the run (YAML value), e.g. replication.callsPerChannel=4")
     args = parser.parse_args(argv)
-    with stack_endpoints() as endpoints, contextlib.ExitStack() as cleanup:
+    with stack_endpoints() as shared, own_target(shared, args.own_target) as endpoints, \
+            contextlib.ExitStack() as cleanup:
         workdir = Path(args.workdir) if args.workdir else \
             Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="milvus-cdc-fuzz-")))
-        print(f"engine {engine_script()}; CDC log {workdir / 'server.log'}", flush=True)
+        print(f"engine {engine_script()}; CDC log {workdir / 'server.log'}; target {endpoints['target_milvus']}",
+              flush=True)
         result = run_fuzz(endpoints, workdir, args.sequences, args.steps, args.seed,
                           shrink_seconds=args.shrink_seconds, verbose=args.verbose, skip=skipped_rules(args.skip),
                           out=lambda line: print(line, flush=True), mode=args.mode,
