@@ -18,13 +18,14 @@ make it.
 Between the source operations the task's lifecycle is disrupted, never waiting for the target: ``pause_resume``
 (POST /cdc pause, then resume), ``kill_restart`` (kill -9 the CDC server, start it again on the same config: it
 resumes the task, same id, from the checkpoints in its meta store) and ``stop_restart`` (SIGTERM, start). They are
-rules like the others, but cost seconds each: a drawn one acts with probability ``--lifecycle`` (default 0.4), and
-``--lifecycle-every N`` forces one after N steps in a row without one. They show in a failing sequence as
-``[cdc]`` lines. ``--keep-going`` records a failing sequence and goes on with the next instead of shrinking the
-first, so that a long run counts its failures.
+rules like the others, but cost a second or two each: a drawn one acts with probability ``--lifecycle`` (default
+0.4), and ``--lifecycle-every N`` forces one after N steps in a row without one (and at the end of a sequence that
+had none). They show in a failing sequence as ``[cdc]`` lines. ``--keep-going`` records a failing sequence and goes
+on with the next instead of shrinking the first, so that a long run counts its failures; ``--own-target``
+replicates into a target Milvus started for the run, for a stack that other tests use at the same time.
 
     python tests/fuzz_replication.py --sequences 20 [--steps 25] [--seed 7] [--mode star|scoped|mapped|mixed]
-        [--lifecycle 0.4] [--lifecycle-every N] [--keep-going]
+        [--lifecycle 0.4] [--lifecycle-every N] [--keep-going] [--own-target]
 
 starts its own stack (tests/stack.py) unless CDC_TEST_STACK names a running stack's JSON, and its own CDC
 server. ``tests/test_fuzz_replication.py`` runs the same under pytest.
@@ -54,7 +55,7 @@ import yaml
 from hypothesis import HealthCheck, Phase, Verbosity, reject, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
-from hypothesis.errors import Flaky
+from hypothesis.errors import Flaky, UnsatisfiedAssumption
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition, rule,
                                  run_state_machine_as_test)
 
@@ -604,8 +605,9 @@ class Lifecycle:
     """How often a sequence's task is disrupted between source operations, never waiting for the target. A
     lifecycle rule that hypothesis draws acts with probability ``rate`` and else does nothing (each costs
     seconds); with ``every`` > 0, once ``every`` steps in a row passed without one, one is forced right after the
-    step (the kind the sequence has had least of, in LIFECYCLE_RULES order), so that every sequence of at least
-    ``every`` steps has one. ``kinds`` are the lifecycle rules not left out (the ones a forced step may take)."""
+    step (the kind the sequence has had least of, in LIFECYCLE_RULES order), and a sequence that ends without any
+    gets one after its last step, so that every sequence has one. ``kinds`` are the lifecycle rules not left out
+    (the ones a forced step may take)."""
     rate: float = DEFAULT_LIFECYCLE_RATE
     every: int = 0
     kinds: tuple[str, ...] = LIFECYCLE_RULES
@@ -1290,11 +1292,12 @@ class ReplicationMachine(RuleBasedStateMachine):
 
     # -- the task's lifecycle -----------------------------------------------------------------------------------
 
-    def _lifecycle(self, kind: str, forced: bool = False) -> None:
+    def _lifecycle(self, kind: str, forced: str = "") -> None:
         """Disrupt the sequence's task (LIFECYCLE_TEXT) and go on with the source at once: no wait for the target.
-        If the CDC refuses or does not come back, the sequence ends here as failed."""
+        If the CDC refuses or does not come back, the sequence ends here as failed. ``forced`` says why a step no
+        rule drew runs."""
         h = self.h
-        op = Op(f"[cdc] {LIFECYCLE_TEXT[kind]}" + (" (forced: lifecycle every)" if forced else ""), kind="cdc")
+        op = Op(f"[cdc] {LIFECYCLE_TEXT[kind]}" + (f" (forced: {forced})" if forced else ""), kind="cdc")
         self.ops.append(op)
         started = time.monotonic()
         try:
@@ -1347,9 +1350,20 @@ class ReplicationMachine(RuleBasedStateMachine):
         self.quiet_steps += 1
         kinds = self.h.lifecycle.kinds
         if every and kinds and self.quiet_steps >= every:
-            self._lifecycle(min(kinds, key=lambda k: (self.lifecycle_done[k], LIFECYCLE_RULES.index(k))),
-                            forced=True)
+            self._lifecycle(self._least_done(), forced=f"{every} step(s) without one")
             self.disrupted_in_step, self.quiet_steps = False, 0
+
+    def _least_done(self) -> str:
+        kinds = self.h.lifecycle.kinds
+        return min(kinds, key=lambda k: (self.lifecycle_done[k], LIFECYCLE_RULES.index(k)))
+
+    def lifecycle_at_end(self) -> None:
+        """With Lifecycle.every, a sequence that had no lifecycle step (hypothesis also draws sequences shorter than
+        ``every`` steps) gets one after its last operation, before the comparison waits for the target."""
+        if not self.h.lifecycle.every or not self.h.lifecycle.kinds or self.lifecycle_done:
+            return
+        with contextlib.suppress(UnsatisfiedAssumption):  # keep_going: abort recorded the failure
+            self._lifecycle(self._least_done(), forced="the sequence had none")
 
     def abort(self, problem: str) -> None:
         """End the sequence in the middle of a step as failed: its history so far is the report."""
@@ -1445,6 +1459,9 @@ class ReplicationMachine(RuleBasedStateMachine):
                 if self.clean_up(wait=True) is not None:
                     self.h.fresh_task_needed = True
             self.h.out(f"[aborted {self.number}] {len(self.ops)} op(s): {sys.exc_info()[0].__name__}")
+            return
+        self.lifecycle_at_end()
+        if self.finished:
             return
         self.timings["operations"] = time.monotonic() - self.started - self.timings.get("task", 0.0)
         problem = self.compare()
@@ -1690,8 +1707,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="probability that a drawn lifecycle rule (pause_resume, kill_restart, stop_restart) "
                              f"acts; 0 leaves them out (default {DEFAULT_LIFECYCLE_RATE:g}; env CDC_FUZZ_LIFECYCLE)")
     parser.add_argument("--lifecycle-every", type=int, default=int(os.environ.get("CDC_FUZZ_LIFECYCLE_EVERY") or 0),
-                        metavar="N", help="force a lifecycle step after N steps in a row without one (default 0: "
-                                          "never; env CDC_FUZZ_LIFECYCLE_EVERY)")
+                        metavar="N", help="force a lifecycle step after N steps in a row without one, and after the "
+                                          "last step of a sequence that had none (default 0: never; env "
+                                          "CDC_FUZZ_LIFECYCLE_EVERY)")
     parser.add_argument("--keep-going", action="store_true", default=bool(os.environ.get("CDC_FUZZ_KEEP_GOING")),
                         help="record a failing sequence and go on with the next, without shrinking: the report "
                              "shows the shortest failing sequence of each kind (env CDC_FUZZ_KEEP_GOING)")
