@@ -15,7 +15,17 @@ else of the sequence may reach the target) or ``mapped`` (``*`` with a ``name_ma
 the sequence and some collections); the target is compared with the source's state as the task's scope and names
 make it.
 
+Between the source operations the task's lifecycle is disrupted, never waiting for the target: ``pause_resume``
+(POST /cdc pause, then resume), ``kill_restart`` (kill -9 the CDC server, start it again on the same config: it
+resumes the task, same id, from the checkpoints in its meta store) and ``stop_restart`` (SIGTERM, start). They are
+rules like the others, but cost a second or two each: a drawn one acts with probability ``--lifecycle`` (default
+0.4), and ``--lifecycle-every N`` forces one after N steps in a row without one (and at the end of a sequence that
+had none). They show in a failing sequence as ``[cdc]`` lines. ``--keep-going`` records a failing sequence and goes
+on with the next instead of shrinking the first, so that a long run counts its failures; ``--own-target``
+replicates into a target Milvus started for the run, for a stack that other tests use at the same time.
+
     python tests/fuzz_replication.py --sequences 20 [--steps 25] [--seed 7] [--mode star|scoped|mapped|mixed]
+        [--lifecycle 0.4] [--lifecycle-every N] [--keep-going] [--own-target]
 
 starts its own stack (tests/stack.py) unless CDC_TEST_STACK names a running stack's JSON, and its own CDC
 server. ``tests/test_fuzz_replication.py`` runs the same under pytest.
@@ -24,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -41,11 +52,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from hypothesis import HealthCheck, Phase, Verbosity, settings
+from hypothesis import HealthCheck, Phase, Verbosity, reject, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
-from hypothesis.errors import Flaky
-from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule, run_state_machine_as_test
+from hypothesis.errors import Flaky, UnsatisfiedAssumption
+from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition, rule,
+                                 run_state_machine_as_test)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -305,6 +317,7 @@ class Op:
     text: str
     refused: str | None = None
     seconds: float = 0.0
+    kind: str = "source"    # an operation on the source; "note" (a line of the history), "cdc" (a lifecycle step)
 
     def __str__(self) -> str:
         return self.text + (f"   -> refused by the source: {self.refused}" if self.refused else "")
@@ -574,6 +587,30 @@ class Limits:
     stall_timeout: float = 40.0       # no progress of the CDC's confirmed position for this long: give up
     teardown_timeout: float = 60.0
     poll_interval: float = 0.5
+    stop_timeout: float = 60.0        # a CDC server given SIGTERM must have exited by then
+    start_timeout: float = 60.0       # a (re)started CDC server must answer by then
+
+
+# The task-lifecycle rules, in the order a forced step (Lifecycle.every) prefers them.
+LIFECYCLE_RULES = ("kill_restart", "pause_resume", "stop_restart")
+LIFECYCLE_TEXT = {
+    "pause_resume": "pause the task, resume it at once",
+    "kill_restart": "kill -9 the CDC server, start it again (same config, meta store and task)",
+    "stop_restart": "stop the CDC server (SIGTERM), start it again (same config, meta store and task)"}
+DEFAULT_LIFECYCLE_RATE = 0.4
+
+
+@dataclass(frozen=True)
+class Lifecycle:
+    """How often a sequence's task is disrupted between source operations, never waiting for the target. A
+    lifecycle rule that hypothesis draws acts with probability ``rate`` and else does nothing (each costs
+    seconds); with ``every`` > 0, once ``every`` steps in a row passed without one, one is forced right after the
+    step (the kind the sequence has had least of, in LIFECYCLE_RULES order), and a sequence that ends without any
+    gets one after its last step, so that every sequence has one. ``kinds`` are the lifecycle rules not left out
+    (the ones a forced step may take)."""
+    rate: float = DEFAULT_LIFECYCLE_RATE
+    every: int = 0
+    kinds: tuple[str, ...] = LIFECYCLE_RULES
 
 
 @dataclass
@@ -590,9 +627,11 @@ class Failure:
         return re.sub(r"\d+", "N", re.sub(r"fz[0-9a-f]{8}_", "", line))[:200]
 
     def report(self) -> str:
-        accepted = [o for o in self.ops if not o.refused]
+        source = [o for o in self.ops if o.kind == "source"]
+        accepted = [o for o in source if not o.refused]
+        lifecycle = sum(1 for o in self.ops if o.kind == "cdc")
         lines = [(f"failing sequence ({len(accepted)} operation(s) accepted by the source, "
-                  f"{len(self.ops) - len(accepted)} refused):")]
+                  f"{len(source) - len(accepted)} refused, {lifecycle} CDC lifecycle step(s)):")]
         lines += [f"  {i:2d}. {op}" for i, op in enumerate(self.ops, 1)]
         return "\n".join(lines + ["difference:", self.problem])
 
@@ -677,8 +716,10 @@ class Harness:
 
     def __init__(self, endpoints: dict, workdir: Path, limits: Limits | None = None,
                  out: Callable[[str], None] = print, verbose: bool = False, cdc_settings: dict | None = None,
-                 modes: tuple[str, ...] = MODES):
+                 modes: tuple[str, ...] = MODES, lifecycle: Lifecycle | None = None, keep_going: bool = False):
         self.endpoints, self.workdir, self.limits = endpoints, workdir, limits or Limits()
+        self.lifecycle = lifecycle or Lifecycle()
+        self.keep_going = keep_going             # record a failing sequence and go on, without shrinking
         self.cdc_settings = cdc_settings or {}   # CDC config keys (dotted) for the run
         self.out, self.verbose = out, verbose
         self.modes = modes                       # the task scopes sequences take in turn
@@ -692,6 +733,9 @@ class Harness:
         self.examples = 0
         self.durations: list[float] = []
         self.mode_counts: Counter[str] = Counter()   # sequences compared, per mode
+        self.lifecycle_counts: Counter[str] = Counter()   # lifecycle steps done, per rule (shrink attempts too)
+        self.disrupted = 0                           # sequences compared that had at least one lifecycle step
+        self.source_ops = self.refused_ops = 0       # operations on the source of the sequences compared
 
     # -- the CDC ------------------------------------------------------------------------------------------
 
@@ -701,8 +745,41 @@ class Harness:
         # failing shrink attempt waits for it.
         config = server_config(self.endpoints, self.workdir, **{
             "replication.retryTimeout": float(os.environ.get("CDC_FUZZ_RETRY_TIMEOUT", "5")), **self.cdc_settings})
-        self.server = EngineServer(config, self.workdir, engine_script()).start()
+        self.server = EngineServer(config, self.workdir, engine_script()).start(self.limits.start_timeout)
         return self
+
+    def ensure_server(self) -> None:
+        """A CDC server that answers: after a lifecycle step that failed to bring it back, the next sequence starts
+        it again (same config: port, meta store with its tasks, log appended to)."""
+        if self.server.alive() and _guarded(lambda: self.server.post({"request_type": "list"})[0]) == 200:
+            return
+        self.server.kill()
+        self.server.start(self.limits.start_timeout)
+
+    def pause_resume(self) -> None:
+        """POST /cdc pause, then resume, of the running task, back to back."""
+        self.server.call("pause", task_id=self.task_id)
+        self.server.call("resume", task_id=self.task_id)
+
+    def restart_server(self, how: str) -> None:
+        """Kill -9 (``kill``) or SIGTERM (``stop``) the CDC server, then start it on the same config: same port, same
+        meta store (the task and its checkpoints: it resumes from them under the same id), same log file (appended
+        to, so log marks stay valid). A server that does not exit within stop_timeout of SIGTERM is killed and
+        reported."""
+        import signal
+        import subprocess
+        server = self.server
+        if how == "kill":
+            server.kill()
+        elif server.alive():
+            server.proc.send_signal(signal.SIGTERM)
+            try:
+                server.proc.wait(self.limits.stop_timeout)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                raise AssertionError(f"the CDC server did not exit within {self.limits.stop_timeout:g}s of "
+                                     f"SIGTERM (killed)") from None
+        server.start(self.limits.start_timeout)
 
     def close(self) -> None:
         if self.server is not None:
@@ -723,8 +800,8 @@ class Harness:
     def next_mode(self) -> str:
         """The next sequence's task scope: the run's modes in turn, so that each has its share however hypothesis
         draws (its draws come in runs of similar examples); once a sequence failed, that sequence's mode, so that
-        shrinking reproduces it."""
-        if self.failures:
+        shrinking reproduces it (unless the run keeps going after failures)."""
+        if self.failures and not self.keep_going:
             return self.failures[0].mode
         self.turns += 1
         return self.modes[(self.turns - 1) % len(self.modes)]
@@ -734,6 +811,7 @@ class Harness:
         one deleted first (the server refuses a second task whose scope overlaps). After a failed sequence the task
         may be paused or wedged and both sides may hold leftovers: the next sequence gets a new task and swept
         sides, so each sequence (and each shrink attempt) is judged on its own."""
+        self.ensure_server()
         suspect = self.fresh_task_needed or not self.task_id or self.task_problem() is not None
         if not suspect and scope == self.scope:
             return
@@ -840,6 +918,10 @@ class ReplicationMachine(RuleBasedStateMachine):
         self.log_start = harness.log_mark()
         self.timings: dict[str, float] = {}
         self.exception_at_start = sys.exc_info()[1]  # only an exception raised later means an abort
+        self.lifecycle_done: Counter[str] = Counter()   # lifecycle steps of this sequence, per rule
+        self.disrupted_in_step = False                  # a lifecycle step ran in the step under way
+        self.quiet_steps = 0                            # steps in a row without one (for Lifecycle.every)
+        self.finished = False                           # the sequence already ended as failed (in a step)
 
     # -- running operations on the source ---------------------------------------------------------------------
 
@@ -851,7 +933,7 @@ class ReplicationMachine(RuleBasedStateMachine):
 
     def note(self, text: str) -> None:
         """A line in the sequence's history that is not an operation on the source."""
-        self.ops.append(Op(f"-- {text} --"))
+        self.ops.append(Op(f"-- {text} --", kind="note"))
         if self.h.verbose:
             self.h.out(f"      -- {text} --")
 
@@ -1208,6 +1290,91 @@ class ReplicationMachine(RuleBasedStateMachine):
         self.do(f"flush {self.label(c)}", lambda: self.src(c.db).flush(c.name, timeout=1.5, retry_times=0,
                                                                       _async=True))
 
+    # -- the task's lifecycle -----------------------------------------------------------------------------------
+
+    def _lifecycle(self, kind: str, forced: str = "") -> None:
+        """Disrupt the sequence's task (LIFECYCLE_TEXT) and go on with the source at once: no wait for the target.
+        If the CDC refuses or does not come back, the sequence ends here as failed. ``forced`` says why a step no
+        rule drew runs."""
+        h = self.h
+        op = Op(f"[cdc] {LIFECYCLE_TEXT[kind]}" + (f" (forced: {forced})" if forced else ""), kind="cdc")
+        self.ops.append(op)
+        started = time.monotonic()
+        try:
+            if kind == "pause_resume":
+                h.pause_resume()
+            else:
+                h.restart_server("kill" if kind == "kill_restart" else "stop")
+        except Exception as exc:  # noqa: BLE001 - the CDC failing a lifecycle step is a finding, reported in full
+            op.seconds = time.monotonic() - started
+            task = _guarded(lambda: h.server.task(h.task_id))
+            shown = f"{task.get('state')}: {task.get('reason')}" if isinstance(task, dict) else task
+            self.abort(f"the lifecycle step {kind} failed: {type(exc).__name__}: {str(exc)[:600]}\n"
+                       f"  the task now: {shown}")
+        op.seconds = time.monotonic() - started
+        self.lifecycle_done[kind] += 1
+        h.lifecycle_counts[kind] += 1
+        self.disrupted_in_step = True
+        if h.verbose:
+            h.out(f"      {op} ({op.seconds:.2f}s)")
+
+    def _acts(self, roll: int) -> bool:
+        """A drawn lifecycle rule acts with probability Lifecycle.rate: a roll shrinks towards 0, which acts."""
+        return roll < self.h.lifecycle.rate * 1000
+
+    @rule(roll=st.integers(0, 999))
+    def pause_resume(self, roll: int) -> None:
+        if self._acts(roll):
+            self._lifecycle("pause_resume")
+
+    @rule(roll=st.integers(0, 999))
+    def kill_restart(self, roll: int) -> None:
+        if self._acts(roll):
+            self._lifecycle("kill_restart")
+
+    @rule(roll=st.integers(0, 999))
+    def stop_restart(self, roll: int) -> None:
+        if self._acts(roll):
+            self._lifecycle("stop_restart")
+
+    @invariant()
+    def lifecycle_floor(self) -> None:
+        """Runs after every step (not a check): with Lifecycle.every, forces a lifecycle step once that many steps in
+        a row had none. Deterministic for a given sequence of steps, so a replay does the same."""
+        every = self.h.lifecycle.every
+        if self.scope is None or self.finished:  # before the first step (no task yet)
+            return
+        if self.disrupted_in_step:
+            self.disrupted_in_step, self.quiet_steps = False, 0
+            return
+        self.quiet_steps += 1
+        kinds = self.h.lifecycle.kinds
+        if every and kinds and self.quiet_steps >= every:
+            self._lifecycle(self._least_done(), forced=f"{every} step(s) without one")
+            self.disrupted_in_step, self.quiet_steps = False, 0
+
+    def _least_done(self) -> str:
+        kinds = self.h.lifecycle.kinds
+        return min(kinds, key=lambda k: (self.lifecycle_done[k], LIFECYCLE_RULES.index(k)))
+
+    def lifecycle_at_end(self) -> None:
+        """With Lifecycle.every, a sequence that had no lifecycle step (hypothesis also draws sequences shorter than
+        ``every`` steps) gets one after its last operation, before the comparison waits for the target."""
+        if not self.h.lifecycle.every or not self.h.lifecycle.kinds or self.lifecycle_done:
+            return
+        with contextlib.suppress(UnsatisfiedAssumption):  # keep_going: abort recorded the failure
+            self._lifecycle(self._least_done(), forced="the sequence had none")
+
+    def abort(self, problem: str) -> None:
+        """End the sequence in the middle of a step as failed: its history so far is the report."""
+        with contextlib.suppress(Exception):
+            self.clean_up(wait=False)
+        if excerpt := self.h.log_excerpt(self.log_start):
+            problem += "\nCDC log (warnings and errors during the sequence):\n" + excerpt
+        self.finished = True
+        self.finish(problem)
+        reject()  # keep_going: the failure is recorded; the rest of this example is thrown away, the run goes on
+
     # -- the end of a sequence ----------------------------------------------------------------------------------
 
     def final_index_and_load(self) -> None:
@@ -1283,6 +1450,8 @@ class ReplicationMachine(RuleBasedStateMachine):
             self.timings[phase] = self.timings.get(phase, 0.0) + time.monotonic() - started
 
     def teardown(self) -> None:
+        if self.finished:  # failed in a step (abort): reported and tidied already
+            return
         if sys.exc_info()[1] not in (None, self.exception_at_start):
             # Hypothesis aborted this example (an invalid draw; it does not count as a sequence), or a rule
             # raised: no comparison, only a tidy stack; the exception goes on.
@@ -1290,6 +1459,9 @@ class ReplicationMachine(RuleBasedStateMachine):
                 if self.clean_up(wait=True) is not None:
                     self.h.fresh_task_needed = True
             self.h.out(f"[aborted {self.number}] {len(self.ops)} op(s): {sys.exc_info()[0].__name__}")
+            return
+        self.lifecycle_at_end()
+        if self.finished:
             return
         self.timings["operations"] = time.monotonic() - self.started - self.timings.get("task", 0.0)
         problem = self.compare()
@@ -1311,20 +1483,27 @@ class ReplicationMachine(RuleBasedStateMachine):
         seconds = time.monotonic() - self.started
         h.durations.append(seconds)
         refused = sum(1 for o in self.ops if o.refused)
-        phase = "shrink" if h.failures else "sequence"
+        phase = "shrink" if h.failures and not h.keep_going else "sequence"
         h.mode_counts[self.scope.mode] += 1
+        lifecycle = sum(self.lifecycle_done.values())
+        h.disrupted += lifecycle > 0
+        cdc = f"{lifecycle} lifecycle step(s) " + (f"({', '.join(f'{k} {v}' for k, v in self.lifecycle_done.items())})"
+                                                   if lifecycle else "")
         status = "ok" if problem is None else "FAILED: " + problem.splitlines()[0][:160]
         spent = ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items())
-        slowest = max(self.ops, key=lambda o: o.seconds, default=None)
+        slowest = max((o for o in self.ops if o.kind == "source"), key=lambda o: o.seconds, default=None)
         slow = f"; slowest op {slowest.text.split(' [')[0][:40]!r} {slowest.seconds:.1f}s" if slowest else ""
-        h.out(f"[{phase} {self.number} {self.scope.mode}] {len(self.ops)} op(s), {refused} refused, {seconds:.1f}s "
-              f"({spent}{slow}), {status}")
+        ops = sum(1 for o in self.ops if o.kind == "source")
+        h.source_ops, h.refused_ops = h.source_ops + ops, h.refused_ops + refused
+        h.out(f"[{phase} {self.number} {self.scope.mode}] {ops} op(s), {refused} refused, {cdc.strip()}, "
+              f"{seconds:.1f}s ({spent}{slow}), {status}")
         if problem is None:
             return
         h.fresh_task_needed = True
         failure = Failure(self.number, self.scope.mode, list(self.ops), problem)
         h.failures.append(failure)
-        raise AssertionError(failure.report())
+        if not h.keep_going:
+            raise AssertionError(failure.report())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1342,6 +1521,12 @@ class FuzzResult:
     minimal: Failure | None
     durations: list[float]
     modes: dict[str, int]   # sequences compared under each task scope, shrink attempts included
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)
+    lifecycle_counts: dict[str, int] = field(default_factory=dict)   # lifecycle steps done, per rule
+    disrupted: int = 0      # sequences compared that had at least one lifecycle step
+    source_ops: int = 0     # operations on the source of the sequences compared (teardown included)
+    refused_ops: int = 0    # of them refused by the source
+    keep_going: bool = False
 
     @property
     def ok(self) -> bool:
@@ -1350,8 +1535,12 @@ class FuzzResult:
     def summary(self) -> str:
         per = f", {sum(self.durations) / len(self.durations):.1f}s per sequence" if self.durations else ""
         modes = ",".join(f"{mode}:{count}" for mode, count in self.modes.items())
+        done = ",".join(f"{kind}:{self.lifecycle_counts.get(kind, 0)}" for kind in self.lifecycle.kinds)
         return (f"seed={self.seed} sequences={self.sequences} steps={self.steps} elapsed={self.elapsed:.1f}s "
-                f"examples_run={self.examples}{per} modes={modes} failures={len(self.failures)}")
+                f"examples_run={self.examples}{per} modes={modes} source_ops={self.source_ops} "
+                f"refused={self.refused_ops} lifecycle_rate={self.lifecycle.rate:g} "
+                f"lifecycle_every={self.lifecycle.every} lifecycle={done or 'none'} "
+                f"disrupted_sequences={self.disrupted}/{len(self.durations)} failures={len(self.failures)}")
 
     def kinds(self) -> dict[str, Failure]:
         """The shortest failing sequence of each kind of failure met (shrinking may wander between bugs)."""
@@ -1362,8 +1551,13 @@ class FuzzResult:
         return shortest
 
     def report(self) -> str:
-        """The shrunk failing sequence, any other kind of failure met, and the summary line last."""
+        """The shrunk failing sequence, any other kind of failure met, and the summary line last; when the run kept
+        going, every failing sequence as it ran, the shortest first."""
         lines = []
+        if self.keep_going:
+            for f in sorted(self.failures, key=lambda f: (len(f.ops), f.number)):
+                lines += [f"sequence {f.number} ({f.mode}), not shrunk:", f.report(), ""]
+            return "\n".join(lines + [self.summary()])
         if self.minimal is not None:
             lines += [self.minimal.report(), ""]
         others = [f for f in self.kinds().values() if self.minimal is None or f.kind != self.minimal.kind]
@@ -1376,7 +1570,7 @@ class FuzzResult:
 def quiet_pymilvus() -> None:
     """pymilvus logs every refused call at ERROR; refusals are expected here and recorded per operation. (Its
     import configures its loggers, so import it first.)"""
-    import pymilvus  # noqa: F401
+    importlib.import_module("pymilvus")
     for name in ("pymilvus", "pymilvus.milvus_client"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
@@ -1402,14 +1596,21 @@ def task_modes(mode: str) -> tuple[str, ...]:
 def run_fuzz(endpoints: dict, workdir: Path, sequences: int, steps: int, seed: int | None = None,
              limits: Limits | None = None, shrink_seconds: int | None = None, out: Callable[[str], None] = print,
              verbose: bool = False, skip: list[str] | None = None, cdc_settings: dict | None = None,
-             mode: str = "mixed") -> FuzzResult:
+             mode: str = "mixed", lifecycle_rate: float = DEFAULT_LIFECYCLE_RATE,
+             lifecycle_every: int = 0, keep_going: bool = False) -> FuzzResult:
     """Run ``sequences`` random sequences of about ``steps`` operations, each under a task of a scope drawn from
-    ``mode``; shrink the first failure."""
+    ``mode``, with the task's lifecycle disrupted as ``lifecycle_rate`` and ``lifecycle_every`` say (Lifecycle);
+    shrink the first failure, or with ``keep_going`` record every failing sequence as it ran and go on."""
     quiet_pymilvus()
-    machine = machine_class(skip or [])
+    skip = list(skip or [])
+    if not 0 <= lifecycle_rate <= 1 or lifecycle_every < 0:
+        raise ValueError(f"lifecycle rate {lifecycle_rate} (0 to 1) or every {lifecycle_every} (>= 0) out of range")
+    lifecycle = Lifecycle(lifecycle_rate, lifecycle_every, tuple(k for k in LIFECYCLE_RULES if k not in skip))
+    # At rate 0 the lifecycle rules would only be steps that do nothing: left out (a forced step still may run).
+    machine = machine_class(skip + [k for k in lifecycle.kinds if lifecycle_rate == 0])
     modes = task_modes(mode)
     seed = random.randrange(1 << 32) if seed is None else seed
-    harness = Harness(endpoints, workdir, limits, out, verbose, cdc_settings, modes).start()
+    harness = Harness(endpoints, workdir, limits, out, verbose, cdc_settings, modes, lifecycle, keep_going).start()
     started = time.monotonic()
     minimal: Failure | None = None
     try:
@@ -1433,10 +1634,14 @@ def run_fuzz(endpoints: dict, workdir: Path, sequences: int, steps: int, seed: i
                 minimal = harness.failures[-1] if harness.failures else None
                 if minimal is None:
                     raise
+        if keep_going and harness.failures:
+            minimal = min(harness.failures, key=lambda f: (len(f.ops), f.number))
     finally:
         harness.close()
     return FuzzResult(seed, sequences, steps, time.monotonic() - started, harness.examples, harness.failures, minimal,
-                      harness.durations, {m: harness.mode_counts[m] for m in modes})
+                      harness.durations, {m: harness.mode_counts[m] for m in modes}, lifecycle,
+                      dict(harness.lifecycle_counts), harness.disrupted, harness.source_ops, harness.refused_ops,
+                      keep_going)
 
 
 @contextlib.contextmanager
@@ -1468,6 +1673,19 @@ def stack_endpoints():
         running.down()
 
 
+@contextlib.contextmanager
+def own_target(endpoints: dict, wanted: bool):
+    """The endpoints, with a target Milvus of this run's own when ``wanted`` (stack.ExtraTarget on the stack's etcd,
+    stopped afterwards). A run sharing the stack with other tests needs one: another test's ``*`` task copies the
+    sequences' operations into the stack's target a second time (and this run's ``*`` tasks copy that test's)."""
+    if not wanted:
+        yield endpoints
+        return
+    from stack import ExtraTarget
+    with ExtraTarget(endpoints, 0) as target:
+        yield {**endpoints, "target_milvus": target.uri}
+
+
 def skipped_rules(text: str | None) -> list[str]:
     return [name.strip() for name in (text or "").split(",") if name.strip()]
 
@@ -1484,19 +1702,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shrink-seconds", type=int, default=600, help="shrinking budget (default 600)")
     parser.add_argument("--skip", default=os.environ.get("CDC_FUZZ_SKIP"),
                         help="comma-separated rules to leave out (env CDC_FUZZ_SKIP), to look past a known failure")
+    parser.add_argument("--lifecycle", type=float,
+                        default=float(os.environ.get("CDC_FUZZ_LIFECYCLE") or DEFAULT_LIFECYCLE_RATE),
+                        help="probability that a drawn lifecycle rule (pause_resume, kill_restart, stop_restart) "
+                             f"acts; 0 leaves them out (default {DEFAULT_LIFECYCLE_RATE:g}; env CDC_FUZZ_LIFECYCLE)")
+    parser.add_argument("--lifecycle-every", type=int, default=int(os.environ.get("CDC_FUZZ_LIFECYCLE_EVERY") or 0),
+                        metavar="N", help="force a lifecycle step after N steps in a row without one, and after the "
+                                          "last step of a sequence that had none (default 0: never; env "
+                                          "CDC_FUZZ_LIFECYCLE_EVERY)")
+    parser.add_argument("--keep-going", action="store_true", default=bool(os.environ.get("CDC_FUZZ_KEEP_GOING")),
+                        help="record a failing sequence and go on with the next, without shrinking: the report "
+                             "shows the shortest failing sequence of each kind (env CDC_FUZZ_KEEP_GOING)")
+    parser.add_argument("--own-target", action="store_true", default=bool(os.environ.get("CDC_FUZZ_OWN_TARGET")),
+                        help="replicate into a target Milvus started for the run on the stack's etcd, not the stack's "
+                             "target: for a stack other tests use at the same time (env CDC_FUZZ_OWN_TARGET)")
     parser.add_argument("--workdir", help="where the CDC server keeps its config, meta store and log "
                                           "(default: a temporary directory, removed afterwards)")
     parser.add_argument("--verbose", action="store_true", help="print every operation as it runs")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a CDC config key for the run (YAML value), e.g. replication.callsPerChannel=4")
     args = parser.parse_args(argv)
-    with stack_endpoints() as endpoints, contextlib.ExitStack() as cleanup:
+    with stack_endpoints() as shared, own_target(shared, args.own_target) as endpoints, \
+            contextlib.ExitStack() as cleanup:
         workdir = Path(args.workdir) if args.workdir else \
             Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="milvus-cdc-fuzz-")))
-        print(f"engine {engine_script()}; CDC log {workdir / 'server.log'}", flush=True)
+        print(f"engine {engine_script()}; CDC log {workdir / 'server.log'}; target {endpoints['target_milvus']}",
+              flush=True)
         result = run_fuzz(endpoints, workdir, args.sequences, args.steps, args.seed,
                           shrink_seconds=args.shrink_seconds, verbose=args.verbose, skip=skipped_rules(args.skip),
                           out=lambda line: print(line, flush=True), mode=args.mode,
+                          lifecycle_rate=args.lifecycle, lifecycle_every=args.lifecycle_every,
+                          keep_going=args.keep_going,
                           cdc_settings={k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)})
     print("\n" + result.report())
     return 0 if result.ok else 1
