@@ -1208,13 +1208,16 @@ class SqlMetaStore(MetaStore):
             cur.execute(f"SELECT task_id, info FROM task_info WHERE root_path = {self.MARK}", (self.root_path,))
             return dict(cur.fetchall())
 
-    def _load_task(self, task_id):
+    def _read_one(self, column: str, table: str, task_id: str) -> str | None:
         m = self.MARK
         with self._transaction() as cur:
-            cur.execute(f"SELECT info FROM task_info WHERE root_path = {m} AND task_id = {m}",
+            cur.execute(f"SELECT {column} FROM {table} WHERE root_path = {m} AND task_id = {m}",
                         (self.root_path, task_id))
             row = cur.fetchone()
         return row[0] if row else None
+
+    def _load_task(self, task_id):
+        return self._read_one("info", "task_info", task_id)
 
     def _insert_task(self, task_id, document):
         m = self.MARK
@@ -1230,12 +1233,7 @@ class SqlMetaStore(MetaStore):
             return cur.rowcount == 1
 
     def _load_positions(self, task_id):
-        m = self.MARK
-        with self._transaction() as cur:
-            cur.execute(f"SELECT positions FROM task_position WHERE root_path = {m} AND task_id = {m}",
-                        (self.root_path, task_id))
-            row = cur.fetchone()
-        return row[0] if row else None
+        return self._read_one("positions", "task_position", task_id)
 
     def _delete_task(self, task_id):
         m = self.MARK
