@@ -2598,6 +2598,11 @@ class TargetWriter:
         self.grpc_channel = param.channel()
         self.stub = milvus_pb2_grpc.MilvusServiceStub(self.grpc_channel)
         self.call_timeout = max(30.0, param.connect_timeout)
+        # A test seam: every try waits this long before its fence check, so that a test can stop the process
+        # while calls are certainly in flight (made, not yet sent) and see that none goes out once it wakes.
+        self.hold_before_call = float(os.environ.get(self.HOLD_ENV) or 0)
+
+    HOLD_ENV = "MILVUS_CDC_TEST_HOLD_CALLS"
 
     def close(self) -> None:
         self.grpc_channel.close()
@@ -2613,7 +2618,11 @@ class TargetWriter:
         import grpc
 
         def attempt():
+            if self.hold_before_call:
+                time.sleep(self.hold_before_call)
             if self.fence is not None and not self.fence[0].valid():
+                log.info("task=%s not sent, the lease on target %s ran out: %s", self.patience.task_id,
+                         self.fence[1], op)
                 raise LeaseLost(f"the lease on target {self.fence[1]} ran out before {op}")
             started = time.monotonic()
             try:

@@ -338,6 +338,23 @@ def test_drop_a_loaded_collection_then_its_database_back_to_back(cdc, unique_nam
     wait_until(lambda: db not in cdc.target.list_databases(), 60, what=f"database {db} dropped on the target")
 
 
+def test_the_model_based_sequence_of_seed_1097918520_back_to_back(cdc, unique_name):
+    """Issue 17, item 15, as the model-based test drew it: one name in two databases; the database's collection
+    indexed, loaded and dropped, then its database, all back to back. The loaded collection's drop may carry a
+    later timestamp than the database's drop: the database still goes, and the other database's copy too."""
+    db, name = unique_name("seeddb"), unique_name("seedc")
+    cdc.source.create_collection(name, schema=full_schema(), shards_num=1)  # default.<name>
+    cdc.source.create_database(db)
+    source_db = client(cdc.stack["source_milvus"], db)
+    source_db.create_collection(name, schema=full_schema(), shards_num=2)
+    cdc.source.drop_collection(name)
+    index_and_load(source_db, name)
+    source_db.drop_collection(name)
+    cdc.source.drop_database(db)
+    wait_until(lambda: db not in cdc.target.list_databases(), 60, what=f"database {db} dropped on the target")
+    wait_collection(cdc.target, name, present=False)
+
+
 def test_drop_and_recreate_the_same_name_back_to_back(cdc, unique_name):
     """The new incarnation may reach the target while the old one is there: the old one is dropped first."""
     name = unique_name("b2bagain")
