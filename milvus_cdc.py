@@ -732,14 +732,55 @@ def describe_error(error: BaseException) -> str:
     return str(error) if isinstance(error, TransientError) else f"{type(error).__name__}: {error}"
 
 
-class Patience:
-    """Waits out transient faults of one thread of a task: each failing try is retried with backoff (up to
-    ``retryMaxBackoff`` apart) for up to ``retryTimeout``, then the task halts with the last error. A stop of the
-    task ends the wait at once. While it waits, `get` shows the operation, since when and how many tries."""
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How far apart and for how long every fault of the server is retried: ``replication.retryMaxBackoff`` and
+    ``replication.retryTimeout``. The server makes one and hands it to every part that retries, so that a change
+    of either setting reaches every retry, and a change of the policy is made here only.
 
-    def __init__(self, settings: ReplicationSettings, stop: threading.Event, waits: Waits, role: str,
-                 task_id: str):
-        self.settings, self.stop, self.waits, self.role, self.task_id = settings, stop, waits, role, task_id
+    The waits double from FIRST up to ``max_backoff`` (tenacity's exponential wait). A retry that is one call
+    is ``retrying``'s (Patience); a loop that must wait on something else (a stop, a condition) or that
+    schedules its next try (a task must not stand still while the meta store is away) asks ``delay``."""
+
+    timeout: float = 600.0
+    max_backoff: float = 10.0
+
+    FIRST = 0.5  # seconds after the first failed try: a blip is over by then, a restart is not
+
+    @classmethod
+    def of(cls, settings: ReplicationSettings) -> RetryPolicy:
+        return cls(settings.retry_timeout, settings.retry_max_backoff)
+
+    def _wait(self) -> Any:
+        import tenacity
+        # no floor: tenacity's min would win over max, and a retryMaxBackoff below FIRST must still bound every wait
+        return tenacity.wait_exponential(multiplier=self.FIRST, max=self.max_backoff)
+
+    def delay(self, tries: int) -> float:
+        """The wait after the ``tries``-th failed try in a row (counted from 1)."""
+        import tenacity
+        state = tenacity.RetryCallState(tenacity.Retrying(), None, (), {})
+        state.attempt_number = max(1, tries)
+        return float(self._wait()(state))
+
+    def expired(self, since: float) -> bool:
+        """Has a fault failing since ``since`` (time.time()) outlived retryTimeout?"""
+        return time.time() - since > self.timeout
+
+    def retrying(self, **hooks: Any) -> Any:
+        """A tenacity.Retrying that stops after retryTimeout and waits as ``delay`` says; ``hooks`` say what is
+        retried, how the waits are slept and what is shown meanwhile."""
+        import tenacity
+        return tenacity.Retrying(stop=tenacity.stop_after_delay(self.timeout), wait=self._wait(), **hooks)
+
+
+class Patience:
+    """Waits out transient faults of one thread of a task: each failing try is retried as the server's
+    RetryPolicy says, then the task halts with the last error. A stop of the task ends the wait at once. While it
+    waits, `get` shows the operation, since when and how many tries."""
+
+    def __init__(self, retry: RetryPolicy, stop: threading.Event, waits: Waits, role: str, task_id: str):
+        self.retry, self.stop, self.waits, self.role, self.task_id = retry, stop, waits, role, task_id
 
     def run(self, operation: str, attempt: Callable[[], Any], transient: Callable[[BaseException], bool],
             pause: Callable[[float], None] | None = None) -> Any:
@@ -760,11 +801,8 @@ class Patience:
             if self.stop.is_set():
                 raise TaskStopping()
 
-        retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception(transient), before=first,
-            stop=tenacity.stop_after_delay(self.settings.retry_timeout),
-            wait=tenacity.wait_exponential(multiplier=0.5, min=0.2, max=self.settings.retry_max_backoff),
-            sleep=sleep, before_sleep=note, reraise=True)
+        retrying = self.retry.retrying(retry=tenacity.retry_if_exception(transient), before=first, sleep=sleep,
+                                       before_sleep=note, reraise=True)
         try:
             return retrying(attempt)
         except TaskStopping:
@@ -3774,7 +3812,8 @@ class TargetClock:
     def _run(self) -> None:
         sent: dict[str, int] = {}
         seen, writer, made_for = 0, None, None
-        patience = Patience(self.settings, self.stopping, self.waits, "ticker", f"ticker:{self.address}")
+        patience = Patience(RetryPolicy.of(self.settings), self.stopping, self.waits, "ticker",
+                            f"ticker:{self.address}")
         failing_since, failures = 0.0, 0  # since when, and how many rounds of ticks failed since the last went out
         while not self.stopping.is_set():
             with self.changed:
@@ -3962,7 +4001,7 @@ class Replicator:
         return sorted(self.waits.snapshot() + self.clock.waits.snapshot(), key=lambda w: w.since)
 
     def patience(self, role: str) -> Patience:
-        return Patience(self.config.replication, self.stop_event, self.waits, role, self.task.task_id)
+        return Patience(RetryPolicy.of(self.config.replication), self.stop_event, self.waits, role, self.task.task_id)
 
     def publish(self, channels: dict[str, int], waiting_for: list[str]) -> None:
         with self.status_lock:

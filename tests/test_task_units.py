@@ -398,8 +398,8 @@ def answering_mirror(answers, retry_timeout):
     """A mirror whose writer is the real TargetWriter (its classification and its patience), over AnsweringStub."""
     import threading
     waits, metrics = m.Waits(), m.Metrics()
-    patience = m.Patience(m.ReplicationSettings(retry_timeout=retry_timeout, retry_max_backoff=0.2),
-                          threading.Event(), waits, "applier", "t1")
+    patience = m.Patience(m.RetryPolicy(timeout=retry_timeout, max_backoff=0.2), threading.Event(), waits, "applier",
+                          "t1")
     writer = m.TargetWriter(m.ConnectParam("http://127.0.0.1:9"), patience, metrics.task("t1"))
     writer.stub = AnsweringStub(answers, waits)
     return m.TargetMirror(writer, "t1"), writer.stub, metrics
@@ -638,3 +638,15 @@ def test_a_database_drop_takes_the_copies_whose_source_the_source_forgot_while_t
     live = SimpleNamespace(db_name="d1", name="c0", dropped=False)
     copies.meta = SimpleNamespace(collections=lambda: [live])
     assert not copies.drop_leftover(target, 100) and dropped == ["c0"], "a live source collection of the name stays"
+
+
+def test_the_retry_policy_waits_grow_and_never_exceed_retry_max_backoff():
+    for most in (0.01, 0.3, 1.0, 10.0, 1000.0):
+        policy = m.RetryPolicy(timeout=600, max_backoff=most)
+        delays = [policy.delay(tries) for tries in range(1, 80)]  # 80: far past where 2 ** n overflows a float wait
+        assert all(0 < delay <= most for delay in delays), f"a wait longer than retryMaxBackoff {most}"
+        assert delays == sorted(delays) and delays[-1] == most, "the waits grow up to retryMaxBackoff"
+        growing = [delay for delay in delays if delay < most]
+        assert all(b == 2 * a for a, b in zip(growing, growing[1:])), "each wait doubles the one before"
+    assert m.RetryPolicy(max_backoff=10).delay(1) == m.RetryPolicy.FIRST
+    assert m.RetryPolicy.of(m.ReplicationSettings(retry_timeout=7, retry_max_backoff=3)) == m.RetryPolicy(7, 3)
