@@ -1995,9 +1995,9 @@ class CatalogFeed:
 
     KEEP = 600  # polls kept (a few minutes of them): a task further behind reads its own way back
 
-    def __init__(self, settings: SourceSettings, backoff_max: float,
+    def __init__(self, settings: SourceSettings, retry: RetryPolicy,
                  open_meta: Callable[[SourceSettings], SourceMeta] = SourceMeta):
-        self.settings, self.backoff_max, self.open_meta = settings, backoff_max, open_meta
+        self.settings, self.retry, self.open_meta = settings, retry, open_meta
         self.changed = threading.Condition()
         self.polls: collections.deque[CatalogPoll] = collections.deque(maxlen=self.KEEP)
         self.asked = 0.0            # polls must go on while a task asks for one started after this
@@ -2037,8 +2037,6 @@ class CatalogFeed:
             thread.join(10)
 
     def _run(self) -> None:
-        import tenacity
-        backoff = tenacity.wait_exponential(multiplier=0.5, min=0.2, max=self.backoff_max)
         meta = self.open_meta(self.settings)
         last: CatalogPoll | None = None
         failures = 0
@@ -2056,10 +2054,8 @@ class CatalogFeed:
                     with self.changed:
                         self.error, self.started = describe_error(exc), -1.0
                     log.warning("catalog: reading the source etcd failed (try %d): %s", failures, self.error)
-                    state = tenacity.RetryCallState(tenacity.Retrying(), None, (), {})
-                    state.attempt_number = failures
                     with self.changed:
-                        self.changed.wait_for(lambda: self.closing, backoff(state))
+                        self.changed.wait_for(lambda: self.closing, self.retry.delay(failures))
                     continue
                 failures = 0
                 with self.changed:
@@ -3758,9 +3754,9 @@ class TargetClock:
     writing to it see the same fault in their own calls.
     """
 
-    def __init__(self, settings: ReplicationSettings, address: str,
+    def __init__(self, retry: RetryPolicy, address: str,
                  make_writer: Callable[[ConnectParam, Patience, tuple[Lease, str] | None], Any] | None = None):
-        self.settings, self.address = settings, address
+        self.retry, self.address = retry, address
         self.make_writer = make_writer or (lambda param, patience, fence: TargetWriter(param, patience, fence=fence))
         self.changed = threading.Condition()
         self.watermarks: dict[str, int] = {}
@@ -3812,8 +3808,7 @@ class TargetClock:
     def _run(self) -> None:
         sent: dict[str, int] = {}
         seen, writer, made_for = 0, None, None
-        patience = Patience(RetryPolicy.of(self.settings), self.stopping, self.waits, "ticker",
-                            f"ticker:{self.address}")
+        patience = Patience(self.retry, self.stopping, self.waits, "ticker", f"ticker:{self.address}")
         failing_since, failures = 0.0, 0  # since when, and how many rounds of ticks failed since the last went out
         while not self.stopping.is_set():
             with self.changed:
@@ -3850,7 +3845,7 @@ class TargetClock:
                 log.warning("ticks to %s: %s; trying again", self.address, describe_error(exc))
                 with self.changed:
                     self.posted += 1  # not sent: try again
-                self.stopping.wait(min(self.settings.retry_max_backoff, 0.5 * 2 ** min(failures, 6)))
+                self.stopping.wait(self.retry.delay(failures))
             else:
                 if failures:
                     log.info("ticks to %s go out again", self.address)
@@ -3935,7 +3930,7 @@ class Replicator:
                  fence: tuple[Lease, str] | None = None, catalog_feed: CatalogFeed | None = None):
         self.task, self.config, self.store, self.clock, self.metrics = task, config, store, clock, metrics
         # the server's (shared by its tasks), or one of the task's own
-        self.catalog_feed = catalog_feed or CatalogFeed(config.source, config.replication.retry_max_backoff)
+        self.catalog_feed = catalog_feed or CatalogFeed(config.source, RetryPolicy.of(config.replication))
         self.fence = fence  # in a cluster: the lease this server holds the task's target with
         self.on_failure = on_failure
         self.stop_event = threading.Event()
@@ -5393,7 +5388,8 @@ class TaskManager:
         self.busy: set[str] = set()
         self.lags: dict[str, list[dict]] = {}  # the last lag of a task that stopped
         self.creates = threading.BoundedSemaphore(self.CREATE_SLOTS)
-        self.catalog_feed = CatalogFeed(config.source, config.replication.retry_max_backoff)
+        self.retry = RetryPolicy.of(config.replication)  # every retry of the server, its tasks' too
+        self.catalog_feed = CatalogFeed(config.source, self.retry)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -5463,8 +5459,7 @@ class TaskManager:
                 raise ApiError(503, f"the threads of task {task.task_id} are still stopping; try again")
             clock = self.clocks.get(task.connect.address)
             if clock is None:
-                clock = self.clocks[task.connect.address] = TargetClock(self.config.replication,
-                                                                        task.connect.address)
+                clock = self.clocks[task.connect.address] = TargetClock(self.retry, task.connect.address)
                 if fence is not None:
                     clock.fence = fence[0]  # from its first tick, not from the cluster agent's next sync
             replicator = Replicator(task, self.config, self.store, clock, self._on_failure,

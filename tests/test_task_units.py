@@ -29,7 +29,7 @@ class RecordingWriter:
 def test_target_ticks_follow_the_slowest_task_and_never_go_back():
     import time
     writer = RecordingWriter()
-    clock = m.TargetClock(m.ReplicationSettings(), "t:1", make_writer=lambda param, patience, fence: writer)
+    clock = m.TargetClock(m.RetryPolicy(), "t:1", make_writer=lambda param, patience, fence: writer)
     param = m.ConnectParam("http://t:1")
 
     def settled(expected):
@@ -294,8 +294,7 @@ def test_the_ticker_survives_any_failure_and_shows_it_until_ticks_go_out_again()
             broken["left"] -= 1
             raise m.TlsFileError("ca_pem_path")
         return writer
-    settings = m.ReplicationSettings(retry_max_backoff=0.2)
-    clock = m.TargetClock(settings, "t:1", make_writer=make_writer)
+    clock = m.TargetClock(m.RetryPolicy(max_backoff=0.2), "t:1", make_writer=make_writer)
     try:
         clock.join("t1", 100, m.ConnectParam("http://t:1"))
         clock.add_channels(["a"])
@@ -319,7 +318,7 @@ def test_readyz_names_a_target_without_ticks_for_longer_than_retry_timeout(tmp_p
     config, _ = m.load_config(str(Path(__file__).resolve().parent.parent / "config.yaml"))
     config = dataclasses.replace(config, replication=m.ReplicationSettings(retry_timeout=5))
     manager = m.TaskManager(config, m.SqliteMetaStore(str(tmp_path / "meta.db"), "cdc"))
-    clock = manager.clocks["t:1"] = m.TargetClock(config.replication, "t:1")
+    clock = manager.clocks["t:1"] = m.TargetClock(manager.retry, "t:1")
     assert manager.readiness() is None
     clock.waits.set("ticker", m.Wait("sending time ticks to t:1", time.time() - 1, 3, "TlsFileError: ca"))
     assert manager.readiness() is None, "a fault shorter than retryTimeout is being waited out"
@@ -361,7 +360,7 @@ def test_every_try_of_a_tick_checks_the_lease():
         writer = m.TargetWriter(param, patience, fence=fence)
         writer.stub = RateLimitedStub()
         return writer
-    clock = m.TargetClock(m.ReplicationSettings(retry_max_backoff=0.2), "127.0.0.1:9", make_writer=make_writer)
+    clock = m.TargetClock(m.RetryPolicy(max_backoff=0.2), "127.0.0.1:9", make_writer=make_writer)
     clock.fence = lease
     try:
         clock.join("t1", 100, m.ConnectParam("http://127.0.0.1:9"))
@@ -565,7 +564,7 @@ def test_the_tasks_of_a_server_share_the_polls_of_the_source_catalog():
     source's etcd busy with nothing else. A poll now serves every task that asked before it started."""
     import threading
     catalog = FakeCatalog()
-    feed = m.CatalogFeed(None, 1.0, open_meta=lambda settings: catalog)
+    feed = m.CatalogFeed(None, m.RetryPolicy(max_backoff=1.0), open_meta=lambda settings: catalog)
     try:
         first = feed.poll_after(time.monotonic(), 5)
         polls, barrier = [], threading.Barrier(20)
@@ -595,7 +594,7 @@ def test_the_tasks_of_a_server_share_the_polls_of_the_source_catalog():
 
 
 def test_a_task_the_catalog_feed_lost_track_of_reads_its_own_way():
-    feed = m.CatalogFeed(None, 1.0, open_meta=lambda settings: FakeCatalog(slow=0.0))
+    feed = m.CatalogFeed(None, m.RetryPolicy(max_backoff=1.0), open_meta=lambda settings: FakeCatalog(slow=0.0))
     try:
         latest = feed.poll_after(time.monotonic(), 5)
         latest = feed.poll_after(time.monotonic(), 5)
