@@ -3927,10 +3927,12 @@ class Replicator:
 
     def __init__(self, task: TaskInfo, config: ServerConfig, store: MetaStore, clock: TargetClock,
                  on_failure: Callable[["Replicator", str], None], metrics: TaskMetrics,
-                 fence: tuple[Lease, str] | None = None, catalog_feed: CatalogFeed | None = None):
+                 fence: tuple[Lease, str] | None = None, catalog_feed: CatalogFeed | None = None, *,
+                 retry: RetryPolicy):
         self.task, self.config, self.store, self.clock, self.metrics = task, config, store, clock, metrics
+        self.retry = retry
         # the server's (shared by its tasks), or one of the task's own
-        self.catalog_feed = catalog_feed or CatalogFeed(config.source, RetryPolicy.of(config.replication))
+        self.catalog_feed = catalog_feed or CatalogFeed(config.source, retry)
         self.fence = fence  # in a cluster: the lease this server holds the task's target with
         self.on_failure = on_failure
         self.stop_event = threading.Event()
@@ -3996,7 +3998,7 @@ class Replicator:
         return sorted(self.waits.snapshot() + self.clock.waits.snapshot(), key=lambda w: w.since)
 
     def patience(self, role: str) -> Patience:
-        return Patience(RetryPolicy.of(self.config.replication), self.stop_event, self.waits, role, self.task.task_id)
+        return Patience(self.retry, self.stop_event, self.waits, role, self.task.task_id)
 
     def publish(self, channels: dict[str, int], waiting_for: list[str]) -> None:
         with self.status_lock:
@@ -4135,7 +4137,7 @@ class Replicator:
             error, rounds = self.catalog_feed.error, rounds + 1
             if error:
                 self.waits.set("catalog", Wait("reading the source etcd", since, rounds, error))
-                if time.time() - since > self.config.replication.retry_timeout:
+                if self.retry.expired(since):
                     raise TaskHalt(f"reading the source etcd: {error} (retried for {time.time() - since:.0f}s)")
         self.waits.clear("catalog")
         return latest
@@ -4839,16 +4841,15 @@ class Applier:
                 tries += 1
                 self.r.waits.set("checkpoint", Wait(operation, started, tries, str(exc)))
                 log.warning("task=%s %s: %s", self.tid, operation, exc)
-                if self.stop.wait(min(self.r.config.replication.retry_max_backoff, 0.2 * 2 ** min(tries, 10))):
+                if self.stop.wait(self.r.retry.delay(tries)):
                     raise TaskStopping() from None
                 continue
             self.r.waits.clear("checkpoint")
             return result
 
     def _store_down(self, error: MetaStoreUnavailable) -> None:
-        settings = self.r.config.replication
         self.store_failures.append(time.time())
-        backoff = min(settings.retry_max_backoff, 0.2 * 2 ** min(len(self.store_failures), 10))
+        backoff = self.r.retry.delay(len(self.store_failures))
         self.store_retry_at = time.monotonic() + backoff
         self.r.waits.set("checkpoint", Wait("saving the checkpoint to the meta store", self.store_failures[0],
                                             len(self.store_failures), str(error)))
@@ -5463,7 +5464,7 @@ class TaskManager:
                 if fence is not None:
                     clock.fence = fence[0]  # from its first tick, not from the cluster agent's next sync
             replicator = Replicator(task, self.config, self.store, clock, self._on_failure,
-                                    self.metrics.task(task.task_id), fence, self.catalog_feed)
+                                    self.metrics.task(task.task_id), fence, self.catalog_feed, retry=self.retry)
             self.replicators[task.task_id] = replicator
             task.state, task.reason = TaskState.RUNNING, ""
         replicator.start()
