@@ -5488,7 +5488,7 @@ class TaskManager:
         """A task stopped itself: store it as paused with the reason (waiting for the store if need be), then
         show it so."""
         task_id = replicator.task.task_id
-        delay = 0.5
+        tries = 0
         while True:
             with self.lock:
                 task = self.tasks.get(task_id)
@@ -5516,8 +5516,8 @@ class TaskManager:
                 finally:
                     with self.lock:
                         self.busy.discard(task_id)
-            time.sleep(delay)
-            delay = min(delay * 2, self.config.replication.retry_max_backoff)
+            tries += 1
+            time.sleep(self.retry.delay(tries))
 
     # -- requests -----------------------------------------------------------------------------------------
 
@@ -5694,7 +5694,7 @@ class TaskManager:
             clocks = list(self.clocks.values())
         for clock in clocks:
             for wait in clock.waits.snapshot():
-                if time.time() - wait.since > self.config.replication.retry_timeout:
+                if self.retry.expired(wait.since):
                     return f"{wait.operation} fails since {wait.public()['since']}: {wait.last_error}"
         return None
 
@@ -5900,7 +5900,7 @@ class ClusterTaskManager(TaskManager):
 
     def _on_failure(self, replicator: Replicator, reason: str) -> None:
         """A task stopped itself: store it as paused, as long as this server still holds its target."""
-        delay = 0.5
+        tries = 0
         ran = replicator.task
 
         def still_running(state: TaskState, data: dict) -> ApiError | None:
@@ -5916,8 +5916,8 @@ class ClusterTaskManager(TaskManager):
                 return
             except MetaStoreUnavailable as exc:
                 log.warning("task=%s cannot store its pause yet: %s", replicator.task.task_id, exc)
-            time.sleep(delay)
-            delay = min(delay * 2, self.config.replication.retry_max_backoff)
+            tries += 1
+            time.sleep(self.retry.delay(tries))
 
     def _change_stored(self, task_id: str, state: TaskState, reason: str,
                        refused: Callable[[TaskState, dict], ApiError | None]) -> None:
