@@ -1,7 +1,11 @@
 """Unit tests of the task's small value types and bookkeeping (fakes stand in for the servers here)."""
 from __future__ import annotations
 
+import threading
 import time
+from types import SimpleNamespace
+
+import pytest
 
 import milvus_cdc as m
 
@@ -649,3 +653,150 @@ def test_the_retry_policy_waits_grow_and_never_exceed_retry_max_backoff():
         assert all(b == 2 * a for a, b in zip(growing, growing[1:])), "each wait doubles the one before"
     assert m.RetryPolicy(max_backoff=10).delay(1) == m.RetryPolicy.FIRST
     assert m.RetryPolicy.of(m.ReplicationSettings(retry_timeout=7, retry_max_backoff=3)) == m.RetryPolicy(7, 3)
+
+
+class RecordingEvent(threading.Event):
+    """A stop event that notes every wait taken on it with a timeout."""
+
+    def __init__(self):
+        super().__init__()
+        self.waits = []
+
+    def wait(self, timeout=None):
+        if timeout is not None:
+            self.waits.append(timeout)
+        return super().wait(timeout)
+
+
+class RecordingCondition(threading.Condition):
+    """The catalog feed's condition, noting the waits its poll thread takes with a timeout."""
+
+    def __init__(self):
+        super().__init__()
+        self.waits = []
+
+    def wait_for(self, predicate, timeout=None):
+        if timeout is not None and threading.current_thread().name == "cdc-catalog-feed":
+            self.waits.append(timeout)
+        return super().wait_for(predicate, timeout)
+
+
+class FlakyCatalog(FakeCatalog):
+    def __init__(self, fails):
+        super().__init__(slow=0.0)
+        self.fails = fails
+
+    def revision(self):
+        if self.fails:
+            self.fails -= 1
+            raise m.TransientError("etcd is away")
+        return super().revision()
+
+
+def failing(times, error, then=None):
+    """A call that raises ``error`` ``times`` times, then returns ``then``."""
+    left = [times]
+
+    def call(*_, **__):
+        if left[0]:
+            left[0] -= 1
+            raise error
+        return then
+    return call
+
+
+FAILURES = 3
+
+
+def patience_waits(server, replicator, _):
+    replicator.stop_event = RecordingEvent()
+    replicator.patience("applier").run("writing", failing(FAILURES, m.TransientError("busy")),
+                                       lambda exc: isinstance(exc, m.TransientError))
+    return replicator.stop_event.waits
+
+
+def catalog_feed_waits(server, replicator, _):
+    feed = replicator.catalog_feed
+    feed.changed, feed.open_meta = RecordingCondition(), lambda settings: FlakyCatalog(FAILURES)
+    assert feed.poll_after(time.monotonic(), 10) is not None
+    return feed.changed.waits
+
+
+def ticker_waits(server, replicator, _):
+    clock, writer = replicator.clock, RecordingWriter()
+    clock.stopping = RecordingEvent()
+    clock.make_writer = failing(FAILURES, m.TlsFileError("ca_pem_path"), writer)
+    clock.join("t1", 100, replicator.task.connect)
+    clock.add_channels(["a"])
+    deadline = time.monotonic() + 10
+    while not writer.sent and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return clock.stopping.waits
+
+
+def meta_store_waits_at_start(server, replicator, _):
+    replicator.stop_event = RecordingEvent()
+    applier = m.Applier(replicator, None, None)
+    applier._with_store("loading the checkpoints", failing(FAILURES, m.MetaStoreUnavailable("away")))
+    return replicator.stop_event.waits
+
+
+def meta_store_waits_at_checkpoints(server, replicator, _):
+    applier, waits = m.Applier(replicator, None, None), []
+    for _ in range(FAILURES):
+        applier._store_down(m.MetaStoreUnavailable("away"))
+        waits.append(applier.store_retry_at - time.monotonic())  # scheduled, not slept: at most the delay
+    return waits
+
+
+def pause_store_waits(server, replicator, slept):
+    server._store = failing(FAILURES, m.MetaStoreUnavailable("away"),
+                            SimpleNamespace(state=m.TaskState.PAUSED, reason="refused"))
+    server._on_failure(replicator, "refused")
+    return slept
+
+
+def cluster_pause_store_waits(server, replicator, slept):
+    cluster = m.ClusterTaskManager(server.config, server.store, m.Metrics(), "s1", 10.0)
+    assert cluster.retry == server.retry
+    cluster.store = SimpleNamespace(update_task=failing(FAILURES, m.MetaStoreUnavailable("away")))
+    cluster._on_failure(SimpleNamespace(task=SimpleNamespace(task_id="t1", created_at=1.0), fence=None), "refused")
+    return slept
+
+
+RETRYING_PARTS = [patience_waits, catalog_feed_waits, ticker_waits, meta_store_waits_at_start,
+                  meta_store_waits_at_checkpoints, pause_store_waits, cluster_pause_store_waits]
+
+
+@pytest.mark.parametrize("part", RETRYING_PARTS, ids=lambda part: part.__name__)
+@pytest.mark.parametrize("most", [0.01, 0.03])
+def test_retry_max_backoff_bounds_the_waits_of_every_retrying_part(tmp_path, monkeypatch, part, most):
+    """Issue 18: retries were written six times; changing retryMaxBackoff must change every one of them. Each
+    part is made by a server whose retryMaxBackoff is below the first wait of any backoff (0.5 s), and fails a
+    few times: every wait it then takes is retryMaxBackoff, not a wait of its own."""
+    import dataclasses
+    from pathlib import Path
+    config, _ = m.load_config(str(Path(__file__).resolve().parent.parent / "config.yaml"))
+    config = dataclasses.replace(config, replication=m.ReplicationSettings(retry_max_backoff=most))
+    server = m.TaskManager(config, m.SqliteMetaStore(str(tmp_path / "meta.db"), "cdc"))
+    monkeypatch.setattr(m.Replicator, "start", lambda self: None)  # its parts are driven by hand below
+    slept, sleep, here = [], time.sleep, threading.current_thread()
+
+    def noted_sleep(seconds):
+        if threading.current_thread() is here:
+            slept.append(seconds)
+        sleep(seconds)
+    monkeypatch.setattr(m.time, "sleep", noted_sleep)
+    task = server.tasks["t1"] = m.TaskInfo("t1", m.ConnectParam("http://127.0.0.1:9"), [{"name": "*"}])
+    try:
+        replicator = server._run(task)
+        assert server.retry == m.RetryPolicy(timeout=config.replication.retry_timeout, max_backoff=most)
+        for holder in (replicator, replicator.clock, replicator.catalog_feed, replicator.patience("reader")):
+            assert holder.retry is server.retry, f"{type(holder).__name__} has a retry policy of its own"
+        waits = part(server, replicator, slept)
+    finally:
+        monkeypatch.setattr(m.time, "sleep", sleep)
+        server.shutdown()
+        server.store.close()
+    assert len(waits) >= FAILURES, f"{part.__name__}: {waits}"
+    assert all(most * 0.5 < wait <= most for wait in waits), f"{part.__name__} ignores retryMaxBackoff: {waits}"
