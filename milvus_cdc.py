@@ -10,7 +10,7 @@ through ``ReplicateMessage``. Tasks are managed through ``POST /cdc``.
 The module reads top-down in the order data flows, one banner section each:
 
 - Configuration: the YAML file, checked, in this project's and the Go CDC's spellings
-- Faults: what is waited out (Patience, one retry policy), and what a task shows meanwhile
+- Faults: what is waited out and how (one RetryPolicy for every retry, Patience), and what a task shows meanwhile
 - Metrics: the Prometheus registry and each task's counters
 - Meta store: tasks, checkpoints and leases in sqlite, MySQL or etcd
 - Source metadata (etcd): the source's catalog, and the poller that follows it
