@@ -739,13 +739,13 @@ class RetryPolicy:
     of either setting reaches every retry, and a change of the policy is made here only.
 
     The waits double from FIRST up to ``max_backoff`` (tenacity's exponential wait). A retry that is one call
-    is ``retrying``'s (Patience); a loop that must wait on something else (a stop, a condition) or that
-    schedules its next try (a task must not stand still while the meta store is away) asks ``delay``."""
+    is ``retrying``'s (Patience); a loop that waits on something of its own (a stop event, a condition) or that
+    schedules its next try asks ``delay``."""
 
     timeout: float = 600.0
     max_backoff: float = 10.0
 
-    FIRST = 0.5  # seconds after the first failed try: a blip is over by then, a restart is not
+    FIRST = 0.5  # seconds after the first failed try: a blip costs little, a restarting server is not hammered
 
     @classmethod
     def of(cls, settings: ReplicationSettings) -> RetryPolicy:
