@@ -10,7 +10,7 @@ through ``ReplicateMessage``. Tasks are managed through ``POST /cdc``.
 The module reads top-down in the order data flows, one banner section each:
 
 - Configuration: the YAML file, checked, in this project's and the Go CDC's spellings
-- Faults: what is waited out (Patience, one retry policy), and what a task shows meanwhile
+- Faults: what is waited out and how (one RetryPolicy for every retry, Patience), and what a task shows meanwhile
 - Metrics: the Prometheus registry and each task's counters
 - Meta store: tasks, checkpoints and leases in sqlite, MySQL or etcd
 - Source metadata (etcd): the source's catalog, and the poller that follows it
@@ -732,14 +732,55 @@ def describe_error(error: BaseException) -> str:
     return str(error) if isinstance(error, TransientError) else f"{type(error).__name__}: {error}"
 
 
-class Patience:
-    """Waits out transient faults of one thread of a task: each failing try is retried with backoff (up to
-    ``retryMaxBackoff`` apart) for up to ``retryTimeout``, then the task halts with the last error. A stop of the
-    task ends the wait at once. While it waits, `get` shows the operation, since when and how many tries."""
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How far apart and for how long every fault of the server is retried: ``replication.retryMaxBackoff`` and
+    ``replication.retryTimeout``. The server makes one and hands it to every part that retries, so that a change
+    of either setting reaches every retry, and a change of the policy is made here only.
 
-    def __init__(self, settings: ReplicationSettings, stop: threading.Event, waits: Waits, role: str,
-                 task_id: str):
-        self.settings, self.stop, self.waits, self.role, self.task_id = settings, stop, waits, role, task_id
+    The waits double from FIRST up to ``max_backoff`` (tenacity's exponential wait). A retry that is one call
+    is ``retrying``'s (Patience); a loop that waits on something of its own (a stop event, a condition) or that
+    schedules its next try asks ``delay``."""
+
+    timeout: float = 600.0
+    max_backoff: float = 10.0
+
+    FIRST = 0.5  # seconds after the first failed try: a blip costs little, a restarting server is not hammered
+
+    @classmethod
+    def of(cls, settings: ReplicationSettings) -> RetryPolicy:
+        return cls(settings.retry_timeout, settings.retry_max_backoff)
+
+    def _wait(self) -> Any:
+        import tenacity
+        # no floor: tenacity's min would win over max, and a retryMaxBackoff below FIRST must still bound every wait
+        return tenacity.wait_exponential(multiplier=self.FIRST, max=self.max_backoff)
+
+    def delay(self, tries: int) -> float:
+        """The wait after the ``tries``-th failed try in a row (counted from 1)."""
+        import tenacity
+        state = tenacity.RetryCallState(tenacity.Retrying(), None, (), {})
+        state.attempt_number = max(1, tries)
+        return float(self._wait()(state))
+
+    def expired(self, since: float) -> bool:
+        """Has a fault failing since ``since`` (time.time()) outlived retryTimeout?"""
+        return time.time() - since > self.timeout
+
+    def retrying(self, **hooks: Any) -> Any:
+        """A tenacity.Retrying that stops after retryTimeout and waits as ``delay`` says; ``hooks`` say what is
+        retried, how the waits are slept and what is shown meanwhile."""
+        import tenacity
+        return tenacity.Retrying(stop=tenacity.stop_after_delay(self.timeout), wait=self._wait(), **hooks)
+
+
+class Patience:
+    """Waits out transient faults of one thread of a task: each failing try is retried as the server's
+    RetryPolicy says, then the task halts with the last error. A stop of the task ends the wait at once. While it
+    waits, `get` shows the operation, since when and how many tries."""
+
+    def __init__(self, retry: RetryPolicy, stop: threading.Event, waits: Waits, role: str, task_id: str):
+        self.retry, self.stop, self.waits, self.role, self.task_id = retry, stop, waits, role, task_id
 
     def run(self, operation: str, attempt: Callable[[], Any], transient: Callable[[BaseException], bool],
             pause: Callable[[float], None] | None = None) -> Any:
@@ -760,11 +801,8 @@ class Patience:
             if self.stop.is_set():
                 raise TaskStopping()
 
-        retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception(transient), before=first,
-            stop=tenacity.stop_after_delay(self.settings.retry_timeout),
-            wait=tenacity.wait_exponential(multiplier=0.5, min=0.2, max=self.settings.retry_max_backoff),
-            sleep=sleep, before_sleep=note, reraise=True)
+        retrying = self.retry.retrying(retry=tenacity.retry_if_exception(transient), before=first, sleep=sleep,
+                                       before_sleep=note, reraise=True)
         try:
             return retrying(attempt)
         except TaskStopping:
@@ -1957,9 +1995,9 @@ class CatalogFeed:
 
     KEEP = 600  # polls kept (a few minutes of them): a task further behind reads its own way back
 
-    def __init__(self, settings: SourceSettings, backoff_max: float,
+    def __init__(self, settings: SourceSettings, retry: RetryPolicy,
                  open_meta: Callable[[SourceSettings], SourceMeta] = SourceMeta):
-        self.settings, self.backoff_max, self.open_meta = settings, backoff_max, open_meta
+        self.settings, self.retry, self.open_meta = settings, retry, open_meta
         self.changed = threading.Condition()
         self.polls: collections.deque[CatalogPoll] = collections.deque(maxlen=self.KEEP)
         self.asked = 0.0            # polls must go on while a task asks for one started after this
@@ -1999,8 +2037,6 @@ class CatalogFeed:
             thread.join(10)
 
     def _run(self) -> None:
-        import tenacity
-        backoff = tenacity.wait_exponential(multiplier=0.5, min=0.2, max=self.backoff_max)
         meta = self.open_meta(self.settings)
         last: CatalogPoll | None = None
         failures = 0
@@ -2018,10 +2054,8 @@ class CatalogFeed:
                     with self.changed:
                         self.error, self.started = describe_error(exc), -1.0
                     log.warning("catalog: reading the source etcd failed (try %d): %s", failures, self.error)
-                    state = tenacity.RetryCallState(tenacity.Retrying(), None, (), {})
-                    state.attempt_number = failures
                     with self.changed:
-                        self.changed.wait_for(lambda: self.closing, backoff(state))
+                        self.changed.wait_for(lambda: self.closing, self.retry.delay(failures))
                     continue
                 failures = 0
                 with self.changed:
@@ -3729,9 +3763,9 @@ class TargetClock:
     writing to it see the same fault in their own calls.
     """
 
-    def __init__(self, settings: ReplicationSettings, address: str,
+    def __init__(self, retry: RetryPolicy, address: str,
                  make_writer: Callable[[ConnectParam, Patience, tuple[Lease, str] | None], Any] | None = None):
-        self.settings, self.address = settings, address
+        self.retry, self.address = retry, address
         self.make_writer = make_writer or (lambda param, patience, fence: TargetWriter(param, patience, fence=fence))
         self.changed = threading.Condition()
         self.watermarks: dict[str, int] = {}
@@ -3783,7 +3817,7 @@ class TargetClock:
     def _run(self) -> None:
         sent: dict[str, int] = {}
         seen, writer, made_for = 0, None, None
-        patience = Patience(self.settings, self.stopping, self.waits, "ticker", f"ticker:{self.address}")
+        patience = Patience(self.retry, self.stopping, self.waits, "ticker", f"ticker:{self.address}")
         failing_since, failures = 0.0, 0  # since when, and how many rounds of ticks failed since the last went out
         while not self.stopping.is_set():
             with self.changed:
@@ -3820,7 +3854,7 @@ class TargetClock:
                 log.warning("ticks to %s: %s; trying again", self.address, describe_error(exc))
                 with self.changed:
                     self.posted += 1  # not sent: try again
-                self.stopping.wait(min(self.settings.retry_max_backoff, 0.5 * 2 ** min(failures, 6)))
+                self.stopping.wait(self.retry.delay(failures))
             else:
                 if failures:
                     log.info("ticks to %s go out again", self.address)
@@ -3902,10 +3936,12 @@ class Replicator:
 
     def __init__(self, task: TaskInfo, config: ServerConfig, store: MetaStore, clock: TargetClock,
                  on_failure: Callable[["Replicator", str], None], metrics: TaskMetrics,
-                 fence: tuple[Lease, str] | None = None, catalog_feed: CatalogFeed | None = None):
+                 fence: tuple[Lease, str] | None = None, catalog_feed: CatalogFeed | None = None, *,
+                 retry: RetryPolicy):
         self.task, self.config, self.store, self.clock, self.metrics = task, config, store, clock, metrics
+        self.retry = retry
         # the server's (shared by its tasks), or one of the task's own
-        self.catalog_feed = catalog_feed or CatalogFeed(config.source, config.replication.retry_max_backoff)
+        self.catalog_feed = catalog_feed or CatalogFeed(config.source, retry)
         self.fence = fence  # in a cluster: the lease this server holds the task's target with
         self.on_failure = on_failure
         self.stop_event = threading.Event()
@@ -3971,7 +4007,7 @@ class Replicator:
         return sorted(self.waits.snapshot() + self.clock.waits.snapshot(), key=lambda w: w.since)
 
     def patience(self, role: str) -> Patience:
-        return Patience(self.config.replication, self.stop_event, self.waits, role, self.task.task_id)
+        return Patience(self.retry, self.stop_event, self.waits, role, self.task.task_id)
 
     def publish(self, channels: dict[str, int], waiting_for: list[str]) -> None:
         with self.status_lock:
@@ -4110,7 +4146,7 @@ class Replicator:
             error, rounds = self.catalog_feed.error, rounds + 1
             if error:
                 self.waits.set("catalog", Wait("reading the source etcd", since, rounds, error))
-                if time.time() - since > self.config.replication.retry_timeout:
+                if self.retry.expired(since):
                     raise TaskHalt(f"reading the source etcd: {error} (retried for {time.time() - since:.0f}s)")
         self.waits.clear("catalog")
         return latest
@@ -4814,16 +4850,15 @@ class Applier:
                 tries += 1
                 self.r.waits.set("checkpoint", Wait(operation, started, tries, str(exc)))
                 log.warning("task=%s %s: %s", self.tid, operation, exc)
-                if self.stop.wait(min(self.r.config.replication.retry_max_backoff, 0.2 * 2 ** min(tries, 10))):
+                if self.stop.wait(self.r.retry.delay(tries)):
                     raise TaskStopping() from None
                 continue
             self.r.waits.clear("checkpoint")
             return result
 
     def _store_down(self, error: MetaStoreUnavailable) -> None:
-        settings = self.r.config.replication
         self.store_failures.append(time.time())
-        backoff = min(settings.retry_max_backoff, 0.2 * 2 ** min(len(self.store_failures), 10))
+        backoff = self.r.retry.delay(len(self.store_failures))
         self.store_retry_at = time.monotonic() + backoff
         self.r.waits.set("checkpoint", Wait("saving the checkpoint to the meta store", self.store_failures[0],
                                             len(self.store_failures), str(error)))
@@ -5363,7 +5398,8 @@ class TaskManager:
         self.busy: set[str] = set()
         self.lags: dict[str, list[dict]] = {}  # the last lag of a task that stopped
         self.creates = threading.BoundedSemaphore(self.CREATE_SLOTS)
-        self.catalog_feed = CatalogFeed(config.source, config.replication.retry_max_backoff)
+        self.retry = RetryPolicy.of(config.replication)  # every retry of the server, its tasks' too
+        self.catalog_feed = CatalogFeed(config.source, self.retry)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -5433,12 +5469,11 @@ class TaskManager:
                 raise ApiError(503, f"the threads of task {task.task_id} are still stopping; try again")
             clock = self.clocks.get(task.connect.address)
             if clock is None:
-                clock = self.clocks[task.connect.address] = TargetClock(self.config.replication,
-                                                                        task.connect.address)
+                clock = self.clocks[task.connect.address] = TargetClock(self.retry, task.connect.address)
                 if fence is not None:
                     clock.fence = fence[0]  # from its first tick, not from the cluster agent's next sync
             replicator = Replicator(task, self.config, self.store, clock, self._on_failure,
-                                    self.metrics.task(task.task_id), fence, self.catalog_feed)
+                                    self.metrics.task(task.task_id), fence, self.catalog_feed, retry=self.retry)
             self.replicators[task.task_id] = replicator
             task.state, task.reason = TaskState.RUNNING, ""
         replicator.start()
@@ -5462,7 +5497,7 @@ class TaskManager:
         """A task stopped itself: store it as paused with the reason (waiting for the store if need be), then
         show it so."""
         task_id = replicator.task.task_id
-        delay = 0.5
+        tries = 0
         while True:
             with self.lock:
                 task = self.tasks.get(task_id)
@@ -5490,8 +5525,8 @@ class TaskManager:
                 finally:
                     with self.lock:
                         self.busy.discard(task_id)
-            time.sleep(delay)
-            delay = min(delay * 2, self.config.replication.retry_max_backoff)
+            tries += 1
+            time.sleep(self.retry.delay(tries))
 
     # -- requests -----------------------------------------------------------------------------------------
 
@@ -5668,7 +5703,7 @@ class TaskManager:
             clocks = list(self.clocks.values())
         for clock in clocks:
             for wait in clock.waits.snapshot():
-                if time.time() - wait.since > self.config.replication.retry_timeout:
+                if self.retry.expired(wait.since):
                     return f"{wait.operation} fails since {wait.public()['since']}: {wait.last_error}"
         return None
 
@@ -5874,7 +5909,7 @@ class ClusterTaskManager(TaskManager):
 
     def _on_failure(self, replicator: Replicator, reason: str) -> None:
         """A task stopped itself: store it as paused, as long as this server still holds its target."""
-        delay = 0.5
+        tries = 0
         ran = replicator.task
 
         def still_running(state: TaskState, data: dict) -> ApiError | None:
@@ -5890,8 +5925,8 @@ class ClusterTaskManager(TaskManager):
                 return
             except MetaStoreUnavailable as exc:
                 log.warning("task=%s cannot store its pause yet: %s", replicator.task.task_id, exc)
-            time.sleep(delay)
-            delay = min(delay * 2, self.config.replication.retry_max_backoff)
+            tries += 1
+            time.sleep(self.retry.delay(tries))
 
     def _change_stored(self, task_id: str, state: TaskState, reason: str,
                        refused: Callable[[TaskState, dict], ApiError | None]) -> None:

@@ -1,7 +1,11 @@
 """Unit tests of the task's small value types and bookkeeping (fakes stand in for the servers here)."""
 from __future__ import annotations
 
+import threading
 import time
+from types import SimpleNamespace
+
+import pytest
 
 import milvus_cdc as m
 
@@ -29,7 +33,7 @@ class RecordingWriter:
 def test_target_ticks_follow_the_slowest_task_and_never_go_back():
     import time
     writer = RecordingWriter()
-    clock = m.TargetClock(m.ReplicationSettings(), "t:1", make_writer=lambda param, patience, fence: writer)
+    clock = m.TargetClock(m.RetryPolicy(), "t:1", make_writer=lambda param, patience, fence: writer)
     param = m.ConnectParam("http://t:1")
 
     def settled(expected):
@@ -294,8 +298,7 @@ def test_the_ticker_survives_any_failure_and_shows_it_until_ticks_go_out_again()
             broken["left"] -= 1
             raise m.TlsFileError("ca_pem_path")
         return writer
-    settings = m.ReplicationSettings(retry_max_backoff=0.2)
-    clock = m.TargetClock(settings, "t:1", make_writer=make_writer)
+    clock = m.TargetClock(m.RetryPolicy(max_backoff=0.2), "t:1", make_writer=make_writer)
     try:
         clock.join("t1", 100, m.ConnectParam("http://t:1"))
         clock.add_channels(["a"])
@@ -319,7 +322,7 @@ def test_readyz_names_a_target_without_ticks_for_longer_than_retry_timeout(tmp_p
     config, _ = m.load_config(str(Path(__file__).resolve().parent.parent / "config.yaml"))
     config = dataclasses.replace(config, replication=m.ReplicationSettings(retry_timeout=5))
     manager = m.TaskManager(config, m.SqliteMetaStore(str(tmp_path / "meta.db"), "cdc"))
-    clock = manager.clocks["t:1"] = m.TargetClock(config.replication, "t:1")
+    clock = manager.clocks["t:1"] = m.TargetClock(manager.retry, "t:1")
     assert manager.readiness() is None
     clock.waits.set("ticker", m.Wait("sending time ticks to t:1", time.time() - 1, 3, "TlsFileError: ca"))
     assert manager.readiness() is None, "a fault shorter than retryTimeout is being waited out"
@@ -361,7 +364,7 @@ def test_every_try_of_a_tick_checks_the_lease():
         writer = m.TargetWriter(param, patience, fence=fence)
         writer.stub = RateLimitedStub()
         return writer
-    clock = m.TargetClock(m.ReplicationSettings(retry_max_backoff=0.2), "127.0.0.1:9", make_writer=make_writer)
+    clock = m.TargetClock(m.RetryPolicy(max_backoff=0.2), "127.0.0.1:9", make_writer=make_writer)
     clock.fence = lease
     try:
         clock.join("t1", 100, m.ConnectParam("http://127.0.0.1:9"))
@@ -398,8 +401,8 @@ def answering_mirror(answers, retry_timeout):
     """A mirror whose writer is the real TargetWriter (its classification and its patience), over AnsweringStub."""
     import threading
     waits, metrics = m.Waits(), m.Metrics()
-    patience = m.Patience(m.ReplicationSettings(retry_timeout=retry_timeout, retry_max_backoff=0.2),
-                          threading.Event(), waits, "applier", "t1")
+    patience = m.Patience(m.RetryPolicy(timeout=retry_timeout, max_backoff=0.2), threading.Event(), waits, "applier",
+                          "t1")
     writer = m.TargetWriter(m.ConnectParam("http://127.0.0.1:9"), patience, metrics.task("t1"))
     writer.stub = AnsweringStub(answers, waits)
     return m.TargetMirror(writer, "t1"), writer.stub, metrics
@@ -565,7 +568,7 @@ def test_the_tasks_of_a_server_share_the_polls_of_the_source_catalog():
     source's etcd busy with nothing else. A poll now serves every task that asked before it started."""
     import threading
     catalog = FakeCatalog()
-    feed = m.CatalogFeed(None, 1.0, open_meta=lambda settings: catalog)
+    feed = m.CatalogFeed(None, m.RetryPolicy(max_backoff=1.0), open_meta=lambda settings: catalog)
     try:
         first = feed.poll_after(time.monotonic(), 5)
         polls, barrier = [], threading.Barrier(20)
@@ -595,7 +598,7 @@ def test_the_tasks_of_a_server_share_the_polls_of_the_source_catalog():
 
 
 def test_a_task_the_catalog_feed_lost_track_of_reads_its_own_way():
-    feed = m.CatalogFeed(None, 1.0, open_meta=lambda settings: FakeCatalog(slow=0.0))
+    feed = m.CatalogFeed(None, m.RetryPolicy(max_backoff=1.0), open_meta=lambda settings: FakeCatalog(slow=0.0))
     try:
         latest = feed.poll_after(time.monotonic(), 5)
         latest = feed.poll_after(time.monotonic(), 5)
@@ -638,3 +641,162 @@ def test_a_database_drop_takes_the_copies_whose_source_the_source_forgot_while_t
     live = SimpleNamespace(db_name="d1", name="c0", dropped=False)
     copies.meta = SimpleNamespace(collections=lambda: [live])
     assert not copies.drop_leftover(target, 100) and dropped == ["c0"], "a live source collection of the name stays"
+
+
+def test_the_retry_policy_waits_grow_and_never_exceed_retry_max_backoff():
+    for most in (0.01, 0.3, 1.0, 10.0, 1000.0):
+        policy = m.RetryPolicy(timeout=600, max_backoff=most)
+        delays = [policy.delay(tries) for tries in range(1, 80)]  # 80: far past where 2 ** n overflows a float wait
+        assert all(0 < delay <= most for delay in delays), f"a wait longer than retryMaxBackoff {most}"
+        assert delays == sorted(delays) and delays[-1] == most, "the waits grow up to retryMaxBackoff"
+        growing = [delay for delay in delays if delay < most]
+        assert all(b == 2 * a for a, b in zip(growing, growing[1:])), "each wait doubles the one before"
+    assert m.RetryPolicy(max_backoff=10).delay(1) == m.RetryPolicy.FIRST
+    assert m.RetryPolicy.of(m.ReplicationSettings(retry_timeout=7, retry_max_backoff=3)) == m.RetryPolicy(7, 3)
+
+
+class RecordingEvent(threading.Event):
+    """A stop event that notes every wait taken on it with a timeout."""
+
+    def __init__(self):
+        super().__init__()
+        self.waits = []
+
+    def wait(self, timeout=None):
+        if timeout is not None:
+            self.waits.append(timeout)
+        return super().wait(timeout)
+
+
+class RecordingCondition(threading.Condition):
+    """The catalog feed's condition, noting the waits its poll thread takes with a timeout."""
+
+    def __init__(self):
+        super().__init__()
+        self.waits = []
+
+    def wait_for(self, predicate, timeout=None):
+        if timeout is not None and threading.current_thread().name == "cdc-catalog-feed":
+            self.waits.append(timeout)
+        return super().wait_for(predicate, timeout)
+
+
+class FlakyCatalog(FakeCatalog):
+    def __init__(self, fails):
+        super().__init__(slow=0.0)
+        self.fails = fails
+
+    def revision(self):
+        if self.fails:
+            self.fails -= 1
+            raise m.TransientError("etcd is away")
+        return super().revision()
+
+
+def failing(times, error, then=None):
+    """A call that raises ``error`` ``times`` times, then returns ``then``."""
+    left = [times]
+
+    def call(*_, **__):
+        if left[0]:
+            left[0] -= 1
+            raise error
+        return then
+    return call
+
+
+FAILURES = 3
+
+
+def patience_waits(server, replicator, _):
+    replicator.stop_event = RecordingEvent()
+    replicator.patience("applier").run("writing", failing(FAILURES, m.TransientError("busy")),
+                                       lambda exc: isinstance(exc, m.TransientError))
+    return replicator.stop_event.waits
+
+
+def catalog_feed_waits(server, replicator, _):
+    feed = replicator.catalog_feed
+    feed.changed, feed.open_meta = RecordingCondition(), lambda settings: FlakyCatalog(FAILURES)
+    assert feed.poll_after(time.monotonic(), 10) is not None
+    return feed.changed.waits
+
+
+def ticker_waits(server, replicator, _):
+    clock, writer = replicator.clock, RecordingWriter()
+    clock.stopping = RecordingEvent()
+    clock.make_writer = failing(FAILURES, m.TlsFileError("ca_pem_path"), writer)
+    clock.join("t1", 100, replicator.task.connect)
+    clock.add_channels(["a"])
+    deadline = time.monotonic() + 10
+    while not writer.sent and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return clock.stopping.waits
+
+
+def meta_store_waits_at_start(server, replicator, _):
+    replicator.stop_event = RecordingEvent()
+    applier = m.Applier(replicator, None, None)
+    applier._with_store("loading the checkpoints", failing(FAILURES, m.MetaStoreUnavailable("away")))
+    return replicator.stop_event.waits
+
+
+def meta_store_waits_at_checkpoints(server, replicator, _):
+    applier, waits = m.Applier(replicator, None, None), []
+    for _ in range(FAILURES):
+        applier._store_down(m.MetaStoreUnavailable("away"))
+        waits.append(applier.store_retry_at - time.monotonic())  # scheduled, not slept: at most the delay
+    return waits
+
+
+def pause_store_waits(server, replicator, slept):
+    server._store = failing(FAILURES, m.MetaStoreUnavailable("away"),
+                            SimpleNamespace(state=m.TaskState.PAUSED, reason="refused"))
+    server._on_failure(replicator, "refused")
+    return slept
+
+
+def cluster_pause_store_waits(server, replicator, slept):
+    cluster = m.ClusterTaskManager(server.config, server.store, m.Metrics(), "s1", 10.0)
+    assert cluster.retry == server.retry
+    cluster.store = SimpleNamespace(update_task=failing(FAILURES, m.MetaStoreUnavailable("away")))
+    cluster._on_failure(SimpleNamespace(task=SimpleNamespace(task_id="t1", created_at=1.0), fence=None), "refused")
+    return slept
+
+
+RETRYING_PARTS = [patience_waits, catalog_feed_waits, ticker_waits, meta_store_waits_at_start,
+                  meta_store_waits_at_checkpoints, pause_store_waits, cluster_pause_store_waits]
+
+
+@pytest.mark.parametrize("part", RETRYING_PARTS, ids=lambda part: part.__name__)
+@pytest.mark.parametrize("most", [0.01, 0.03])
+def test_retry_max_backoff_bounds_the_waits_of_every_retrying_part(tmp_path, monkeypatch, part, most):
+    """Issue 18: retries were written six times; changing retryMaxBackoff must change every one of them. Each
+    part is made by a server whose retryMaxBackoff is below the first wait of any backoff (0.5 s), and fails a
+    few times: every wait it then takes is retryMaxBackoff, not a wait of its own."""
+    import dataclasses
+    from pathlib import Path
+    config, _ = m.load_config(str(Path(__file__).resolve().parent.parent / "config.yaml"))
+    config = dataclasses.replace(config, replication=m.ReplicationSettings(retry_max_backoff=most))
+    server = m.TaskManager(config, m.SqliteMetaStore(str(tmp_path / "meta.db"), "cdc"))
+    monkeypatch.setattr(m.Replicator, "start", lambda self: None)  # its parts are driven by hand below
+    slept, sleep, here = [], time.sleep, threading.current_thread()
+
+    def noted_sleep(seconds):
+        if threading.current_thread() is here:
+            slept.append(seconds)
+        sleep(seconds)
+    monkeypatch.setattr(m.time, "sleep", noted_sleep)
+    task = server.tasks["t1"] = m.TaskInfo("t1", m.ConnectParam("http://127.0.0.1:9"), [{"name": "*"}])
+    try:
+        replicator = server._run(task)
+        assert server.retry == m.RetryPolicy(timeout=config.replication.retry_timeout, max_backoff=most)
+        for holder in (replicator, replicator.clock, replicator.catalog_feed, replicator.patience("reader")):
+            assert holder.retry is server.retry, f"{type(holder).__name__} has a retry policy of its own"
+        waits = part(server, replicator, slept)
+    finally:
+        monkeypatch.setattr(m.time, "sleep", sleep)
+        server.shutdown()
+        server.store.close()
+    assert len(waits) >= FAILURES, f"{part.__name__}: {waits}"
+    assert all(most * 0.5 < wait <= most for wait in waits), f"{part.__name__} ignores retryMaxBackoff: {waits}"
