@@ -143,9 +143,22 @@ class EtcdSettings:
         return None
 
 
+class StoreType(enum.StrEnum):
+    """metaStoreConfig.storeType, spelled as in the file. A StrEnum, so messages and the log show the word."""
+    SQLITE = "sqlite"
+    MYSQL = "mysql"
+    ETCD = "etcd"
+
+
+class MqType(enum.StrEnum):
+    """The source Milvus's message queue, chosen by which of sourceConfig.kafka and sourceConfig.pulsar is set."""
+    KAFKA = "kafka"
+    PULSAR = "pulsar"
+
+
 @dataclass(frozen=True)
 class MetaStoreSettings:
-    store_type: str
+    store_type: StoreType
     root_path: str
     sqlite_path: str = ""
     mysql: dict = field(default_factory=dict)
@@ -160,7 +173,7 @@ class SourceSettings:
     default_partition_name: str
     read_chan_len: int
     replicate_chan: str
-    mq_type: str
+    mq_type: MqType
     kafka: dict = field(default_factory=dict)
     pulsar: dict = field(default_factory=dict)
 
@@ -552,13 +565,15 @@ def load_config(path: str) -> tuple[ServerConfig, list[tuple[int, str]]]:
                                           "from the target; run a second CDC with the roles swapped for that"))
 
     meta = root.section("metaStoreConfig")
-    store_type = meta.value("storeType", str, "sqlite", lambda v: v in ("sqlite", "mysql", "etcd"),
-                            "one of sqlite, mysql, etcd")
+    # Matched exactly, as the Go CDC does (a switch on "mysql" and "etcd"): its configs spell them so.
+    store_type = StoreType(meta.value("storeType", str, StoreType.SQLITE.value,
+                                      lambda v: v in {t.value for t in StoreType},
+                                      f"one of {', '.join(StoreType)}"))
     root_path = meta.value("rootPath", str, "cdc", lambda v: bool(v.strip("/")), "a non-empty path like cdc")
     sqlite_path = meta.value("sqlitePath", str, "cdc_meta.db")
     mysql: dict = {}
     mysql_url = meta.value("mysqlSourceUrl", str, "")
-    if store_type == "mysql":
+    if store_type == StoreType.MYSQL:
         if not mysql_url:
             raise ConfigError("config: metaStoreConfig.mysqlSourceUrl is required when storeType is mysql "
                               "(like root:root@tcp(127.0.0.1:3306)/milvus-cdc?charset=utf8)")
@@ -569,7 +584,7 @@ def load_config(path: str) -> tuple[ServerConfig, list[tuple[int, str]]]:
                               "user:password@tcp(host:port)/database?charset=utf8") from None
     meta_etcd = None
     etcd_reader = meta.section("etcd")
-    if store_type == "etcd":
+    if store_type == StoreType.ETCD:
         endpoints = _endpoints(meta, "etcdEndpoints", None)  # the Go CDC v1.0.0's spelling of etcd.address
         meta_etcd = _read_etcd(etcd_reader, ["http://127.0.0.1:2379"],
                                (meta.key("etcdEndpoints"), endpoints) if endpoints else None)
@@ -627,7 +642,7 @@ def load_config(path: str) -> tuple[ServerConfig, list[tuple[int, str]]]:
         default_partition_name=src.value("defaultPartitionName", str, "_default"),
         read_chan_len=read_chan_len,
         replicate_chan=src.value("replicateChan", str, "by-dev-replicate-msg", lambda v: bool(v), "a channel name"),
-        mq_type="kafka" if kafka else "pulsar", kafka=kafka, pulsar=pulsar)
+        mq_type=MqType.KAFKA if kafka else MqType.PULSAR, kafka=kafka, pulsar=pulsar)
 
     rep = root.section("replication")
     replication = ReplicationSettings(
@@ -640,7 +655,7 @@ def load_config(path: str) -> tuple[ServerConfig, list[tuple[int, str]]]:
     cluster_reader = root.section("cluster")
     cluster = None
     if cluster_reader.value("enabled", bool, False):
-        if store_type == "sqlite":
+        if store_type == StoreType.SQLITE:
             raise ConfigError("config: cluster.enabled needs metaStoreConfig.storeType etcd or mysql (the servers "
                               "share its tasks); sqlite is for one server")
         server_id = cluster_reader.value("serverId", str, "") or \
@@ -1563,9 +1578,9 @@ class EtcdMetaStore(MetaStore):
 
 
 def open_meta_store(settings: MetaStoreSettings) -> MetaStore:
-    if settings.store_type == "sqlite":
+    if settings.store_type == StoreType.SQLITE:
         return SqliteMetaStore(settings.sqlite_path, settings.root_path)
-    if settings.store_type == "mysql":
+    if settings.store_type == StoreType.MYSQL:
         return MySQLMetaStore(settings.mysql, settings.root_path)
     assert settings.etcd is not None  # read_config sets it when storeType is etcd
     return EtcdMetaStore(settings.etcd, settings.root_path)
@@ -2334,7 +2349,7 @@ class PulsarChannelReader(ChannelReader):
 
 
 def open_channel_reader(settings: SourceSettings) -> ChannelReader:
-    if settings.mq_type == "kafka":
+    if settings.mq_type == MqType.KAFKA:
         return KafkaChannelReader(settings.kafka)
     return PulsarChannelReader(settings.pulsar)
 

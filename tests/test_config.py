@@ -139,18 +139,18 @@ def base() -> dict:
 def test_the_repository_config_loads_without_warnings():
     config, messages = m.load_config(str(ROOT / "config.yaml"))
     assert messages == []
-    assert (config.host, config.port, config.meta_store.store_type) == ("0.0.0.0", 8444, "sqlite")
-    assert config.source.mq_type == "kafka" and config.source.read_chan_len == 4
+    assert (config.host, config.port, config.meta_store.store_type) == ("0.0.0.0", 8444, m.StoreType.SQLITE)
+    assert config.source.mq_type is m.MqType.KAFKA and config.source.read_chan_len == 4
 
 
 def test_every_key_of_the_usage_document_loads_and_the_web_address_is_a_note(tmp_path):
     config, messages = m.load_config(write(tmp_path, SEED_TEMPLATE))
     assert messages == [(logging.INFO, "config: sourceConfig.pulsar.webAddress not needed here: this CDC reads "
                                        "through the broker's pulsar:// address")]
-    assert config.meta_store.store_type == "mysql"
+    assert config.meta_store.store_type is m.StoreType.MYSQL
     assert config.meta_store.mysql == {"host": "127.0.0.1", "port": 3306, "user": "root", "password": "root",
                                        "database": "milvus-cdc", "charset": "utf8"}
-    assert config.source.mq_type == "pulsar" and config.source.pulsar["authParams"] == "token:xxx"
+    assert config.source.mq_type is m.MqType.PULSAR and config.source.pulsar["authParams"] == "token:xxx"
     assert (config.source.root_path, config.source.meta_sub_path) == ("by-dev", "meta")
     assert config.source.etcd.username == "root" and config.source.etcd.password == "root123456"
     assert config.source.replicate_chan == "by-dev-replicate-msg"
@@ -327,7 +327,7 @@ def test_the_usage_documents_template_as_written_loads(tmp_path):
     config, messages = m.load_config(write(tmp_path, usage_document_template()))
     assert warnings_of(messages) == []
     assert [text for text in infos_of(messages) if "webAddress" in text]
-    assert config.meta_store.store_type == "mysql" and config.source.mq_type == "pulsar"
+    assert config.meta_store.store_type is m.StoreType.MYSQL and config.source.mq_type is m.MqType.PULSAR
     assert config.source.etcd.endpoints == ("http://127.0.0.1:2379",)
 
 
@@ -335,7 +335,7 @@ def test_the_usage_documents_template_as_written_loads(tmp_path):
 def test_the_go_cdc_templates_load(tmp_path, template):
     config, messages = m.load_config(write(tmp_path, template()))
     assert warnings_of(messages) == []
-    assert config.meta_store.store_type == "etcd" and config.source.mq_type == "pulsar"
+    assert config.meta_store.store_type is m.StoreType.ETCD and config.source.mq_type is m.MqType.PULSAR
     assert (config.source.root_path, config.source.meta_sub_path) == ("by-dev", "meta")
     assert config.source.pulsar["address"] == "pulsar://localhost:6650"
     notes = infos_of(messages)

@@ -16,12 +16,12 @@ import milvus_cdc as m
 
 def settings_for(kind: str, stack: dict, tmp_path, root_path: str, database: str | None = None):
     if kind == "sqlite":
-        return m.MetaStoreSettings("sqlite", root_path, sqlite_path=str(tmp_path / "meta.db"))
+        return m.MetaStoreSettings(m.StoreType.SQLITE, root_path, sqlite_path=str(tmp_path / "meta.db"))
     if kind == "mysql":
         my = stack["mysql"]
         dsn = f"{my['user']}:{my['password']}@tcp({my['host']}:{my['port']})/{database or my['database']}?charset=utf8"
-        return m.MetaStoreSettings("mysql", root_path, mysql=m.parse_mysql_dsn(dsn))
-    return m.MetaStoreSettings("etcd", root_path, etcd=m.EtcdSettings(endpoints=(f"http://{stack['etcd']}",)))
+        return m.MetaStoreSettings(m.StoreType.MYSQL, root_path, mysql=m.parse_mysql_dsn(dsn))
+    return m.MetaStoreSettings(m.StoreType.ETCD, root_path, etcd=m.EtcdSettings(endpoints=(f"http://{stack['etcd']}",)))
 
 
 @pytest.fixture(params=["sqlite", "mysql", "etcd"])
