@@ -886,6 +886,16 @@ class TaskMetrics:
 # Meta store ###################################################################
 ###############################################################################
 
+class StartKind(enum.StrEnum):
+    """Where a reader starts on a channel (StartAt): AFTER or AT a message id, or at the LATEST or EARLIEST end of
+    the channel; a checkpoint resumes only AFTER or AT. A StrEnum, so the stored checkpoints and the API keep the
+    words they had."""
+    AFTER = "after"
+    AT = "at"
+    LATEST = "latest"
+    EARLIEST = "earliest"
+
+
 @dataclass(frozen=True, order=True)
 class Checkpoint:
     """How far one source channel is replicated: the reader resumes after (or at) ``msg_id``, and every message
@@ -893,14 +903,14 @@ class Checkpoint:
     channel: str
     msg_id: bytes
     timestamp: int
-    resume: str = "after"  # "at" until the first message of a freshly started channel is confirmed
+    resume: StartKind = StartKind.AFTER  # AT until the first message of a freshly started channel is confirmed
     # The messages after the resume position that are on the target already: the replicate channel is not in
     # timestamp order (an operation is written when it finished), so only their positions tell them apart.
     applied: tuple[bytes, ...] = ()
 
     def to_json(self) -> dict:
         shown = {"channel": self.channel, "msg_id": base64.b64encode(self.msg_id).decode(),
-                 "timestamp": self.timestamp, "resume": self.resume}
+                 "timestamp": self.timestamp, "resume": self.resume.value}
         if self.applied:
             shown["applied"] = [base64.b64encode(p).decode() for p in self.applied]
         return shown
@@ -908,7 +918,8 @@ class Checkpoint:
     @classmethod
     def from_json(cls, data: dict) -> "Checkpoint":
         return cls(data["channel"], base64.b64decode(data["msg_id"]), int(data["timestamp"]),
-                   data.get("resume", "after"), tuple(base64.b64decode(p) for p in data.get("applied", ())))
+                   StartKind(data.get("resume", StartKind.AFTER.value)),
+                   tuple(base64.b64decode(p) for p in data.get("applied", ())))
 
 
 class MetaStoreUnavailable(Exception):
@@ -2092,13 +2103,13 @@ class ReadBatch:
 
 @dataclass(frozen=True)
 class StartAt:
-    """Where a reader starts on a channel: ``after`` or ``at`` a message id, or at the ``latest`` / ``earliest``
-    end of the channel."""
-    kind: str
+    """Where a reader starts on a channel: AFTER or AT a message id, or at the LATEST / EARLIEST end of the
+    channel (then with no id)."""
+    kind: StartKind
     msg_id: bytes = b""
 
 
-LATEST, EARLIEST = StartAt("latest"), StartAt("earliest")
+LATEST, EARLIEST = StartAt(StartKind.LATEST), StartAt(StartKind.EARLIEST)
 
 
 def decode_source_message(channel: str, msg_id: bytes, payload: bytes) -> SourceMessage:
@@ -2179,16 +2190,16 @@ class KafkaChannelReader(ChannelReader):
 
     def resolve(self, channel, start):
         from kafka import TopicPartition
-        if start.kind in ("after", "at"):
+        if start.kind in (StartKind.AFTER, StartKind.AT):
             return start
         partition = TopicPartition(channel, 0)
         if self.consumer.partitions_for_topic(channel) is None:
             offset = 0  # the topic does not exist yet: its first record will be offset 0
-        elif start.kind == "latest":
+        elif start.kind == StartKind.LATEST:
             offset = self.consumer.end_offsets([partition])[partition]
         else:
             offset = self.consumer.beginning_offsets([partition])[partition]
-        return StartAt("at", struct.pack("<q", offset))
+        return StartAt(StartKind.AT, struct.pack("<q", offset))
 
     def earliest(self, msg_ids):
         return min(msg_ids, key=self.offset)
@@ -2199,7 +2210,7 @@ class KafkaChannelReader(ChannelReader):
         partition = TopicPartition(channel, 0)
         self.partitions[channel] = partition
         self.consumer.assign(list(self.partitions.values()))
-        self.consumer.seek(partition, self.offset(start.msg_id) + (start.kind == "after"))
+        self.consumer.seek(partition, self.offset(start.msg_id) + (start.kind == StartKind.AFTER))
         return start
 
     def remove(self, channel):
@@ -2275,12 +2286,12 @@ class PulsarChannelReader(ChannelReader):
 
     def add(self, channel, start):
         self.remove(channel)
-        if start.kind == "latest":
+        if start.kind == StartKind.LATEST:
             message_id, inclusive = self.pulsar.MessageId.latest, False
-        elif start.kind == "earliest":
+        elif start.kind == StartKind.EARLIEST:
             message_id, inclusive = self.pulsar.MessageId.earliest, True
         else:
-            message_id, inclusive = self.pulsar.MessageId.deserialize(start.msg_id), start.kind == "at"
+            message_id, inclusive = self.pulsar.MessageId.deserialize(start.msg_id), start.kind == StartKind.AT
         self.readers[channel] = self.client.create_reader(self.topic_prefix + channel, message_id,
                                                           start_message_id_inclusive=inclusive,
                                                           receiver_queue_size=self.receiver_queue)
@@ -3418,7 +3429,7 @@ class ChangeOrder:
         if source is None:
             return  # read before its input was removed (and maybe added again)
         if position:
-            source.last = StartAt("after", position)
+            source.last = StartAt(StartKind.AFTER, position)
         if ts <= source.skip_until or position in source.skip_positions:
             source.skip_positions.discard(position)
             return
@@ -3432,7 +3443,7 @@ class ChangeOrder:
         if source is None:
             return
         if position:
-            source.last = StartAt("after", position)
+            source.last = StartAt(StartKind.AFTER, position)
         source.promised = ts if source.promised is None else max(source.promised, ts)
 
     def watermark(self) -> int:
@@ -3479,7 +3490,7 @@ class ChangeOrder:
         source = self.inputs[name]
         for change in source.pending:
             if change.position:
-                return StartAt("at", change.position)
+                return StartAt(StartKind.AT, change.position)
         return source.last
 
     def applied_after_resume(self, name: str) -> tuple[bytes, ...]:
@@ -4584,9 +4595,9 @@ class Applier:
             newcomers = [c for c in live if channel in c.pchannels and (not fresh or c.id not in old
                                                                          or replayed.matches(c.db_name, c.name))]
             ids = [c.start_positions[channel] for c in newcomers if channel in c.start_positions]
-            if channel in pins and pins[channel].kind == "at":
+            if channel in pins and pins[channel].kind == StartKind.AT:
                 ids.append(pins[channel].msg_id)
-            starts[channel] = StartAt("at", reader.earliest(ids)) if ids else pins.get(channel, LATEST)
+            starts[channel] = StartAt(StartKind.AT, reader.earliest(ids)) if ids else pins.get(channel, LATEST)
         for collection in live:
             self.followed[collection.id] = collection
         return CatalogPoller(SourceMeta(self.settings, self.r.patience("catalog")), revision), starts
@@ -4604,7 +4615,7 @@ class Applier:
         for channel in sorted({p.channel for p in self.task.start_positions}):
             here = [p for p in self.task.start_positions if p.channel == channel]
             first = reader.earliest([p.msg_id for p in here])
-            found[channel] = StartAt("at", first)
+            found[channel] = StartAt(StartKind.AT, first)
             for collection in before:
                 if channel not in collection.pchannels:
                     continue
@@ -4629,7 +4640,7 @@ class Applier:
         else:
             self.r.reader_commands.put(("add", channel, start, generation))
         kind = InputKind.OPERATIONS if channel == self.replicate_chan else InputKind.DATA
-        self.order.add_input(channel, kind, start if start.kind in ("after", "at") else None,
+        self.order.add_input(channel, kind, start if start.kind in (StartKind.AFTER, StartKind.AT) else None,
                              skip_until=self.floors.get((channel, ""), 0), generation=generation,
                              durable=self.durable, skip_positions=applied)
         log.info("task=%s reading %s from %s", self.tid, channel,
@@ -4841,7 +4852,7 @@ class Applier:
         for pchannel in source.pchannels:
             if not self.order.has_input(pchannel):
                 start = source.start_positions.get(pchannel)
-                self._read(pchannel, StartAt("at", start) if start else LATEST)
+                self._read(pchannel, StartAt(StartKind.AT, start) if start else LATEST)
 
     def _unfollow(self, source: SourceCollection) -> None:
         """Stop reading the channels no followed collection needs any more."""

@@ -44,7 +44,7 @@ def opener(request, stack, tmp_path):
 
 
 def checkpoints(*pairs) -> list[m.Checkpoint]:
-    return [m.Checkpoint(channel, msg_id, ts, resume) for channel, msg_id, ts, resume in pairs]
+    return [m.Checkpoint(channel, msg_id, ts, m.StartKind(resume)) for channel, msg_id, ts, resume in pairs]
 
 
 def test_task_document_round_trip_and_overwrite(opener):
@@ -124,7 +124,7 @@ def test_data_survives_closing_and_reopening(opener):
     store.close()
     again = opener()
     assert again.load_tasks() == {"t1": {"task_id": "t1", "state": "Paused"}}
-    assert again.load_checkpoints("t1")["ch"].resume == "at"
+    assert again.load_checkpoints("t1")["ch"].resume is m.StartKind.AT
 
 
 def test_concurrent_checkpoint_writes_stay_whole(opener):
