@@ -12,7 +12,8 @@ The module reads top-down in the order data flows, one banner section each:
 - Configuration: the YAML file, checked, in this project's and the Go CDC's spellings
 - Faults: what is waited out and how (one RetryPolicy for every retry, Patience), and what a task shows meanwhile
 - Metrics: the Prometheus registry and each task's counters
-- Meta store: tasks, checkpoints and leases in sqlite, MySQL or etcd
+- Meta store: tasks and checkpoints (TaskStore) and leases (LeaseStore) in sqlite, MySQL or etcd, chosen from
+  one table (META_STORES)
 - Source metadata (etcd): the source's catalog, and the poller that follows it
 - MQ readers: Kafka and Pulsar channel readers
 - Message rewrite: source DML messages addressed to the target's collection, partition and shard
@@ -143,9 +144,22 @@ class EtcdSettings:
         return None
 
 
+class StoreType(enum.StrEnum):
+    """metaStoreConfig.storeType, spelled as in the file. A StrEnum, so messages and the log show the word."""
+    SQLITE = "sqlite"
+    MYSQL = "mysql"
+    ETCD = "etcd"
+
+
+class MqType(enum.StrEnum):
+    """The source Milvus's message queue, chosen by which of sourceConfig.kafka and sourceConfig.pulsar is set."""
+    KAFKA = "kafka"
+    PULSAR = "pulsar"
+
+
 @dataclass(frozen=True)
 class MetaStoreSettings:
-    store_type: str
+    store_type: StoreType
     root_path: str
     sqlite_path: str = ""
     mysql: dict = field(default_factory=dict)
@@ -160,7 +174,7 @@ class SourceSettings:
     default_partition_name: str
     read_chan_len: int
     replicate_chan: str
-    mq_type: str
+    mq_type: MqType
     kafka: dict = field(default_factory=dict)
     pulsar: dict = field(default_factory=dict)
 
@@ -552,13 +566,15 @@ def load_config(path: str) -> tuple[ServerConfig, list[tuple[int, str]]]:
                                           "from the target; run a second CDC with the roles swapped for that"))
 
     meta = root.section("metaStoreConfig")
-    store_type = meta.value("storeType", str, "sqlite", lambda v: v in ("sqlite", "mysql", "etcd"),
-                            "one of sqlite, mysql, etcd")
+    # Matched exactly, as the Go CDC does (a switch on "mysql" and "etcd"): its configs spell them so.
+    store_type = StoreType(meta.value("storeType", str, StoreType.SQLITE.value,
+                                      lambda v: v in {t.value for t in StoreType},
+                                      f"one of {', '.join(StoreType)}"))
     root_path = meta.value("rootPath", str, "cdc", lambda v: bool(v.strip("/")), "a non-empty path like cdc")
     sqlite_path = meta.value("sqlitePath", str, "cdc_meta.db")
     mysql: dict = {}
     mysql_url = meta.value("mysqlSourceUrl", str, "")
-    if store_type == "mysql":
+    if store_type == StoreType.MYSQL:
         if not mysql_url:
             raise ConfigError("config: metaStoreConfig.mysqlSourceUrl is required when storeType is mysql "
                               "(like root:root@tcp(127.0.0.1:3306)/milvus-cdc?charset=utf8)")
@@ -569,7 +585,7 @@ def load_config(path: str) -> tuple[ServerConfig, list[tuple[int, str]]]:
                               "user:password@tcp(host:port)/database?charset=utf8") from None
     meta_etcd = None
     etcd_reader = meta.section("etcd")
-    if store_type == "etcd":
+    if store_type == StoreType.ETCD:
         endpoints = _endpoints(meta, "etcdEndpoints", None)  # the Go CDC v1.0.0's spelling of etcd.address
         meta_etcd = _read_etcd(etcd_reader, ["http://127.0.0.1:2379"],
                                (meta.key("etcdEndpoints"), endpoints) if endpoints else None)
@@ -627,7 +643,7 @@ def load_config(path: str) -> tuple[ServerConfig, list[tuple[int, str]]]:
         default_partition_name=src.value("defaultPartitionName", str, "_default"),
         read_chan_len=read_chan_len,
         replicate_chan=src.value("replicateChan", str, "by-dev-replicate-msg", lambda v: bool(v), "a channel name"),
-        mq_type="kafka" if kafka else "pulsar", kafka=kafka, pulsar=pulsar)
+        mq_type=MqType.KAFKA if kafka else MqType.PULSAR, kafka=kafka, pulsar=pulsar)
 
     rep = root.section("replication")
     replication = ReplicationSettings(
@@ -640,9 +656,10 @@ def load_config(path: str) -> tuple[ServerConfig, list[tuple[int, str]]]:
     cluster_reader = root.section("cluster")
     cluster = None
     if cluster_reader.value("enabled", bool, False):
-        if store_type == "sqlite":
-            raise ConfigError("config: cluster.enabled needs metaStoreConfig.storeType etcd or mysql (the servers "
-                              "share its tasks); sqlite is for one server")
+        shared = [kind for kind, store in META_STORES.items() if issubclass(store, LeaseStore)]
+        if store_type not in shared:
+            raise ConfigError(f"config: cluster.enabled needs metaStoreConfig.storeType {' or '.join(shared)} (the "
+                              f"servers share its tasks); {store_type} is for one server")
         server_id = cluster_reader.value("serverId", str, "") or \
             f"{socket.gethostname() if host in ('0.0.0.0', '::', '') else host}:{port}"
         cluster = ClusterSettings(server_id, cluster_reader.value(
@@ -909,6 +926,16 @@ class TaskMetrics:
 # Meta store ###################################################################
 ###############################################################################
 
+class StartKind(enum.StrEnum):
+    """Where a reader starts on a channel (StartAt): AFTER or AT a message id, or at the LATEST or EARLIEST end of
+    the channel; a checkpoint resumes only AFTER or AT. A StrEnum, so the stored checkpoints and the API keep the
+    words they had."""
+    AFTER = "after"
+    AT = "at"
+    LATEST = "latest"
+    EARLIEST = "earliest"
+
+
 @dataclass(frozen=True, order=True)
 class Checkpoint:
     """How far one source channel is replicated: the reader resumes after (or at) ``msg_id``, and every message
@@ -916,14 +943,14 @@ class Checkpoint:
     channel: str
     msg_id: bytes
     timestamp: int
-    resume: str = "after"  # "at" until the first message of a freshly started channel is confirmed
+    resume: StartKind = StartKind.AFTER  # AT until the first message of a freshly started channel is confirmed
     # The messages after the resume position that are on the target already: the replicate channel is not in
     # timestamp order (an operation is written when it finished), so only their positions tell them apart.
     applied: tuple[bytes, ...] = ()
 
     def to_json(self) -> dict:
         shown = {"channel": self.channel, "msg_id": base64.b64encode(self.msg_id).decode(),
-                 "timestamp": self.timestamp, "resume": self.resume}
+                 "timestamp": self.timestamp, "resume": self.resume.value}
         if self.applied:
             shown["applied"] = [base64.b64encode(p).decode() for p in self.applied]
         return shown
@@ -931,7 +958,8 @@ class Checkpoint:
     @classmethod
     def from_json(cls, data: dict) -> "Checkpoint":
         return cls(data["channel"], base64.b64decode(data["msg_id"]), int(data["timestamp"]),
-                   data.get("resume", "after"), tuple(base64.b64decode(p) for p in data.get("applied", ())))
+                   StartKind(data.get("resume", StartKind.AFTER.value)),
+                   tuple(base64.b64decode(p) for p in data.get("applied", ())))
 
 
 class MetaStoreUnavailable(Exception):
@@ -985,13 +1013,124 @@ class _QueuedWrite:
     outcome: bool | BaseException | None = None  # written, fenced off, or why not; None while queued
 
 
-class MetaStore(ABC):
-    """Where tasks and their checkpoints live. Each call is one atomic write or read.
+class TaskStore(ABC):
+    """Where tasks and their checkpoints live: what the task manager and each task's applier ask of a store.
+
+    Every call is one atomic read or write of the tasks under this store's rootPath (several CDC servers, or
+    tenants, share one store through their rootPath; they never see each other's tasks). Every method may raise
+    MetaStoreUnavailable: the store did not answer, nothing was written, and the same call may be made again
+    later (the API answers 503 meanwhile). Other exceptions are faults, not waits. Task documents are JSON
+    objects; a task's checkpoints are read and written as one set, never channel by channel.
+    """
+
+    @abstractmethod
+    def ping(self) -> None:
+        """One cheap read; returns once the store answers (MetaStoreUnavailable when it does not)."""
+
+    @abstractmethod
+    def create_task(self, task_id: str, info: dict) -> bool:
+        """Store a new task; False, with nothing written, when the id is taken."""
+
+    @abstractmethod
+    def save_task(self, task_id: str, info: dict) -> None:
+        """Write the task's document over whatever is stored; update_task when others may write it too."""
+
+    @abstractmethod
+    def update_task(self, task_id: str, change: Callable[[dict], dict]) -> dict | None:
+        """Read the task, pass it to ``change`` and write what it returns only if nobody wrote the task
+        meanwhile (else read again and call ``change`` again): one server never undoes another's pause, resume
+        or delete. ``change`` may raise to refuse; its exception passes through, nothing written. Returns the
+        document written, or None when the task is gone. MetaStoreUnavailable also when others kept writing
+        the task through every try."""
+
+    @abstractmethod
+    def load_tasks(self) -> dict[str, dict]:
+        """Every task of this rootPath: task id -> its document."""
+
+    @abstractmethod
+    def delete_task(self, task_id: str) -> None:
+        """Remove the task and its checkpoints together; a task that is not there is no error."""
+
+    @abstractmethod
+    def save_checkpoints(self, task_id: str, checkpoints: Iterable[Checkpoint],
+                         fence: tuple[Lease, str] | None = None) -> None:
+        """Replace the task's whole set of checkpoints in one write. With ``fence`` (a lease this store granted
+        as a LeaseStore, and a target): only while that lease holds the target and the task still exists; else
+        LeaseLost, nothing written. Only a store that is also a LeaseStore is given a fence."""
+
+    @abstractmethod
+    def load_checkpoints(self, task_id: str) -> dict[str, Checkpoint]:
+        """The task's checkpoints by channel; empty when it has none (never started, or gone)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Give back connections, files and locks; the store is not used afterwards."""
+
+
+class LeaseStore(ABC):
+    """Leases on targets, for the servers of a cluster sharing one store's tasks (ClusterAgent; sqlite, for one
+    server, has none). Litestream's Leaser is the model: one small job, kept apart from the tasks.
+
+    A server joins with a lease of its own, renewed well within its ``ttl``; everything held with it (the
+    server's presence in servers(), the targets it acquired) ends with it, when it expires in the store (by the
+    store's clock), when the server leaves, or when the store says it is gone. A target is held by one live
+    lease at a time. Lease.valid is the local fence over this: a server stops writing before the store could
+    have let another take over. A checkpoint written with a fence (TaskStore.save_checkpoints) raises LeaseLost
+    once the store no longer has the target held with the lease. Every method may raise MetaStoreUnavailable
+    (the store did not answer); a lease that goes unrenewed meanwhile runs out by itself.
+    """
+
+    @abstractmethod
+    def join(self, server_id: str, ttl: float) -> Lease:
+        """Enter the cluster: a new lease for this run of the server (a new token each time, so nothing held
+        with an earlier lease counts), and its presence in servers(). Its ``renewed_at`` is when the grant was
+        asked for."""
+
+    @abstractmethod
+    def renew(self, lease: Lease, targets: Iterable[str] = ()) -> bool:
+        """Keep the lease and every target held with it alive, and on success move ``lease.renewed_at`` to when
+        the renewal was sent (never later: the local fence must not outlive the store's). False when the lease is
+        gone, or one of ``targets`` (what the caller holds) is no longer held with it; then the caller stops
+        writing to them."""
+
+    @abstractmethod
+    def servers(self) -> dict[str, str]:
+        """The live servers: server id -> lease token."""
+
+    @abstractmethod
+    def acquire(self, lease: Lease, target: str) -> bool:
+        """Take a target that no live lease holds, or that this lease holds already; False when another live
+        lease holds it."""
+
+    @abstractmethod
+    def release(self, lease: Lease, target: str) -> None:
+        """Give up a target held with this lease (others may take it at once); nothing when it is not held with
+        it."""
+
+    @abstractmethod
+    def owners(self) -> dict[str, str]:
+        """The targets held by live leases: target -> the id of the server holding it."""
+
+    @abstractmethod
+    def leave(self, lease: Lease) -> None:
+        """Give up the lease and everything held with it (a clean shutdown: others take over at once, not after
+        the TTL)."""
+
+
+class MetaStore(TaskStore):
+    """The TaskStore of every concrete store, over a few primitives each one gives (one atomic operation each):
+    the JSON, the retries of update_task, the metrics and the group commit of checkpoints live here once.
 
     Layout, shared by every store: a task's info document under ``{rootPath}/task_info/{task_id}`` and all of
-    its checkpoints, as one document, under ``{rootPath}/task_position/{task_id}``; ``rootPath`` lets several
-    CDC servers share one store. A failure that waiting can cure raises MetaStoreUnavailable.
+    its checkpoints, as one document, under ``{rootPath}/task_position/{task_id}``. A primitive's failure that
+    waiting can cure (``_transient``) reaches the caller as MetaStoreUnavailable. Stores that share tasks
+    between servers are LeaseStores as well.
     """
+
+    @classmethod
+    @abstractmethod
+    def from_settings(cls, settings: MetaStoreSettings) -> "MetaStore":
+        """Open the store metaStoreConfig describes (open_meta_store chooses the class from META_STORES)."""
 
     def __init__(self, root_path: str):
         self.root_path = root_path
@@ -1033,9 +1172,6 @@ class MetaStore(ABC):
     def _transient(self, error: BaseException) -> bool:
         """Is this failure the store being unreachable for now?"""
 
-    @abstractmethod
-    def close(self) -> None: ...
-
     def _guard(self, what: str, call: Callable[[], Any], write: str = "") -> Any:
         outcome = "error"
         try:
@@ -1053,22 +1189,18 @@ class MetaStore(ABC):
                 self.metrics.store_writes.labels(write, outcome).inc()
 
     def ping(self) -> None:
-        """One cheap read: raises MetaStoreUnavailable when the store does not answer."""
         self._guard("answering", lambda: self._load_positions("-"))
 
     def save_task(self, task_id: str, info: dict) -> None:
         self._guard("saving a task", lambda: self._save_task(task_id, json.dumps(info)), write="task")
 
     def create_task(self, task_id: str, info: dict) -> bool:
-        """Store a new task; False (nothing written) when the id is taken."""
         return self._guard("saving a task", lambda: self._insert_task(task_id, json.dumps(info)), write="task")
 
     UPDATE_TRIES = 5
 
     def update_task(self, task_id: str, change: Callable[[dict], dict]) -> dict | None:
-        """Read a task, change it and write it back only if nobody wrote it meanwhile (else read it again): what
-        several servers answering for one task need, so that one never undoes another's pause, resume or delete.
-        ``change`` may raise to refuse. The document written, or None when the task is gone."""
+        # compare-and-set on the whole document, as the stored text: every store can compare that in one call
         for _ in range(self.UPDATE_TRIES):
             before = self._guard("loading a task", lambda: self._load_task(task_id))
             if before is None:
@@ -1089,9 +1221,6 @@ class MetaStore(ABC):
 
     def save_checkpoints(self, task_id: str, checkpoints: Iterable[Checkpoint],
                          fence: tuple[Lease, str] | None = None) -> None:
-        """Replace the task's whole set of checkpoints in one write. With ``fence`` (the lease and the target),
-        only while this server holds that target and the task still exists; else LeaseLost and nothing is
-        written."""
         queued = _QueuedWrite(PositionsWrite(task_id, json.dumps([c.to_json() for c in sorted(checkpoints)]),
                                              fence))
         with self.queue_turn:
@@ -1141,36 +1270,6 @@ class MetaStore(ABC):
                 queued.outcome = outcomes[queued.write.task_id]
             self.writing = False
             self.queue_turn.notify_all()
-
-    # -- cluster: leases on targets (etcd and MySQL; sqlite is for one server) -------------------------------
-
-    def join(self, server_id: str, ttl: float) -> Lease:
-        """Enter the cluster: a lease for this run of the server, and its presence."""
-        raise NotImplementedError(f"{type(self).__name__} does not share tasks between servers")
-
-    def renew(self, lease: Lease, targets: Iterable[str] = ()) -> bool:
-        """Keep the lease and every target held with it alive; False when the lease is gone, or one of
-        ``targets`` (what the caller holds) was not renewed with it."""
-        raise NotImplementedError
-
-    def servers(self) -> dict[str, str]:
-        """The live servers: server id -> lease token."""
-        raise NotImplementedError
-
-    def acquire(self, lease: Lease, target: str) -> bool:
-        """Take a target that no live server holds (or that this one holds already)."""
-        raise NotImplementedError
-
-    def release(self, lease: Lease, target: str) -> None:
-        raise NotImplementedError
-
-    def owners(self) -> dict[str, str]:
-        """Target -> the server id holding it."""
-        raise NotImplementedError
-
-    def leave(self, lease: Lease) -> None:
-        """Give up the lease and everything held with it (a clean shutdown: others take over at once)."""
-        raise NotImplementedError
 
     def load_checkpoints(self, task_id: str) -> dict[str, Checkpoint]:
         document = self._guard("loading checkpoints", lambda: self._load_positions(task_id))
@@ -1237,9 +1336,9 @@ class SqlMetaStore(MetaStore):
                 written.append(True)
         return written
 
+    @abstractmethod
     def _fence_holds(self, cur, write: PositionsWrite) -> bool:
         """Inside the transaction: does this server hold the write's target, and does its task still exist?"""
-        raise NotImplementedError(f"{type(self).__name__} does not share tasks between servers")
 
     def _load_tasks(self):
         with self._transaction() as cur:
@@ -1286,6 +1385,10 @@ class SqliteMetaStore(SqlMetaStore):
     MARK, REPLACE, TEXT, KEY = "?", "INSERT OR REPLACE INTO", "TEXT", "TEXT"
     INSERT_NEW, SAME_TEXT = "INSERT OR IGNORE INTO", "info = ?"
 
+    @classmethod
+    def from_settings(cls, settings: MetaStoreSettings) -> "SqliteMetaStore":
+        return cls(settings.sqlite_path, settings.root_path)
+
     def __init__(self, path: str, root_path: str):
         import fcntl
         super().__init__(root_path)
@@ -1326,19 +1429,27 @@ class SqliteMetaStore(SqlMetaStore):
     def _transient(self, error):
         return isinstance(error, sqlite3.OperationalError)  # locked by another process, disk I/O
 
+    def _fence_holds(self, cur, write):
+        # Not a LeaseStore, so no lease to fence with: load_config refuses a cluster on sqlite.
+        raise NotImplementedError(f"{type(self).__name__} does not share tasks between servers")
+
     def close(self):
         with self.lock:
             self.db.close()
         self.owner.close()
 
 
-class MySQLMetaStore(SqlMetaStore):
+class MySQLMetaStore(SqlMetaStore, LeaseStore):
     """MySQL or MariaDB through pymysql; creates its database and tables when they are missing.
 
     pymysql connections are not thread-safe: each transaction takes an idle connection (or opens one) and gives
     it back, so no lock is held while the server is asked anything."""
 
     TIMEOUTS = {"connect_timeout": 5, "read_timeout": 10, "write_timeout": 10}
+
+    @classmethod
+    def from_settings(cls, settings: MetaStoreSettings) -> "MySQLMetaStore":
+        return cls(settings.mysql, settings.root_path)
 
     def __init__(self, params: dict, root_path: str):
         import pymysql
@@ -1491,8 +1602,14 @@ class MySQLMetaStore(SqlMetaStore):
                 return
 
 
-class EtcdMetaStore(MetaStore):
+class EtcdMetaStore(MetaStore, LeaseStore):
     """Keys under ``{rootPath}/task_info/`` and ``{rootPath}/task_position/`` of an etcd cluster."""
+
+    @classmethod
+    def from_settings(cls, settings: MetaStoreSettings) -> "EtcdMetaStore":
+        if settings.etcd is None:
+            raise ConfigError("config: metaStoreConfig.etcd is required when storeType is etcd")
+        return cls(settings.etcd, settings.root_path)
 
     def __init__(self, settings: EtcdSettings, root_path: str):
         super().__init__(root_path)
@@ -1600,13 +1717,23 @@ class EtcdMetaStore(MetaStore):
         self.client.close()
 
 
+# The one table binding each store type to its store, as bottle's server_names does servers: open_meta_store
+# chooses here, and load_config asks it which types can hold a cluster (their stores are LeaseStores).
+META_STORES: dict[StoreType, type[MetaStore]] = {
+    StoreType.SQLITE: SqliteMetaStore,
+    StoreType.MYSQL: MySQLMetaStore,
+    StoreType.ETCD: EtcdMetaStore,
+}
+
+
 def open_meta_store(settings: MetaStoreSettings) -> MetaStore:
-    if settings.store_type == "sqlite":
-        return SqliteMetaStore(settings.sqlite_path, settings.root_path)
-    if settings.store_type == "mysql":
-        return MySQLMetaStore(settings.mysql, settings.root_path)
-    assert settings.etcd is not None  # read_config sets it when storeType is etcd
-    return EtcdMetaStore(settings.etcd, settings.root_path)
+    """The store of ``settings.store_type``; ConfigError for a type with no store (load_config refuses it
+    first: this is for settings made in code)."""
+    store_class = META_STORES.get(settings.store_type)
+    if store_class is None:
+        raise ConfigError(f"config: metaStoreConfig.storeType must be one of {', '.join(META_STORES)}, "
+                          f"got {settings.store_type!r}")
+    return store_class.from_settings(settings)
 
 
 ###############################################################################
@@ -2111,13 +2238,13 @@ class ReadBatch:
 
 @dataclass(frozen=True)
 class StartAt:
-    """Where a reader starts on a channel: ``after`` or ``at`` a message id, or at the ``latest`` / ``earliest``
-    end of the channel."""
-    kind: str
+    """Where a reader starts on a channel: AFTER or AT a message id, or at the LATEST / EARLIEST end of the
+    channel (then with no id)."""
+    kind: StartKind
     msg_id: bytes = b""
 
 
-LATEST, EARLIEST = StartAt("latest"), StartAt("earliest")
+LATEST, EARLIEST = StartAt(StartKind.LATEST), StartAt(StartKind.EARLIEST)
 
 
 def decode_source_message(channel: str, msg_id: bytes, payload: bytes) -> SourceMessage:
@@ -2198,16 +2325,16 @@ class KafkaChannelReader(ChannelReader):
 
     def resolve(self, channel, start):
         from kafka import TopicPartition
-        if start.kind in ("after", "at"):
+        if start.kind in (StartKind.AFTER, StartKind.AT):
             return start
         partition = TopicPartition(channel, 0)
         if self.consumer.partitions_for_topic(channel) is None:
             offset = 0  # the topic does not exist yet: its first record will be offset 0
-        elif start.kind == "latest":
+        elif start.kind == StartKind.LATEST:
             offset = self.consumer.end_offsets([partition])[partition]
         else:
             offset = self.consumer.beginning_offsets([partition])[partition]
-        return StartAt("at", struct.pack("<q", offset))
+        return StartAt(StartKind.AT, struct.pack("<q", offset))
 
     def earliest(self, msg_ids):
         return min(msg_ids, key=self.offset)
@@ -2218,7 +2345,7 @@ class KafkaChannelReader(ChannelReader):
         partition = TopicPartition(channel, 0)
         self.partitions[channel] = partition
         self.consumer.assign(list(self.partitions.values()))
-        self.consumer.seek(partition, self.offset(start.msg_id) + (start.kind == "after"))
+        self.consumer.seek(partition, self.offset(start.msg_id) + (start.kind == StartKind.AFTER))
         return start
 
     def remove(self, channel):
@@ -2294,12 +2421,12 @@ class PulsarChannelReader(ChannelReader):
 
     def add(self, channel, start):
         self.remove(channel)
-        if start.kind == "latest":
+        if start.kind == StartKind.LATEST:
             message_id, inclusive = self.pulsar.MessageId.latest, False
-        elif start.kind == "earliest":
+        elif start.kind == StartKind.EARLIEST:
             message_id, inclusive = self.pulsar.MessageId.earliest, True
         else:
-            message_id, inclusive = self.pulsar.MessageId.deserialize(start.msg_id), start.kind == "at"
+            message_id, inclusive = self.pulsar.MessageId.deserialize(start.msg_id), start.kind == StartKind.AT
         self.readers[channel] = self.client.create_reader(self.topic_prefix + channel, message_id,
                                                           start_message_id_inclusive=inclusive,
                                                           receiver_queue_size=self.receiver_queue)
@@ -2368,7 +2495,7 @@ class PulsarChannelReader(ChannelReader):
 
 
 def open_channel_reader(settings: SourceSettings) -> ChannelReader:
-    if settings.mq_type == "kafka":
+    if settings.mq_type == MqType.KAFKA:
         return KafkaChannelReader(settings.kafka)
     return PulsarChannelReader(settings.pulsar)
 
@@ -3446,7 +3573,7 @@ class ChangeOrder:
         if source is None:
             return  # read before its input was removed (and maybe added again)
         if position:
-            source.last = StartAt("after", position)
+            source.last = StartAt(StartKind.AFTER, position)
         if ts <= source.skip_until or position in source.skip_positions:
             source.skip_positions.discard(position)
             return
@@ -3460,7 +3587,7 @@ class ChangeOrder:
         if source is None:
             return
         if position:
-            source.last = StartAt("after", position)
+            source.last = StartAt(StartKind.AFTER, position)
         source.promised = ts if source.promised is None else max(source.promised, ts)
 
     def watermark(self) -> int:
@@ -3507,7 +3634,7 @@ class ChangeOrder:
         source = self.inputs[name]
         for change in source.pending:
             if change.position:
-                return StartAt("at", change.position)
+                return StartAt(StartKind.AT, change.position)
         return source.last
 
     def applied_after_resume(self, name: str) -> tuple[bytes, ...]:
@@ -3934,7 +4061,7 @@ class Replicator:
     CATALOG_SPACING = 0.03       # seconds between two polls of the source's catalog, at least
     CATALOG_IDLE = 0.5           # seconds between two polls when no new tick comes
 
-    def __init__(self, task: TaskInfo, config: ServerConfig, store: MetaStore, clock: TargetClock,
+    def __init__(self, task: TaskInfo, config: ServerConfig, store: TaskStore, clock: TargetClock,
                  on_failure: Callable[["Replicator", str], None], metrics: TaskMetrics,
                  fence: tuple[Lease, str] | None = None, catalog_feed: CatalogFeed | None = None, *,
                  retry: RetryPolicy):
@@ -4614,9 +4741,9 @@ class Applier:
             newcomers = [c for c in live if channel in c.pchannels and (not fresh or c.id not in old
                                                                          or replayed.matches(c.db_name, c.name))]
             ids = [c.start_positions[channel] for c in newcomers if channel in c.start_positions]
-            if channel in pins and pins[channel].kind == "at":
+            if channel in pins and pins[channel].kind == StartKind.AT:
                 ids.append(pins[channel].msg_id)
-            starts[channel] = StartAt("at", reader.earliest(ids)) if ids else pins.get(channel, LATEST)
+            starts[channel] = StartAt(StartKind.AT, reader.earliest(ids)) if ids else pins.get(channel, LATEST)
         for collection in live:
             self.followed[collection.id] = collection
         return CatalogPoller(SourceMeta(self.settings, self.r.patience("catalog")), revision), starts
@@ -4634,7 +4761,7 @@ class Applier:
         for channel in sorted({p.channel for p in self.task.start_positions}):
             here = [p for p in self.task.start_positions if p.channel == channel]
             first = reader.earliest([p.msg_id for p in here])
-            found[channel] = StartAt("at", first)
+            found[channel] = StartAt(StartKind.AT, first)
             for collection in before:
                 if channel not in collection.pchannels:
                     continue
@@ -4659,7 +4786,7 @@ class Applier:
         else:
             self.r.reader_commands.put(("add", channel, start, generation))
         kind = InputKind.OPERATIONS if channel == self.replicate_chan else InputKind.DATA
-        self.order.add_input(channel, kind, start if start.kind in ("after", "at") else None,
+        self.order.add_input(channel, kind, start if start.kind in (StartKind.AFTER, StartKind.AT) else None,
                              skip_until=self.floors.get((channel, ""), 0), generation=generation,
                              durable=self.durable, skip_positions=applied)
         log.info("task=%s reading %s from %s", self.tid, channel,
@@ -4870,7 +4997,7 @@ class Applier:
         for pchannel in source.pchannels:
             if not self.order.has_input(pchannel):
                 start = source.start_positions.get(pchannel)
-                self._read(pchannel, StartAt("at", start) if start else LATEST)
+                self._read(pchannel, StartAt(StartKind.AT, start) if start else LATEST)
 
     def _unfollow(self, source: SourceCollection) -> None:
         """Stop reading the channels no followed collection needs any more."""
@@ -5387,7 +5514,7 @@ class TaskManager:
     PROBE_TIMEOUT = 30.0
     CREATE_SLOTS = 4  # creates in progress at once; the server's other threads always answer list and get
 
-    def __init__(self, config: ServerConfig, store: MetaStore, metrics: Metrics | None = None):
+    def __init__(self, config: ServerConfig, store: TaskStore, metrics: Metrics | None = None):
         self.config, self.store = config, store
         self.metrics = metrics or Metrics()
         self.metrics.registry.register(TaskGauges(self))
@@ -5740,7 +5867,7 @@ class ClusterAgent:
 
     SYNC_INTERVAL = 1.0
 
-    def __init__(self, manager: "ClusterTaskManager", store: MetaStore, server_id: str, ttl: float):
+    def __init__(self, manager: "ClusterTaskManager", store: LeaseStore, server_id: str, ttl: float):
         self.manager, self.store, self.server_id, self.ttl = manager, store, server_id, ttl
         self.stopping = threading.Event()
         self.woken = threading.Event()
@@ -5857,10 +5984,11 @@ class ClusterTaskManager(TaskManager):
 
     PICKUP_TIMEOUT = 60.0
 
-    def __init__(self, config: ServerConfig, store: MetaStore, metrics: Metrics, server_id: str, ttl: float):
+    def __init__(self, config: ServerConfig, store: TaskStore, leases: LeaseStore, metrics: Metrics,
+                 server_id: str, ttl: float):
         super().__init__(config, store, metrics)
-        self.server_id = server_id
-        self.agent = ClusterAgent(self, store, server_id, ttl)
+        self.server_id, self.leases = server_id, leases
+        self.agent = ClusterAgent(self, leases, server_id, ttl)
 
     def restore(self) -> None:
         self.agent.start()
@@ -6028,7 +6156,7 @@ class ClusterTaskManager(TaskManager):
 
     def get(self, task_id: Any) -> dict:
         task = self._find(task_id)
-        shown = self._show(task, self.store.owners())
+        shown = self._show(task, self.leases.owners())
         with self.lock:
             replicator = self.replicators.get(task.task_id)
         if replicator is not None:
@@ -6038,7 +6166,7 @@ class ClusterTaskManager(TaskManager):
         return shown
 
     def list_tasks(self) -> list[dict]:
-        owners = self.store.owners()
+        owners = self.leases.owners()
         return [self._show(t, owners) for t in sorted(self.stored_tasks().values(), key=lambda t: t.created_at)]
 
     def readiness(self) -> str | None:
@@ -6280,7 +6408,9 @@ def main(argv: list[str] | None = None) -> int:
     store.metrics = metrics
     manager: TaskManager
     if config.cluster is not None:
-        manager = ClusterTaskManager(config, store, metrics, config.cluster.server_id, config.cluster.lease_ttl)
+        assert isinstance(store, LeaseStore)  # load_config takes a cluster only on a store type that has leases
+        manager = ClusterTaskManager(config, store, store, metrics, config.cluster.server_id,
+                                     config.cluster.lease_ttl)
     else:
         manager = TaskManager(config, store, metrics)
     import waitress

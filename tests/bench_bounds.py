@@ -147,7 +147,7 @@ def read_cdc_reader(kafka: str, offsets: Offsets, collection_id: int) -> ReadRes
     started = time.monotonic()
     try:
         for topic in pending:
-            reader.add(topic, milvus_cdc.StartAt("at", struct.pack("<q", offsets.start[topic])))
+            reader.add(topic, milvus_cdc.StartAt(milvus_cdc.StartKind.AT, struct.pack("<q", offsets.start[topic])))
         deadline = started + 900
         while pending and time.monotonic() < deadline:
             for message in reader.read(0.5):

@@ -12,6 +12,7 @@ import uuid
 
 import pytest
 
+import milvus_cdc as m
 from helpers import CdcServer, assert_same_rows, client, count_of, server_config, wait_until
 from stack import ExtraTarget
 from test_recovery import InsertLoad, loaded_collection
@@ -199,8 +200,9 @@ def test_a_second_server_on_one_sqlite_file_is_refused(stack, tmp_path):
 
 # -- the agent's lease, with fakes: the faults here are timing ------------------------------------------------
 
-class FakeClusterStore:
-    """One server's view of a store that grants everything and counts renewals."""
+class FakeClusterStore(m.LeaseStore):
+    """One server's view of a store that grants everything and counts renewals (a LeaseStore: the agent needs no
+    more)."""
 
     def __init__(self):
         self.renewals: list[tuple[float, frozenset]] = []
@@ -208,7 +210,6 @@ class FakeClusterStore:
         self.refuse_renewal = False
 
     def join(self, server_id, ttl):
-        import milvus_cdc as m
         return m.Lease(server_id, f"{server_id}/1", ttl, time.monotonic())
 
     def renew(self, lease, targets=()):
@@ -258,7 +259,6 @@ class StuckManager:
 def test_renewals_go_on_while_the_tasks_take_long_to_start_or_stop():
     """Issue 17, item 8: the agent renewed and synced tasks on one thread, so a task that took 30 s to stop
     starved the renewals and the server lost every target. The lease must stay valid all along."""
-    import milvus_cdc as m
     store, manager = FakeClusterStore(), StuckManager(stuck_for=6.0)
     agent = m.ClusterAgent(manager, store, "s1", ttl=3.0)  # valid for 2 s after each renewal (Lease.MARGIN)
     agent.start()
@@ -276,7 +276,6 @@ def test_renewals_go_on_while_the_tasks_take_long_to_start_or_stop():
 
 
 def test_a_renewal_the_store_refuses_closes_the_fence_at_once_and_stops_the_tasks():
-    import milvus_cdc as m
     store, manager = FakeClusterStore(), StuckManager(stuck_for=0.0)
     agent = m.ClusterAgent(manager, store, "s1", ttl=3.0)
     agent.start()

@@ -120,7 +120,7 @@ def test_the_consumer_maps_options_work_against_the_real_broker(stack, tmp_path)
         assert (reader.consumer.config["fetch_max_bytes"], reader.consumer.config["fetch_max_wait_ms"]) == \
             (1048576, 20)
         start = reader.add("by-dev-replicate-msg", m.LATEST)
-        assert start.kind == "at" and m.KafkaChannelReader.offset(start.msg_id) >= 0
+        assert start.kind is m.StartKind.AT and m.KafkaChannelReader.offset(start.msg_id) >= 0
         reader.read(0.5)
         assert reader.at_end("by-dev-replicate-msg")
     finally:

@@ -16,12 +16,12 @@ import milvus_cdc as m
 
 def settings_for(kind: str, stack: dict, tmp_path, root_path: str, database: str | None = None):
     if kind == "sqlite":
-        return m.MetaStoreSettings("sqlite", root_path, sqlite_path=str(tmp_path / "meta.db"))
+        return m.MetaStoreSettings(m.StoreType.SQLITE, root_path, sqlite_path=str(tmp_path / "meta.db"))
     if kind == "mysql":
         my = stack["mysql"]
         dsn = f"{my['user']}:{my['password']}@tcp({my['host']}:{my['port']})/{database or my['database']}?charset=utf8"
-        return m.MetaStoreSettings("mysql", root_path, mysql=m.parse_mysql_dsn(dsn))
-    return m.MetaStoreSettings("etcd", root_path, etcd=m.EtcdSettings(endpoints=(f"http://{stack['etcd']}",)))
+        return m.MetaStoreSettings(m.StoreType.MYSQL, root_path, mysql=m.parse_mysql_dsn(dsn))
+    return m.MetaStoreSettings(m.StoreType.ETCD, root_path, etcd=m.EtcdSettings(endpoints=(f"http://{stack['etcd']}",)))
 
 
 @pytest.fixture(params=["sqlite", "mysql", "etcd"])
@@ -44,7 +44,7 @@ def opener(request, stack, tmp_path):
 
 
 def checkpoints(*pairs) -> list[m.Checkpoint]:
-    return [m.Checkpoint(channel, msg_id, ts, resume) for channel, msg_id, ts, resume in pairs]
+    return [m.Checkpoint(channel, msg_id, ts, m.StartKind(resume)) for channel, msg_id, ts, resume in pairs]
 
 
 def test_task_document_round_trip_and_overwrite(opener):
@@ -124,7 +124,7 @@ def test_data_survives_closing_and_reopening(opener):
     store.close()
     again = opener()
     assert again.load_tasks() == {"t1": {"task_id": "t1", "state": "Paused"}}
-    assert again.load_checkpoints("t1")["ch"].resume == "at"
+    assert again.load_checkpoints("t1")["ch"].resume is m.StartKind.AT
 
 
 def test_concurrent_checkpoint_writes_stay_whole(opener):

@@ -105,19 +105,19 @@ def test_commit_removes_what_was_applied_and_keeps_the_rest():
 
 def test_a_restart_skips_what_was_applied_and_resumes_at_the_first_unapplied_message():
     order = m.ChangeOrder(applied=500)
-    order.add_input("dml", InputKind.DATA, m.StartAt("at", pos(10)), durable=500)
-    assert order.resume("dml") == m.StartAt("at", pos(10))
+    order.add_input("dml", InputKind.DATA, m.StartAt(m.StartKind.AT, pos(10)), durable=500)
+    assert order.resume("dml") == m.StartAt(m.StartKind.AT, pos(10))
     order.offer("dml", 480, "applied before the crash", pos(10))
     order.offer("dml", 520, "new", pos(11))
     order.promise("dml", 510, pos(12))  # a tick below a message read before it
     assert [c.item for c in order.inputs["dml"].pending] == ["new"]
-    assert order.resume("dml") == m.StartAt("at", pos(11)), "not after the tick: message 11 is not applied"
+    assert order.resume("dml") == m.StartAt(m.StartKind.AT, pos(11)), "not after the tick: message 11 is not applied"
     ready, watermark = order.take()
     assert ready == [] and watermark == 510
     order.promise("dml", 530, pos(13))
     ready, watermark = order.take()
     order.commit([c.seq for c in ready], watermark)
-    assert order.resume("dml") == m.StartAt("after", pos(13))
+    assert order.resume("dml") == m.StartAt(m.StartKind.AFTER, pos(13))
     fresh = m.ChangeOrder()
     fresh.add_input("new", InputKind.DATA)
     assert fresh.resume("new") is None, "nothing read and no start position: no checkpoint yet"
@@ -159,10 +159,10 @@ def test_changes_handed_out_are_not_taken_again_until_committed():
     order.promise("a", 25)
     second, _ = order.take()
     assert items(first) == ["m10"] and items(second) == ["m20"], "m10 is not sent twice"
-    assert order.resume("a") == m.StartAt("at", pos(1)), "a restart resumes at what is not acknowledged"
+    assert order.resume("a") == m.StartAt(m.StartKind.AT, pos(1)), "a restart resumes at what is not acknowledged"
     order.hand_out(second)
     order.commit(first_seqs, watermark)
-    assert order.applied == 15 and order.resume("a") == m.StartAt("at", pos(2))
+    assert order.applied == 15 and order.resume("a") == m.StartAt(m.StartKind.AT, pos(2))
 
 
 def test_a_channel_removed_and_added_again_takes_nothing_read_in_its_first_life():
@@ -271,6 +271,6 @@ def test_a_restart_skips_the_operations_applied_behind_one_still_waiting():
 
 def test_positions_applied_but_not_read_again_stay_in_the_next_checkpoint():
     order = m.ChangeOrder(150)
-    order.add_input("rep", OPS, m.StartAt("at", pos(10)), skip_positions=[pos(11)])
+    order.add_input("rep", OPS, m.StartAt(m.StartKind.AT, pos(10)), skip_positions=[pos(11)])
     order.offer("rep", 200, "waits", pos(10))
     assert checkpoints_of(order)["rep"].applied == (pos(11),), "a stop before message 11 is read again"

@@ -241,7 +241,7 @@ def test_at_end_on_an_empty_topic_the_broker_refuses(fake_pulsar, monkeypatch):
 
 def test_at_end_refused_for_a_channel_started_after_a_message(fake_pulsar):
     reader, _, _ = fake_pulsar
-    reader.add("ch", m.StartAt("after", pulsar.MessageId(0, 0, 7, -1).serialize()))
+    reader.add("ch", m.StartAt(m.StartKind.AFTER, pulsar.MessageId(0, 0, 7, -1).serialize()))
     assert not reader.at_end("ch")  # it started after a message, so the topic is not empty
 
 

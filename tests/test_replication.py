@@ -477,7 +477,7 @@ def test_the_source_clock_is_read_from_the_source_tso(stack):
     settings = m.SourceSettings(etcd=m.EtcdSettings(endpoints=(f"http://{stack['etcd']}",)),
                                 root_path=stack["source_root_path"], meta_sub_path="meta",
                                 default_partition_name="_default", read_chan_len=1,
-                                replicate_chan="by-dev-replicate-msg", mq_type="kafka")
+                                replicate_chan="by-dev-replicate-msg", mq_type=m.MqType.KAFKA)
     meta = m.SourceMeta(settings)
     try:
         assert meta.revision() > 0

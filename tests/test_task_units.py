@@ -1,6 +1,7 @@
 """Unit tests of the task's small value types and bookkeeping (fakes stand in for the servers here)."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 from types import SimpleNamespace
@@ -11,11 +12,22 @@ import milvus_cdc as m
 
 
 def test_checkpoint_json_round_trip():
-    checkpoint = m.Checkpoint("by-dev-rootcoord-dml_3", b"\x00\x01\xff", 470672960302874626, "at")
+    checkpoint = m.Checkpoint("by-dev-rootcoord-dml_3", b"\x00\x01\xff", 470672960302874626, m.StartKind.AT)
     assert m.Checkpoint.from_json(checkpoint.to_json()) == checkpoint
-    behind = m.Checkpoint("by-dev-replicate", b"\x07", 470672960302874626, "at", (b"\x08", b"\x0a"))
+    assert m.Checkpoint.from_json(checkpoint.to_json()).resume is m.StartKind.AT
+    behind = m.Checkpoint("by-dev-replicate", b"\x07", 470672960302874626, m.StartKind.AT, (b"\x08", b"\x0a"))
     assert m.Checkpoint.from_json(behind.to_json()) == behind
     assert m.Checkpoint.from_json({k: v for k, v in checkpoint.to_json().items() if k != "applied"}) == checkpoint
+
+
+def test_a_stored_checkpoint_keeps_the_words_of_its_resume_kind():
+    """StartKind is an enum in the code; the stored document (read by earlier versions too) keeps "at"/"after",
+    and a document without "resume" (the oldest) resumes after its message."""
+    stored = m.Checkpoint("ch", b"\x01", 5, m.StartKind.AFTER).to_json()
+    assert stored["resume"] == "after" and type(stored["resume"]) is str
+    assert json.loads(json.dumps(m.Checkpoint("ch", b"\x01", 5, m.StartKind.AT).to_json()))["resume"] == "at"
+    del stored["resume"]
+    assert m.Checkpoint.from_json(stored).resume is m.StartKind.AFTER
 
 
 class RecordingWriter:
