@@ -2978,6 +2978,12 @@ class WantedLoad:
     partition_key: bool = False  # partitions managed by Milvus: only whole loads and releases
 
 
+class LoadMethod(enum.Enum):
+    """The target's two load calls (the value is the gRPC method): a whole collection, or some partitions."""
+    COLLECTION = "LoadCollection"
+    PARTITIONS = "LoadPartitions"
+
+
 class TargetMirror:
     """The target's catalog as one task sees it, and the calls that bring it to the source's state.
 
@@ -3264,31 +3270,31 @@ class TargetMirror:
             partitions = set()
         if wanted.whole:
             if not partitions or wanted.partitions - partitions:
-                if not self._load(target, "LoadCollection", [], wanted.replicas, ts, create_indexes):
+                if not self._load(target, LoadMethod.COLLECTION, [], wanted.replicas, ts, create_indexes):
                     return
                 partitions = set(target.partitions)
         else:
-            if not self._load(target, "LoadPartitions", sorted(wanted.partitions - partitions), wanted.replicas, ts,
-                              create_indexes):
+            if not self._load(target, LoadMethod.PARTITIONS, sorted(wanted.partitions - partitions), wanted.replicas,
+                              ts, create_indexes):
                 return
             partitions |= wanted.partitions
         self.load_kinds[target.id] = wanted.whole
         if partitions - wanted.partitions and not wanted.partition_key:
             self.release_partitions(target, partitions - wanted.partitions, ts)
 
-    def _load(self, target: TargetCollection, method: str, partitions: list[str], replicas: int, ts: int,
+    def _load(self, target: TargetCollection, method: LoadMethod, partitions: list[str], replicas: int, ts: int,
               create_indexes: Callable[[], None]) -> bool:
         """False when the load was skipped: the source's history undid it (see Undone)."""
         from pymilvus.grpc_gen import common_pb2, milvus_pb2
-        if method == "LoadPartitions" and not partitions:
+        if method == LoadMethod.PARTITIONS and not partitions:
             return True
         request = (milvus_pb2.LoadCollectionRequest(base=self.base(common_pb2.LoadCollection, ts))
-                   if method == "LoadCollection" else
+                   if method == LoadMethod.COLLECTION else
                    milvus_pb2.LoadPartitionsRequest(base=self.base(common_pb2.LoadPartitions, ts),
                                                     partition_names=partitions))
         request.db_name, request.collection_name, request.replica_number = target.db_name, target.name, replicas
         answer = self.apply(f"{'load collection' if not partitions else f'load partitions {partitions} of'} "
-                            f"{target.qualified_name}", method, request, target.db_name, repairs=[
+                            f"{target.qualified_name}", method.value, request, target.db_name, repairs=[
                                 Repair(lambda s: answer_says(s, "index not found", "no vector index"),
                                        create_indexes, "creating the source's indexes"),
                                 Repair(lambda s: answer_says(s, "replica number"),
@@ -3874,6 +3880,12 @@ class SourceClock:
 # Replication task: threads ####################################################
 ###############################################################################
 
+class ReaderCommand(enum.Enum):
+    """What the applier asks of the reader thread, which alone touches the channel reader once it runs."""
+    ADD = "add"        # start reading a channel
+    REMOVE = "remove"  # stop reading it
+
+
 class Replicator:
     """One running task, three threads:
 
@@ -4032,7 +4044,7 @@ class Replicator:
                     command, channel, start, generation = self.reader_commands.get_nowait()
                 except queue.Empty:
                     break
-                if command == "add":
+                if command == ReaderCommand.ADD:
                     patience.run(f"seeking {channel} in the source MQ",
                                  functools.partial(reader.add, channel, start), reader.transient)
                     generations[channel] = generation
@@ -4612,7 +4624,7 @@ class Applier:
         if reader is not None:
             start = reader.add(channel, start)  # at start-up, before the reader thread owns the reader
         else:
-            self.r.reader_commands.put(("add", channel, start, generation))
+            self.r.reader_commands.put((ReaderCommand.ADD, channel, start, generation))
         kind = InputKind.OPERATIONS if channel == self.replicate_chan else InputKind.DATA
         self.order.add_input(channel, kind, start if start.kind in ("after", "at") else None,
                              skip_until=self.floors.get((channel, ""), 0), generation=generation,
@@ -4623,7 +4635,7 @@ class Applier:
     def _unread(self, channel: str) -> None:
         if self.order.has_input(channel):
             self.order.remove_input(channel)
-            self.r.reader_commands.put(("remove", channel, None, 0))
+            self.r.reader_commands.put((ReaderCommand.REMOVE, channel, None, 0))
             log.info("task=%s stopped reading %s: no replicated collection left on it", self.tid, channel)
 
     # -- main loop ------------------------------------------------------------------------------------------
