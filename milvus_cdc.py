@@ -3894,7 +3894,8 @@ class Replicator:
     - the catalog thread polls the source's etcd for catalog changes;
     - the applier merges both in the source's order and writes to the target.
 
-    The task owns its threads and stops them on pause, delete and shutdown.
+    The task owns its threads and stops them on pause, delete and shutdown; the applier, which pins where reading
+    starts, asks for the other two through its ApplierContext (``start_reading``).
     """
 
     FENCE_INTERVAL = 0.05        # seconds between two promises of the replicate channel, at most
@@ -3930,6 +3931,16 @@ class Replicator:
 
     def start(self) -> None:
         self._spawn("apply", self._run_applier)
+
+    def start_reading(self, reader: ChannelReader, generations: dict[str, int], poller: CatalogPoller) -> None:
+        """The reader and catalog threads, once the applier has pinned where they start (in the meta store):
+        from here on the task counts as started."""
+        self._spawn("read", self._run_reader, reader, generations)
+        self._spawn("catalog", self._run_catalog, poller)
+        self.started.set()
+
+    def ask_reader(self, command: ReaderCommand, channel: str, start: StartAt | None, generation: int) -> None:
+        self.reader_commands.put((command, channel, start, generation))
 
     def _spawn(self, role: str, target: Callable, *args) -> None:
         thread = threading.Thread(target=target, args=args, name=f"cdc-{role}-{self.task.task_id[:8]}", daemon=True)
@@ -3977,8 +3988,10 @@ class Replicator:
         return Patience(self.config.replication, self.stop_event, self.waits, role, self.task.task_id)
 
     def publish(self, channels: dict[str, int], waiting_for: list[str]) -> None:
+        """A checkpoint was stored just now."""
         with self.status_lock:
             self.status = {"channels": channels, "waiting_for": waiting_for}
+        self.checkpoint_at = time.time()
 
     def _fail(self, reason: str) -> None:
         if not self.stop_event.is_set():
@@ -4127,11 +4140,26 @@ class Replicator:
             # opened inside, so that a failure to open pauses the task with its reason like any other
             opened.append(SourceMeta(self.config.source, self.patience("applier")))
             opened.append(TargetWriter(self.task.connect, self.patience("applier"), self.metrics, self.fence))
-            Applier(self, *opened).run()
+            Applier(self._applier_context(*opened)).run()
         try:
             self._ending("applying", apply, opened)
         finally:
             self.clock.leave(self.task.task_id)
+
+    def _applier_context(self, meta: SourceMeta, writer: TargetWriter) -> ApplierContext:
+        tid, replication = self.task.task_id, self.config.replication
+        outbox = Outbox(writer, tid,
+                        lambda pchannel, call: writer.sibling(self.patience(
+                            f"sending to {pchannel}" + (f" (call {call + 1})" if call else ""))),
+                        replication.calls_per_channel)
+        return ApplierContext(
+            task=self.task, source=self.config.source, replication=replication, meta=meta, writer=writer,
+            mirror=TargetMirror(writer, tid), outbox=outbox, clock=self.clock, metrics=self.metrics,
+            stop=self.stop_event, waits=self.waits, reads=self.read_queue, catalog_reads=self.catalog_queue,
+            load_checkpoints=lambda: self.store.load_checkpoints(tid),
+            save_checkpoints=lambda checkpoints: self.store.save_checkpoints(tid, checkpoints, fence=self.fence),
+            patience=self.patience, ask_reader=self.ask_reader, start_reading=self.start_reading,
+            failed=lambda: self.failed, published=self.publish)
 
 
 ###############################################################################
@@ -4407,6 +4435,34 @@ class TargetCopies:
 CATALOG_INPUT = "source catalog (etcd)"
 
 
+@dataclass(frozen=True)
+class ApplierContext:
+    """All the applier is given: what it reads, what it writes, and what it may ask of its task. The Replicator
+    builds it and owns what is behind it, its threads above all; a unit test builds one of fakes."""
+    task: TaskInfo
+    source: SourceSettings
+    replication: ReplicationSettings
+    meta: SourceMeta                 # the source's catalog, read
+    writer: TargetWriter             # the target: written through the mirror (DDL) and the outbox (messages)
+    mirror: TargetMirror
+    outbox: Outbox
+    clock: TargetClock               # the target's ticks: joined at start, advanced with the checkpoint
+    metrics: TaskMetrics
+    stop: threading.Event            # set when the task stops
+    waits: Waits                     # what `get` shows the task waiting out
+    reads: queue.Queue               # ReadBatch after ReadBatch, from the reader thread
+    catalog_reads: queue.Queue       # (fence, catalog changes), from the catalog thread
+    load_checkpoints: Callable[[], dict[str, Checkpoint]]
+    save_checkpoints: Callable[[list[Checkpoint]], None]   # fenced, in a cluster
+    patience: Callable[[str], Patience]                     # for one role's retries, shown in `get`
+    # the reader thread alone touches the channel reader once it runs: channels are added and removed through it
+    ask_reader: Callable[[ReaderCommand, str, StartAt | None, int], None]
+    # the reader and catalog threads (the task's, not the applier's), once their starts are pinned
+    start_reading: Callable[[ChannelReader, dict[str, int], CatalogPoller], None]
+    failed: Callable[[], bool]       # the task is pausing for an error: its last checkpoint stands
+    published: Callable[[dict[str, int], list[str]], None]  # a checkpoint was stored: (channels, waiting for)
+
+
 @dataclass
 class SentRound:
     """A round whose messages are on their way to the target: committed once every future is done."""
@@ -4420,29 +4476,26 @@ class Applier:
     """The applier thread: takes the task's changes in ChangeOrder's order and applies each with its handler.
 
     It owns the order, what it knows of the source (SourceCatalog), which source collection has which copy on
-    the target, the channels it follows, and the checkpoint. The target's side is TargetMirror's.
+    the target, the channels it follows, and the checkpoint. The target's side is TargetMirror's. All else it
+    is given in an ApplierContext: it starts no thread, and asks the reader for channels through it.
     """
 
     WRITE_AHEAD_BYTES = 16 << 20  # messages on their way to the target before the oldest round must be acknowledged
     ROUND_BYTES = 4 << 20         # messages one round hands to the send lanes, at most
     HELD_BYTES = 64 << 20         # messages waiting above the watermark before the read queue is left be
 
-    def __init__(self, replicator: Replicator, meta: SourceMeta, writer: TargetWriter):
+    def __init__(self, ctx: ApplierContext):
         from pymilvus.grpc_gen import common_pb2
-        self.r, self.meta, self.writer = replicator, meta, writer
-        self.task, self.stop = replicator.task, replicator.stop_event
+        self.ctx = ctx
+        self.meta, self.writer, self.mirror, self.outbox = ctx.meta, ctx.writer, ctx.mirror, ctx.outbox
+        self.task, self.stop = ctx.task, ctx.stop
         self.tid = self.task.task_id
         self.filter = self.task.filter
-        self.settings = replicator.config.source
+        self.settings = ctx.source
         self.replicate_chan = self.settings.replicate_chan
-        self.catalog = SourceCatalog(meta, self.filter)
-        self.mirror = TargetMirror(writer, self.tid)
-        self.outbox = Outbox(writer, self.tid,
-                             lambda pchannel, call: writer.sibling(replicator.patience(
-                                 f"sending to {pchannel}" + (f" (call {call + 1})" if call else ""))),
-                             replicator.config.replication.calls_per_channel)
+        self.catalog = SourceCatalog(ctx.meta, self.filter)
         self.names = self.task.names
-        self.copies = TargetCopies(self.tid, self.catalog, meta, self.mirror, self.outbox, replicator.clock,
+        self.copies = TargetCopies(self.tid, self.catalog, ctx.meta, self.mirror, self.outbox, ctx.clock,
                                    self.settings.default_partition_name, self._follow, self._unfollow, self.names)
         # Start positions given at create: a channel's messages at or below its time are on the target already;
         # for one collection (by name), only that collection's.
@@ -4456,10 +4509,9 @@ class Applier:
         self.last_checkpoint = 0.0
         self.checkpoint_dirty = False
         self.sent: collections.deque[SentRound] = collections.deque()  # rounds handed to the send lanes
-        self.write_ahead = replicator.config.replication.write_ahead
+        self.write_ahead = ctx.replication.write_ahead
         self.store_retry_at: float | None = None   # the meta store is down: when to try it again
         self.store_failures: list[float] = []
-        self.patience = replicator.patience("applier")
         self.data_handlers = {
             common_pb2.Insert: self.on_insert, common_pb2.Delete: self.on_delete,
             common_pb2.CreateCollection: self.on_create_collection,
@@ -4478,11 +4530,11 @@ class Applier:
 
     def run(self) -> None:
         saved = self._with_store("loading the checkpoints from the meta store",
-                                 lambda: self.r.store.load_checkpoints(self.tid))
+                                 self.ctx.load_checkpoints)
         self.durable = max((c.timestamp for c in saved.values()), default=0)
         self.order.applied = self.catalog_fence = self.durable
-        self.r.clock.join(self.tid, self.durable, self.task.connect)
-        self.r.clock.add_channels(self.mirror.pchannels())
+        self.ctx.clock.join(self.tid, self.durable, self.task.connect)
+        self.ctx.clock.add_channels(self.mirror.pchannels())
         reader = open_channel_reader(self.settings)
         try:
             poller, starts = self._plan_starts(saved, reader)
@@ -4497,16 +4549,14 @@ class Applier:
                          lambda: self._save_checkpoint(force=True, strict=True))
         log.info("task=%s started: %d collection(s), %d channel(s), resuming at ts %d", self.tid,
                  len(self.followed), len(self.order.names()) - 1, self.durable)
-        self.r._spawn("read", self.r._run_reader, reader, dict(self.generations))
-        self.r._spawn("catalog", self.r._run_catalog, poller)
-        self.r.started.set()
+        self.ctx.start_reading(reader, dict(self.generations), poller)
         try:
             self._loop()
         finally:
             if not self.outbox.close(self.writer.call_timeout + 5):
                 log.warning("task=%s stopping with a call to the target still out after %.0fs", self.tid,
                             self.writer.call_timeout + 5)
-            if not self.r.failed:
+            if not self.ctx.failed():
                 try:
                     self._save_checkpoint(force=True)
                 except MetaStoreUnavailable as exc:  # the last stored checkpoint stands: nothing is lost
@@ -4586,7 +4636,7 @@ class Applier:
             starts[channel] = StartAt("at", reader.earliest(ids)) if ids else pins.get(channel, LATEST)
         for collection in live:
             self.followed[collection.id] = collection
-        return CatalogPoller(SourceMeta(self.settings, self.r.patience("catalog")), revision), starts
+        return CatalogPoller(SourceMeta(self.settings, self.ctx.patience("catalog")), revision), starts
 
     def _given_start(self, collection: SourceCollection, channel: str = "") -> StartPosition | None:
         """The start position given at create that covers this collection (on ``channel``, or on any of its)."""
@@ -4624,7 +4674,7 @@ class Applier:
         if reader is not None:
             start = reader.add(channel, start)  # at start-up, before the reader thread owns the reader
         else:
-            self.r.reader_commands.put((ReaderCommand.ADD, channel, start, generation))
+            self.ctx.ask_reader(ReaderCommand.ADD, channel, start, generation)
         kind = InputKind.OPERATIONS if channel == self.replicate_chan else InputKind.DATA
         self.order.add_input(channel, kind, start if start.kind in ("after", "at") else None,
                              skip_until=self.floors.get((channel, ""), 0), generation=generation,
@@ -4635,7 +4685,7 @@ class Applier:
     def _unread(self, channel: str) -> None:
         if self.order.has_input(channel):
             self.order.remove_input(channel)
-            self.r.reader_commands.put((ReaderCommand.REMOVE, channel, None, 0))
+            self.ctx.ask_reader(ReaderCommand.REMOVE, channel, None, 0)
             log.info("task=%s stopped reading %s: no replicated collection left on it", self.tid, channel)
 
     # -- main loop ------------------------------------------------------------------------------------------
@@ -4668,7 +4718,7 @@ class Applier:
             self.stop.wait(wait)
         else:
             with contextlib.suppress(queue.Empty):
-                batch = self.r.read_queue.get(timeout=wait)
+                batch = self.ctx.reads.get(timeout=wait)
         for message in batch.messages:
             generation = batch.generations.get(message.channel, 0)
             if message.msg_type == common_pb2.TimeTick:
@@ -4682,7 +4732,7 @@ class Applier:
                 self.order.promise(message.channel, message.timestamp, generation=generation)
         while True:
             try:
-                fence, changes = self.r.catalog_queue.get_nowait()
+                fence, changes = self.ctx.catalog_reads.get_nowait()
             except queue.Empty:
                 return
             for change in changes:
@@ -4776,7 +4826,7 @@ class Applier:
         answer: the next try is scheduled (``strict`` raises instead)."""
         started = time.monotonic()
         if not self.checkpoint_dirty or (not force and not now and started - self.last_checkpoint <
-                                         self.r.config.replication.checkpoint_interval):
+                                         self.ctx.replication.checkpoint_interval):
             return True
         applied = self.order.applied
         checkpoints = []
@@ -4786,7 +4836,7 @@ class Applier:
                 checkpoints.append(Checkpoint(name, resume.msg_id, applied, resume.kind,
                                               self.order.applied_after_resume(name)))
         try:
-            self.r.store.save_checkpoints(self.tid, checkpoints, fence=self.r.fence)
+            self.ctx.save_checkpoints(checkpoints)
         except MetaStoreUnavailable as exc:
             if strict or force:
                 raise
@@ -4795,15 +4845,14 @@ class Applier:
         if self.store_retry_at is not None:
             log.info("task=%s the meta store answers again: checkpoint stored", self.tid)
             self.store_retry_at, self.store_failures = None, []
-            self.r.waits.clear("checkpoint")
+            self.ctx.waits.clear("checkpoint")
         self.durable, self.checkpoint_dirty, self.last_checkpoint = applied, False, started
-        self.r.checkpoint_at = time.time()
         log.debug("task=%s checkpoint at ts %d (%.3fs behind)", self.tid, self.durable,
                   time.time() - ts_seconds(self.durable))
-        self.r.publish({name: applied for name in self.order.names() if name != CATALOG_INPUT},
+        self.ctx.published({name: applied for name in self.order.names() if name != CATALOG_INPUT},
                        self.order.holding())
         if not force:
-            self.r.clock.advance(self.tid, self.durable)
+            self.ctx.clock.advance(self.tid, self.durable)
         return True
 
     def _with_store(self, operation: str, call: Callable[[], Any]) -> Any:
@@ -4815,21 +4864,21 @@ class Applier:
                 result = call()
             except MetaStoreUnavailable as exc:
                 tries += 1
-                self.r.waits.set("checkpoint", Wait(operation, started, tries, str(exc)))
+                self.ctx.waits.set("checkpoint", Wait(operation, started, tries, str(exc)))
                 log.warning("task=%s %s: %s", self.tid, operation, exc)
-                if self.stop.wait(min(self.r.config.replication.retry_max_backoff, 0.2 * 2 ** min(tries, 10))):
+                if self.stop.wait(min(self.ctx.replication.retry_max_backoff, 0.2 * 2 ** min(tries, 10))):
                     raise TaskStopping() from None
                 continue
-            self.r.waits.clear("checkpoint")
+            self.ctx.waits.clear("checkpoint")
             return result
 
     def _store_down(self, error: MetaStoreUnavailable) -> None:
-        settings = self.r.config.replication
+        settings = self.ctx.replication
         self.store_failures.append(time.time())
         backoff = min(settings.retry_max_backoff, 0.2 * 2 ** min(len(self.store_failures), 10))
         self.store_retry_at = time.monotonic() + backoff
-        self.r.waits.set("checkpoint", Wait("saving the checkpoint to the meta store", self.store_failures[0],
-                                            len(self.store_failures), str(error)))
+        self.ctx.waits.set("checkpoint", Wait("saving the checkpoint to the meta store", self.store_failures[0],
+                                              len(self.store_failures), str(error)))
         log.warning("task=%s %s; trying again in %.1fs", self.tid, error, backoff)
 
     def _follow(self, source: SourceCollection) -> None:
@@ -4865,8 +4914,8 @@ class Applier:
         shard = shard_index(msg.shardName)
         self.outbox.add(target.pchannels[shard], MessageRewriter.insert(msg, target, partition_id, shard),
                         reorderable=True)
-        self.r.metrics.replicated(target.qualified_name, "insert", msg.num_rows or len(msg.timestamps),
-                                  len(message.payload))
+        self.ctx.metrics.replicated(target.qualified_name, "insert", msg.num_rows or len(msg.timestamps),
+                                    len(message.payload))
 
     def on_delete(self, message: SourceMessage) -> None:
         from pymilvus.grpc_gen import msg_pb2
@@ -4881,8 +4930,8 @@ class Applier:
         shard = shard_index(msg.shardName)
         self.outbox.add(target.pchannels[shard], MessageRewriter.delete(msg, target, partition_id, shard),
                         reorderable=True)
-        self.r.metrics.replicated(target.qualified_name, "delete", msg.num_rows or len(msg.timestamps),
-                                  len(message.payload))
+        self.ctx.metrics.replicated(target.qualified_name, "delete", msg.num_rows or len(msg.timestamps),
+                                    len(message.payload))
 
     def on_create_collection(self, message: SourceMessage) -> None:
         from pymilvus.grpc_gen import msg_pb2
