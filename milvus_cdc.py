@@ -2996,7 +2996,9 @@ class TargetMirror:
 
     def __init__(self, writer: TargetWriter, task_id: str):
         self.writer, self.task_id = writer, task_id
-        self.collections: dict[tuple[str, str], TargetCollection] = {}   # described, by (database, name)
+        # described, by (database, name): the one owner of TargetCollection objects (TargetCopies points at these;
+        # a fresh description of the same collection updates the object in place)
+        self.collections: dict[tuple[str, str], TargetCollection] = {}
         self.load_kinds: dict[int, bool] = {}   # target collection id -> loaded as a whole (True) by this mirror
         # (target collection id, index name) -> source time of the index this mirror made there. A load read from
         # etcd can come before the replicate channel's CreateIndex, and its repair makes the source's current
@@ -3045,7 +3047,12 @@ class TargetMirror:
             if described is None:
                 self.collections.pop(key, None)
                 return None
-            self.collections[key] = described
+            known = self.collections.get(key)
+            if known is not None and known.id == described.id:
+                for name in (f.name for f in dataclasses.fields(described)):
+                    setattr(known, name, getattr(described, name))
+            else:
+                self.collections[key] = described
         return self.collections[key]
 
     def _describe(self, db_name: str, name: str) -> TargetCollection | None:
@@ -3163,12 +3170,11 @@ class TargetMirror:
                    target.db_name, ok_if=ALREADY_EXISTS,
                    # a collection made at a source time ahead of the target's clock is not there yet
                    transient_if=lambda s: answer_says(s, "key not found", "no value found"))
-        refreshed = self.collection(target.db_name, target.name, fresh=True)
+        refreshed = self.collection(target.db_name, target.name, fresh=True)  # ``target`` itself, refreshed
         if refreshed is None or name not in refreshed.partitions:
             raise TargetError(f"create partition {target.qualified_name}/{name}: missing on the target right "
                               f"after its creation")
-        target.partitions = refreshed.partitions
-        return target.partitions[name]
+        return refreshed.partitions[name]
 
     def drop_partition(self, target: TargetCollection, name: str, ts: int, outbox: Outbox,
                        messages: Iterable[tuple[str, bytes]]) -> None:
@@ -4221,7 +4227,8 @@ class TargetCopies:
         # collections whose copy the user made (restored from a backup), to be taken as found: given with start
         # positions at create
         self.restored: Callable[[SourceCollection], bool] = lambda source: False
-        self.by_source: dict[int, TargetCollection] = {}    # source collection id -> its copy on the target
+        # source collection id -> its copy on the target: the mirror's own object, which the mirror keeps current
+        self.by_source: dict[int, TargetCollection] = {}
         self.gone: set[int] = set()                         # collections whose drop is applied (or moot)
         self.existing: set[int] = set()                     # collections copied as they are at start
         # (target collection id, partition name) -> the source partition id it copies, where known

@@ -638,3 +638,43 @@ def test_a_database_drop_takes_the_copies_whose_source_the_source_forgot_while_t
     live = SimpleNamespace(db_name="d1", name="c0", dropped=False)
     copies.meta = SimpleNamespace(collections=lambda: [live])
     assert not copies.drop_leftover(target, 100) and dropped == ["c0"], "a live source collection of the name stays"
+
+
+class DescribingWriter:
+    """A target writer that answers describes from what the target has now (``collection_id``, ``partitions``)
+    and makes the partitions it is asked to."""
+    metrics = None
+
+    def __init__(self, collection_id, partitions):
+        self.collection_id, self.partitions = collection_id, partitions
+
+    def base(self, msg_type, ts):
+        from pymilvus.grpc_gen import common_pb2
+        return common_pb2.MsgBase(msg_type=msg_type, timestamp=ts)
+
+    def call(self, op, method, request, db_name="", ok_if=None, transient_if=None, explained_if=None):
+        from pymilvus.grpc_gen import common_pb2, milvus_pb2
+        if method == "DescribeCollection":
+            return milvus_pb2.DescribeCollectionResponse(status=common_pb2.Status(), collectionID=self.collection_id,
+                                                         created_timestamp=1, virtual_channel_names=["ch_1_7v0"])
+        if method == "ShowPartitions":
+            return milvus_pb2.ShowPartitionsResponse(status=common_pb2.Status(), partition_names=list(self.partitions),
+                                                     partitionIDs=list(self.partitions.values()))
+        if method == "CreatePartition":
+            self.partitions[request.partition_name] = 70 + len(self.partitions) + 1
+        return common_pb2.Status()
+
+
+def test_the_mirror_keeps_the_collection_the_copies_hold_current():
+    """Issue 18, item 3: a copy's TargetCollection was cached twice (the mirror's, TargetCopies'), and making a
+    partition patched the stale one. The mirror owns the objects: a fresh description updates the one held."""
+    writer = DescribingWriter(7, {"_default": 71})
+    mirror = m.TargetMirror(writer, "t1")
+    held = mirror.collection("shop", "c")  # as TargetCopies holds a copy
+    assert mirror.ensure_partition(held, "p1", 100) == 72
+    assert held.partitions == {"_default": 71, "p1": 72} and mirror.collection("shop", "c") is held
+    writer.partitions["p2"] = 80  # made meanwhile (a repair, another describe)
+    assert mirror.collection("shop", "c", fresh=True) is held and held.partitions["p2"] == 80
+    writer.collection_id = 8      # another incarnation of the name: a collection of its own
+    newer = mirror.collection("shop", "c", fresh=True)
+    assert newer is not held and (newer.id, held.id) == (8, 7)
