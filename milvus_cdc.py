@@ -3373,7 +3373,7 @@ class ChangeOrder:
     """
 
     def __init__(self, applied: int = 0):
-        self.applied = applied
+        self.applied = applied  # all at or below is on the target: owned here (moved by commit and resume_at)
         self.inputs: dict[str, _Input] = {}
         self.seq = 0
         self.added = False  # an input was added since the last take(): the watermark must be recomputed
@@ -3394,6 +3394,10 @@ class ChangeOrder:
             self.inputs[name] = _Input(name, kind, skip_until, generation, set(skip_positions),
                                        last=start if start and start.msg_id else None)
             self.added = True
+
+    def resume_at(self, applied: int) -> None:
+        """A restart from a checkpoint at ``applied``: everything at or below is on the target already."""
+        self.applied = max(self.applied, applied)
 
     def remove_input(self, name: str) -> None:
         removed = self.inputs.pop(name, None)
@@ -3719,6 +3723,43 @@ class TaskInfo:
         return shown
 
 
+class CheckpointRecord:
+    """A task's last stored checkpoint: its time (how far the task's changes are durable), the channels it covers,
+    what held the order back then, and when it was stored. The one record of the durable time: the applier tells
+    it, the target's ticker, `get` and the metrics ask it (from their own threads, hence the lock)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ts = 0
+        self._channels: tuple[str, ...] = ()
+        self._waiting_for: list[str] = []
+        self._at = 0.0  # time.time() of the store, 0 before the first
+
+    def resumed(self, ts: int) -> None:
+        """Read back from the meta store at start: durable, but not stored by this run."""
+        with self._lock:
+            self._ts = ts
+
+    def stored(self, ts: int, channels: Iterable[str], waiting_for: list[str]) -> None:
+        with self._lock:
+            self._ts, self._channels, self._waiting_for, self._at = ts, tuple(channels), waiting_for, time.time()
+
+    @property
+    def ts(self) -> int:
+        with self._lock:
+            return self._ts
+
+    @property
+    def at(self) -> float:
+        with self._lock:
+            return self._at
+
+    def shown(self) -> tuple[dict[str, int], list[str]]:
+        """(channel -> its durable time, what held the order back) as of the last checkpoint stored."""
+        with self._lock:
+            return {name: self._ts for name in self._channels}, list(self._waiting_for)
+
+
 class TargetClock:
     """Time ticks for one target Milvus, shared by every task writing to it.
 
@@ -3727,9 +3768,9 @@ class TargetClock:
     the durable checkpoint of any task writing to that target, so a task that restarts after a crash re-sends
     its unconfirmed messages into the same open tick window, where the target drops them as repeats.
 
-    One ticker thread of its own sends them: tasks only post their durable watermarks (no lock is held while the
-    target is called, and ticks on a channel go out in order). A target that is down is waited out; the tasks
-    writing to it see the same fault in their own calls.
+    One ticker thread of its own sends them: tasks only post that their durable time moved, and the ticker asks
+    it of each task's CheckpointRecord (no lock is held while the target is called, and ticks on a channel go out
+    in order). A target that is down is waited out; the tasks writing to it see the same fault in their own calls.
     """
 
     def __init__(self, settings: ReplicationSettings, address: str,
@@ -3737,18 +3778,20 @@ class TargetClock:
         self.settings, self.address = settings, address
         self.make_writer = make_writer or (lambda param, patience, fence: TargetWriter(param, patience, fence=fence))
         self.changed = threading.Condition()
-        self.watermarks: dict[str, int] = {}
+        # task id -> its durable time, asked (each task's CheckpointRecord owns it)
+        self.watermarks: dict[str, Callable[[], int]] = {}
         self.channels: set[str] = set()
         self.param: ConnectParam | None = None
         self.posted = 0                   # bumped at every change, so the ticker knows it has work
-        self.fence: Lease | None = None   # in a cluster: ticks only while this server holds the target
+        self.fence: Lease | None = None   # in a cluster: ticks only while this server holds the target (hold_with)
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
         self.waits = Waits()              # what the ticker waits out; every task on this target shows it in get
 
-    def join(self, task_id: str, watermark: int, param: ConnectParam) -> None:
+    def join(self, task_id: str, durable: Callable[[], int], param: ConnectParam) -> None:
+        """``durable``: asks the task's durable time (it must not block: it is asked under this clock's lock)."""
         with self.changed:
-            self.watermarks[task_id] = watermark
+            self.watermarks[task_id] = durable
             self.param = param
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, name=f"cdc-tick-{self.address}", daemon=True)
@@ -3765,12 +3808,16 @@ class TargetClock:
             self.channels.update(pchannels)
             self._post()
 
-    def advance(self, task_id: str, watermark: int) -> None:
-        """A task's durable watermark moved: tick every channel up to the lowest of them."""
+    def advance(self, task_id: str) -> None:
+        """A task's durable time moved: tick every channel up to the lowest of them."""
         with self.changed:
             if task_id in self.watermarks:
-                self.watermarks[task_id] = watermark
                 self._post()
+
+    def hold_with(self, fence: Lease | None) -> None:
+        """Tick only while ``fence`` is valid (in a cluster: this server's hold on the target)."""
+        with self.changed:
+            self.fence = fence
 
     def _post(self) -> None:
         self.posted += 1
@@ -3796,7 +3843,7 @@ class TargetClock:
                 assert param is not None  # join sets it before it starts this thread
                 if fence is not None and not fence.valid():
                     continue  # the target may be another server's by now
-                tick = min(self.watermarks.values()) if self.watermarks else 0
+                tick = min(durable() for durable in self.watermarks.values()) if self.watermarks else 0
                 due = sorted(c for c in self.channels if tick > sent.get(c, 0))
             if not due:
                 continue
@@ -3923,15 +3970,13 @@ class Replicator:
         self.catalog_queue: queue.Queue = queue.Queue(maxsize=config.source.read_chan_len)
         self.reader_commands: queue.SimpleQueue = queue.SimpleQueue()
         self.source_clock = SourceClock()
-        self.status_lock = threading.Lock()
-        self.status: dict[str, Any] = {"channels": {}}
+        self.checkpoint = CheckpointRecord()  # the task's durable time: owned there, the applier tells it
         self.waits = Waits()
         self.threads: list[threading.Thread] = []
         self.started = threading.Event()  # set once the start positions are pinned in the meta store
         self.failed = False
         self.failure = ""
         self.refused = False  # the failure is the request's (StartRefused)
-        self.checkpoint_at = 0.0  # when the last checkpoint was stored (time.time())
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -3969,8 +4014,7 @@ class Replicator:
         return not self.stop_event.is_set() and all(t.is_alive() for t in self.threads)
 
     def lag(self) -> list[dict]:
-        with self.status_lock:
-            channels = dict(self.status["channels"])
+        channels, _ = self.checkpoint.shown()
         now = time.time()
         return [channel_lag(name, ts, now) for name, ts in sorted(channels.items())]
 
@@ -3980,9 +4024,9 @@ class Replicator:
         waits = self.faults()
         if waits:
             shown["retrying"] = [w.public() for w in waits]
-        with self.status_lock:
-            if self.status.get("waiting_for"):
-                shown["waiting_for"] = self.status["waiting_for"]
+        _, waiting_for = self.checkpoint.shown()
+        if waiting_for:
+            shown["waiting_for"] = waiting_for
         return shown
 
     def faults(self) -> list[Wait]:
@@ -3992,12 +4036,6 @@ class Replicator:
 
     def patience(self, role: str) -> Patience:
         return Patience(self.config.replication, self.stop_event, self.waits, role, self.task.task_id)
-
-    def publish(self, channels: dict[str, int], waiting_for: list[str]) -> None:
-        """A checkpoint was stored just now."""
-        with self.status_lock:
-            self.status = {"channels": channels, "waiting_for": waiting_for}
-        self.checkpoint_at = time.time()
 
     def _fail(self, reason: str) -> None:
         if not self.stop_event.is_set():
@@ -4165,7 +4203,7 @@ class Replicator:
             load_checkpoints=lambda: self.store.load_checkpoints(tid),
             save_checkpoints=lambda checkpoints: self.store.save_checkpoints(tid, checkpoints, fence=self.fence),
             patience=self.patience, ask_reader=self.ask_reader, start_reading=self.start_reading,
-            failed=lambda: self.failed, published=self.publish)
+            failed=lambda: self.failed, checkpoint=self.checkpoint)
 
 
 ###############################################################################
@@ -4225,7 +4263,7 @@ class TargetCopies:
         self.clock, self.default_partition, self.follow, self.unfollow = clock, default_partition, follow, unfollow
         self.names = names or NameMap()
         # collections whose copy the user made (restored from a backup), to be taken as found: given with start
-        # positions at create
+        # positions at create (set by plan_start, like ``existing``)
         self.restored: Callable[[SourceCollection], bool] = lambda source: False
         # source collection id -> its copy on the target: the mirror's own object, which the mirror keeps current
         self.by_source: dict[int, TargetCollection] = {}
@@ -4233,6 +4271,11 @@ class TargetCopies:
         self.existing: set[int] = set()                     # collections copied as they are at start
         # (target collection id, partition name) -> the source partition id it copies, where known
         self.partitions: dict[tuple[int, str], int] = {}
+
+    def plan_start(self, restored: Callable[[SourceCollection], bool], existing: Iterable[int] = ()) -> None:
+        """What the start found: the collections whose copy the user made (``restored``), and those that are
+        copied as they are now, their history unread (``existing``, ids)."""
+        self.restored, self.existing = restored, set(existing)
 
     def of(self, collection_id: int) -> tuple[SourceCollection, TargetCollection] | None:
         """A replicated source collection and its copy on the target (made when missing), or None when the task
@@ -4467,7 +4510,7 @@ class ApplierContext:
     # the reader and catalog threads (the task's, not the applier's), once their starts are pinned
     start_reading: Callable[[ChannelReader, dict[str, int], CatalogPoller], None]
     failed: Callable[[], bool]       # the task is pausing for an error: its last checkpoint stands
-    published: Callable[[dict[str, int], list[str]], None]  # a checkpoint was stored: (channels, waiting for)
+    checkpoint: CheckpointRecord     # the task's durable time: told at each checkpoint stored
 
 
 @dataclass
@@ -4512,7 +4555,6 @@ class Applier:
         self.followed: dict[int, SourceCollection] = {}        # collections whose channels are read
         self.generations: dict[str, int] = {}   # times each channel was added as an input (ChangeOrder's stale check)
         self.catalog_fence = 0
-        self.durable = 0
         self.last_checkpoint = 0.0
         self.checkpoint_dirty = False
         self.sent: collections.deque[SentRound] = collections.deque()  # rounds handed to the send lanes
@@ -4533,14 +4575,20 @@ class Applier:
             CatalogChangeKind.COLLECTION: self.on_collection_seen, CatalogChangeKind.PARTITION: self.on_partition_seen,
             CatalogChangeKind.LOAD: self.on_load_changed, CatalogChangeKind.DROPPED: self.on_dropped_while_stopped}
 
+    @property
+    def durable(self) -> int:
+        """The time of the task's last checkpoint: asked of its CheckpointRecord, the one that holds it."""
+        return self.ctx.checkpoint.ts
+
     # -- start ----------------------------------------------------------------------------------------------
 
     def run(self) -> None:
         saved = self._with_store("loading the checkpoints from the meta store",
                                  self.ctx.load_checkpoints)
-        self.durable = max((c.timestamp for c in saved.values()), default=0)
-        self.order.applied = self.catalog_fence = self.durable
-        self.ctx.clock.join(self.tid, self.durable, self.task.connect)
+        self.ctx.checkpoint.resumed(max((c.timestamp for c in saved.values()), default=0))
+        self.order.resume_at(self.durable)
+        self.catalog_fence = self.durable
+        self.ctx.clock.join(self.tid, lambda: self.ctx.checkpoint.ts, self.task.connect)
         self.ctx.clock.add_channels(self.mirror.pchannels())
         reader = open_channel_reader(self.settings)
         try:
@@ -4588,7 +4636,9 @@ class Applier:
                 pins[channel] = given.get(channel) or reader.resolve(channel, LATEST)
         from pymilvus.client.utils import mkts_from_unixtime
         created = mkts_from_unixtime(self.task.created_at)
-        self.copies.restored = lambda c: c.create_time < created and self._given_start(c) is not None
+        old = {c.id for c in before}
+        self.copies.plan_start(restored=lambda c: c.create_time < created and self._given_start(c) is not None,
+                               existing=old if fresh else ())
         if not saved:
             for db_name in sorted(set(self.meta.databases().values())):
                 if self.filter.covers_database(db_name) and self.names.database(db_name) != DEFAULT_DB:
@@ -4598,9 +4648,6 @@ class Applier:
         for collection in listed:
             self.catalog.learn(collection)
         live = [c for c in listed if not c.dropped and self.filter.matches(c.db_name, c.name)]
-        old = {c.id for c in before}
-        if fresh:
-            self.copies.existing = old
         self.order.add_input(CATALOG_INPUT, InputKind.CATALOG)
         for collection in live:
             self.order.offer(CATALOG_INPUT, collection.create_time,
@@ -4853,13 +4900,12 @@ class Applier:
             log.info("task=%s the meta store answers again: checkpoint stored", self.tid)
             self.store_retry_at, self.store_failures = None, []
             self.ctx.waits.clear("checkpoint")
-        self.durable, self.checkpoint_dirty, self.last_checkpoint = applied, False, started
-        log.debug("task=%s checkpoint at ts %d (%.3fs behind)", self.tid, self.durable,
-                  time.time() - ts_seconds(self.durable))
-        self.ctx.published({name: applied for name in self.order.names() if name != CATALOG_INPUT},
-                       self.order.holding())
+        self.ctx.checkpoint.stored(applied, [name for name in self.order.names() if name != CATALOG_INPUT],
+                                   self.order.holding())
+        self.checkpoint_dirty, self.last_checkpoint = False, started
+        log.debug("task=%s checkpoint at ts %d (%.3fs behind)", self.tid, applied, time.time() - ts_seconds(applied))
         if not force:
-            self.ctx.clock.advance(self.tid, self.durable)
+            self.ctx.clock.advance(self.tid)
         return True
 
     def _with_store(self, operation: str, call: Callable[[], Any]) -> Any:
@@ -5385,8 +5431,8 @@ class TaskGauges:
                 if channel["lag_seconds"] is not None:
                     lag.add_metric([task.task_id, channel["channel"]], channel["lag_seconds"])
             if replicator is not None:
-                if replicator.checkpoint_at:
-                    age.add_metric([task.task_id], now - replicator.checkpoint_at)
+                if stored_at := replicator.checkpoint.at:
+                    age.add_metric([task.task_id], now - stored_at)
                 depth.add_metric([task.task_id], replicator.read_queue.qsize())
                 waiting.add_metric([task.task_id], 1.0 if replicator.faults() else 0.0)
         for each, number in totals.items():
@@ -5495,7 +5541,7 @@ class TaskManager:
                 clock = self.clocks[task.connect.address] = TargetClock(self.config.replication,
                                                                         task.connect.address)
                 if fence is not None:
-                    clock.fence = fence[0]  # from its first tick, not from the cluster agent's next sync
+                    clock.hold_with(fence[0])  # from its first tick, not from the cluster agent's next sync
             replicator = Replicator(task, self.config, self.store, clock, self._on_failure,
                                     self.metrics.task(task.task_id), fence, self.catalog_feed)
             self.replicators[task.task_id] = replicator
@@ -5908,7 +5954,7 @@ class ClusterTaskManager(TaskManager):
         with self.lock:
             running = dict(self.replicators)
             for address, clock in self.clocks.items():
-                clock.fence = lease if address in held else Lease("", "", 0, 0)  # an invalid fence: no ticks
+                clock.hold_with(lease if address in held else Lease("", "", 0, 0))  # an invalid fence: no ticks
         leaving: dict[str, TaskInfo | None] = {}
         for task_id, replicator in running.items():
             task = tasks.get(task_id)

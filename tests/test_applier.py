@@ -2,6 +2,7 @@
 target (its mirror and outbox), the target's clock and the reader thread; no server is needed."""
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 from types import SimpleNamespace
@@ -101,10 +102,13 @@ class FakeOutbox:
 
 class FakeClock:
     def __init__(self):
-        self.channels = set()
+        self.channels, self.advanced = set(), []
 
     def add_channels(self, pchannels):
         self.channels.update(pchannels)
+
+    def advance(self, task_id):
+        self.advanced.append(task_id)
 
 
 class FakeMetrics:
@@ -126,10 +130,10 @@ def make_applier():
         replication=m.ReplicationSettings(), meta=FakeMeta(), writer=SimpleNamespace(call_timeout=1.0),
         mirror=FakeMirror(events), outbox=FakeOutbox(events), clock=FakeClock(), metrics=FakeMetrics(),
         stop=threading.Event(), waits=m.Waits(), reads=queue.Queue(), catalog_reads=queue.Queue(),
-        load_checkpoints=dict, save_checkpoints=lambda checkpoints: None,
+        load_checkpoints=dict, save_checkpoints=lambda checkpoints: events.append(("checkpoints", checkpoints)),
         patience=lambda role: None, ask_reader=lambda *command: asked.append(command),
         start_reading=lambda reader, generations, poller: None, failed=lambda: False,
-        published=lambda channels, waiting_for: None)
+        checkpoint=m.CheckpointRecord())
     return m.Applier(ctx), ctx, events, asked
 
 
@@ -299,3 +303,30 @@ def test_the_replicator_hands_the_applier_its_reader_and_its_checkpoints():
     ctx.save_checkpoints([])
     assert saved == [("t1", fence)]
     assert ctx.reads is replicator.read_queue and ctx.stop is replicator.stop_event
+
+
+def test_a_checkpoint_stored_is_the_tasks_durable_time_for_every_one_who_asks():
+    """Issue 18, item 3: the durable time lived in the applier, the order, the clock and the task's status. The
+    CheckpointRecord holds it; the applier tells it once the meta store took the checkpoint, and only then is the
+    target's clock told to tick."""
+    applier, ctx, events, asked = make_applier()
+    applier.on_insert(insert(100))
+    applier.order.promise("src-dml_0", 150, b"\x09")
+    applier.order.commit([], 150)
+    applier.checkpoint_dirty = True
+    assert applier._save_checkpoint(now=True)
+    [checkpoint] = events[-1][1]
+    assert (checkpoint.channel, checkpoint.msg_id, checkpoint.timestamp) == ("src-dml_0", b"\x09", 150)
+    assert applier.durable == ctx.checkpoint.ts == 150 and ctx.checkpoint.at > 0
+    assert ctx.checkpoint.shown() == ({"src-dml_0": 150}, [])
+    assert ctx.clock.advanced == ["t1"]
+
+    def store_down(checkpoints):
+        raise m.MetaStoreUnavailable("store away")
+    applier.ctx = dataclasses.replace(ctx, save_checkpoints=store_down)
+    applier.order.commit([], 180)
+    applier.checkpoint_dirty = True
+    assert not applier._save_checkpoint(now=True)
+    assert applier.durable == 150 and ctx.clock.advanced == ["t1"], "not stored: neither durable nor ticked"
+    [wait] = ctx.waits.snapshot()
+    assert "store away" in wait.last_error

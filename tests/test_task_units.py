@@ -37,17 +37,22 @@ def test_target_ticks_follow_the_slowest_task_and_never_go_back():
         while writer.sent != expected and time.monotonic() < deadline:
             time.sleep(0.01)
         assert writer.sent == expected
+    durable = {"t1": 100, "t2": 50, "t3": 10}  # what each task's CheckpointRecord answers
+
+    def advance(task_id, ts):
+        durable[task_id] = ts
+        clock.advance(task_id)
     try:
-        clock.join("t1", 100, param)
-        clock.join("t2", 50, param)
+        clock.join("t1", lambda: durable["t1"], param)
+        clock.join("t2", lambda: durable["t2"], param)
         clock.add_channels(["a", "b"])  # nothing to tick before: both tasks have joined
         settled([("a", 50), ("b", 50)])  # ticks wait for the task that is behind
-        clock.advance("t1", 200)
-        clock.advance("t2", 300)
+        advance("t1", 200)
+        advance("t2", 300)
         settled([("a", 50), ("b", 50), ("a", 200), ("b", 200)])
         clock.leave("t1")
-        clock.join("t3", 10, param)   # a task joining late does not pull the channels back
-        clock.advance("t2", 400)
+        clock.join("t3", lambda: durable["t3"], param)   # a task joining late does not pull the channels back
+        advance("t2", 400)
         time.sleep(0.2)
         settled([("a", 50), ("b", 50), ("a", 200), ("b", 200)])
         clock.leave("t3")
@@ -297,7 +302,7 @@ def test_the_ticker_survives_any_failure_and_shows_it_until_ticks_go_out_again()
     settings = m.ReplicationSettings(retry_max_backoff=0.2)
     clock = m.TargetClock(settings, "t:1", make_writer=make_writer)
     try:
-        clock.join("t1", 100, m.ConnectParam("http://t:1"))
+        clock.join("t1", lambda: 100, m.ConnectParam("http://t:1"))
         clock.add_channels(["a"])
         deadline = time.monotonic() + 5
         while not clock.waits.snapshot() and time.monotonic() < deadline:
@@ -362,9 +367,9 @@ def test_every_try_of_a_tick_checks_the_lease():
         writer.stub = RateLimitedStub()
         return writer
     clock = m.TargetClock(m.ReplicationSettings(retry_max_backoff=0.2), "127.0.0.1:9", make_writer=make_writer)
-    clock.fence = lease
+    clock.hold_with(lease)
     try:
-        clock.join("t1", 100, m.ConnectParam("http://127.0.0.1:9"))
+        clock.join("t1", lambda: 100, m.ConnectParam("http://127.0.0.1:9"))
         clock.add_channels(["a"])
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline:
