@@ -3783,7 +3783,8 @@ class TargetClock:
         self.channels: set[str] = set()
         self.param: ConnectParam | None = None
         self.posted = 0                   # bumped at every change, so the ticker knows it has work
-        self.fence: Lease | None = None   # in a cluster: ticks only while this server holds the target (hold_with)
+        # in a cluster: ticks only while this server holds the target (owned here: set through hold_with)
+        self.fence: Lease | None = None
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
         self.waits = Waits()              # what the ticker waits out; every task on this target shows it in get
@@ -4268,7 +4269,7 @@ class TargetCopies:
         # source collection id -> its copy on the target: the mirror's own object, which the mirror keeps current
         self.by_source: dict[int, TargetCollection] = {}
         self.gone: set[int] = set()                         # collections whose drop is applied (or moot)
-        self.existing: set[int] = set()                     # collections copied as they are at start
+        self.existing: set[int] = set()                     # copied as they are at start (set by plan_start)
         # (target collection id, partition name) -> the source partition id it copies, where known
         self.partitions: dict[tuple[int, str], int] = {}
 
