@@ -4527,8 +4527,9 @@ class Applier:
     """The applier thread: takes the task's changes in ChangeOrder's order and applies each with its handler.
 
     It owns the order, what it knows of the source (SourceCatalog), which source collection has which copy on
-    the target, the channels it follows, and the checkpoint. The target's side is TargetMirror's. All else it
-    is given in an ApplierContext: it starts no thread, and asks the reader for channels through it.
+    the target, the channels it follows, and when a checkpoint is stored (the durable time itself is held by the
+    task's CheckpointRecord). The target's side is TargetMirror's. All else it is given in an ApplierContext: it
+    starts no thread, and asks the reader for channels through it.
     """
 
     WRITE_AHEAD_BYTES = 16 << 20  # messages on their way to the target before the oldest round must be acknowledged
