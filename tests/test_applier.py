@@ -330,3 +330,58 @@ def test_a_checkpoint_stored_is_the_tasks_durable_time_for_every_one_who_asks():
     assert applier.durable == 150 and ctx.clock.advanced == ["t1"], "not stored: neither durable nor ticked"
     [wait] = ctx.waits.snapshot()
     assert "store away" in wait.last_error
+
+
+class FakeReader:
+    """A channel reader with nothing to read, noting which thread adds and removes its channels."""
+
+    def __init__(self):
+        self.commands, self.closed = [], False
+
+    def add(self, channel, start):
+        self.commands.append(("add", channel, threading.current_thread().name))
+        return start
+
+    def remove(self, channel):
+        self.commands.append(("remove", channel, threading.current_thread().name))
+
+    def read(self, timeout):
+        threading.Event().wait(0.01)
+        return []
+
+    def at_end(self, channel):
+        return False
+
+    def transient(self, error):
+        return False
+
+    def close(self):
+        self.closed = True
+
+
+def test_the_replicator_owns_the_reader_and_catalog_threads_the_applier_asks_for():
+    source = m.SourceSettings(etcd=m.EtcdSettings(("127.0.0.1:2379",)), root_path="by-dev", meta_sub_path="meta",
+                              default_partition_name="_default", read_chan_len=8,
+                              replicate_chan="by-dev-replicate", mq_type="kafka")
+    config = SimpleNamespace(source=source, replication=m.ReplicationSettings())
+    feed = SimpleNamespace(poll_after=lambda asked, timeout: threading.Event().wait(0.05) or None, error="")
+    replicator = m.Replicator(m.TaskInfo("t1abcdefgh", m.ConnectParam("http://target:19530"), [{"name": "*"}]),
+                              config, SimpleNamespace(), SimpleNamespace(), lambda r, reason: None, FakeMetrics(),
+                              catalog_feed=feed)
+    ctx = replicator._applier_context(FakeMeta(), SimpleNamespace(call_timeout=1.0))
+    reader, meta_closed = FakeReader(), threading.Event()
+    poller = SimpleNamespace(meta=SimpleNamespace(close=meta_closed.set))
+    ctx.start_reading(reader, {}, poller)
+    assert replicator.started.is_set()
+    assert sorted(t.name for t in replicator.threads) == ["cdc-catalog-t1abcdef", "cdc-read-t1abcdef"]
+    ctx.ask_reader(m.ReaderCommand.ADD, "src-dml_0", m.LATEST, 1)
+    ctx.ask_reader(m.ReaderCommand.REMOVE, "src-dml_0", None, 0)
+    pause = threading.Event()
+    for _ in range(200):
+        if len(reader.commands) == 2:
+            break
+        pause.wait(0.01)
+    assert reader.commands == [("add", "src-dml_0", "cdc-read-t1abcdef"), ("remove", "src-dml_0", "cdc-read-t1abcdef")]
+    pause.wait(m.Replicator.CATALOG_IDLE + 0.2)  # the catalog thread waits on the feed by now
+    assert replicator.stop(5), "the task's threads end when it stops"
+    assert reader.closed and meta_closed.is_set() and not replicator.failed
