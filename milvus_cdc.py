@@ -3148,6 +3148,12 @@ class WantedLoad:
     partition_key: bool = False  # partitions managed by Milvus: only whole loads and releases
 
 
+class LoadMethod(enum.Enum):
+    """The target's two load calls (the value is the gRPC method): a whole collection, or some partitions."""
+    COLLECTION = "LoadCollection"
+    PARTITIONS = "LoadPartitions"
+
+
 class TargetMirror:
     """The target's catalog as one task sees it, and the calls that bring it to the source's state.
 
@@ -3160,7 +3166,9 @@ class TargetMirror:
 
     def __init__(self, writer: TargetWriter, task_id: str):
         self.writer, self.task_id = writer, task_id
-        self.collections: dict[tuple[str, str], TargetCollection] = {}   # described, by (database, name)
+        # described, by (database, name): the one owner of TargetCollection objects (TargetCopies points at these;
+        # a fresh description of the same collection updates the object in place)
+        self.collections: dict[tuple[str, str], TargetCollection] = {}
         self.load_kinds: dict[int, bool] = {}   # target collection id -> loaded as a whole (True) by this mirror
         # (target collection id, index name) -> source time of the index this mirror made there. A load read from
         # etcd can come before the replicate channel's CreateIndex, and its repair makes the source's current
@@ -3209,7 +3217,12 @@ class TargetMirror:
             if described is None:
                 self.collections.pop(key, None)
                 return None
-            self.collections[key] = described
+            known = self.collections.get(key)
+            if known is not None and known.id == described.id:
+                for name in (f.name for f in dataclasses.fields(described)):
+                    setattr(known, name, getattr(described, name))
+            else:
+                self.collections[key] = described
         return self.collections[key]
 
     def _describe(self, db_name: str, name: str) -> TargetCollection | None:
@@ -3327,12 +3340,11 @@ class TargetMirror:
                    target.db_name, ok_if=ALREADY_EXISTS,
                    # a collection made at a source time ahead of the target's clock is not there yet
                    transient_if=lambda s: answer_says(s, "key not found", "no value found"))
-        refreshed = self.collection(target.db_name, target.name, fresh=True)
+        refreshed = self.collection(target.db_name, target.name, fresh=True)  # ``target`` itself, refreshed
         if refreshed is None or name not in refreshed.partitions:
             raise TargetError(f"create partition {target.qualified_name}/{name}: missing on the target right "
                               f"after its creation")
-        target.partitions = refreshed.partitions
-        return target.partitions[name]
+        return refreshed.partitions[name]
 
     def drop_partition(self, target: TargetCollection, name: str, ts: int, outbox: Outbox,
                        messages: Iterable[tuple[str, bytes]]) -> None:
@@ -3434,31 +3446,31 @@ class TargetMirror:
             partitions = set()
         if wanted.whole:
             if not partitions or wanted.partitions - partitions:
-                if not self._load(target, "LoadCollection", [], wanted.replicas, ts, create_indexes):
+                if not self._load(target, LoadMethod.COLLECTION, [], wanted.replicas, ts, create_indexes):
                     return
                 partitions = set(target.partitions)
         else:
-            if not self._load(target, "LoadPartitions", sorted(wanted.partitions - partitions), wanted.replicas, ts,
-                              create_indexes):
+            if not self._load(target, LoadMethod.PARTITIONS, sorted(wanted.partitions - partitions), wanted.replicas,
+                              ts, create_indexes):
                 return
             partitions |= wanted.partitions
         self.load_kinds[target.id] = wanted.whole
         if partitions - wanted.partitions and not wanted.partition_key:
             self.release_partitions(target, partitions - wanted.partitions, ts)
 
-    def _load(self, target: TargetCollection, method: str, partitions: list[str], replicas: int, ts: int,
+    def _load(self, target: TargetCollection, method: LoadMethod, partitions: list[str], replicas: int, ts: int,
               create_indexes: Callable[[], None]) -> bool:
         """False when the load was skipped: the source's history undid it (see Undone)."""
         from pymilvus.grpc_gen import common_pb2, milvus_pb2
-        if method == "LoadPartitions" and not partitions:
+        if method == LoadMethod.PARTITIONS and not partitions:
             return True
         request = (milvus_pb2.LoadCollectionRequest(base=self.base(common_pb2.LoadCollection, ts))
-                   if method == "LoadCollection" else
+                   if method == LoadMethod.COLLECTION else
                    milvus_pb2.LoadPartitionsRequest(base=self.base(common_pb2.LoadPartitions, ts),
                                                     partition_names=partitions))
         request.db_name, request.collection_name, request.replica_number = target.db_name, target.name, replicas
         answer = self.apply(f"{'load collection' if not partitions else f'load partitions {partitions} of'} "
-                            f"{target.qualified_name}", method, request, target.db_name, repairs=[
+                            f"{target.qualified_name}", method.value, request, target.db_name, repairs=[
                                 Repair(lambda s: answer_says(s, "index not found", "no vector index"),
                                        create_indexes, "creating the source's indexes"),
                                 Repair(lambda s: answer_says(s, "replica number"),
@@ -3531,7 +3543,7 @@ class ChangeOrder:
     """
 
     def __init__(self, applied: int = 0):
-        self.applied = applied
+        self.applied = applied  # all at or below is on the target: owned here (moved by commit and resume_at)
         self.inputs: dict[str, _Input] = {}
         self.seq = 0
         self.added = False  # an input was added since the last take(): the watermark must be recomputed
@@ -3552,6 +3564,10 @@ class ChangeOrder:
             self.inputs[name] = _Input(name, kind, skip_until, generation, set(skip_positions),
                                        last=start if start and start.msg_id else None)
             self.added = True
+
+    def resume_at(self, applied: int) -> None:
+        """A restart from a checkpoint at ``applied``: everything at or below is on the target already."""
+        self.applied = max(self.applied, applied)
 
     def remove_input(self, name: str) -> None:
         removed = self.inputs.pop(name, None)
@@ -3877,6 +3893,43 @@ class TaskInfo:
         return shown
 
 
+class CheckpointRecord:
+    """A task's last stored checkpoint: its time (how far the task's changes are durable), the channels it covers,
+    what held the order back then, and when it was stored. The one record of the durable time: the applier tells
+    it, the target's ticker, `get` and the metrics ask it (from their own threads, hence the lock)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ts = 0
+        self._channels: tuple[str, ...] = ()
+        self._waiting_for: list[str] = []
+        self._at = 0.0  # time.time() of the store, 0 before the first
+
+    def resumed(self, ts: int) -> None:
+        """Read back from the meta store at start: durable, but not stored by this run."""
+        with self._lock:
+            self._ts = ts
+
+    def stored(self, ts: int, channels: Iterable[str], waiting_for: list[str]) -> None:
+        with self._lock:
+            self._ts, self._channels, self._waiting_for, self._at = ts, tuple(channels), waiting_for, time.time()
+
+    @property
+    def ts(self) -> int:
+        with self._lock:
+            return self._ts
+
+    @property
+    def at(self) -> float:
+        with self._lock:
+            return self._at
+
+    def shown(self) -> tuple[dict[str, int], list[str]]:
+        """(channel -> its durable time, what held the order back) as of the last checkpoint stored."""
+        with self._lock:
+            return {name: self._ts for name in self._channels}, list(self._waiting_for)
+
+
 class TargetClock:
     """Time ticks for one target Milvus, shared by every task writing to it.
 
@@ -3885,9 +3938,9 @@ class TargetClock:
     the durable checkpoint of any task writing to that target, so a task that restarts after a crash re-sends
     its unconfirmed messages into the same open tick window, where the target drops them as repeats.
 
-    One ticker thread of its own sends them: tasks only post their durable watermarks (no lock is held while the
-    target is called, and ticks on a channel go out in order). A target that is down is waited out; the tasks
-    writing to it see the same fault in their own calls.
+    One ticker thread of its own sends them: tasks only post that their durable time moved, and the ticker asks
+    it of each task's CheckpointRecord (no lock is held while the target is called, and ticks on a channel go out
+    in order). A target that is down is waited out; the tasks writing to it see the same fault in their own calls.
     """
 
     def __init__(self, retry: RetryPolicy, address: str,
@@ -3895,18 +3948,21 @@ class TargetClock:
         self.retry, self.address = retry, address
         self.make_writer = make_writer or (lambda param, patience, fence: TargetWriter(param, patience, fence=fence))
         self.changed = threading.Condition()
-        self.watermarks: dict[str, int] = {}
+        # task id -> its durable time, asked (each task's CheckpointRecord owns it)
+        self.watermarks: dict[str, Callable[[], int]] = {}
         self.channels: set[str] = set()
         self.param: ConnectParam | None = None
         self.posted = 0                   # bumped at every change, so the ticker knows it has work
-        self.fence: Lease | None = None   # in a cluster: ticks only while this server holds the target
+        # in a cluster: ticks only while this server holds the target (owned here: set through hold_with)
+        self.fence: Lease | None = None
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
         self.waits = Waits()              # what the ticker waits out; every task on this target shows it in get
 
-    def join(self, task_id: str, watermark: int, param: ConnectParam) -> None:
+    def join(self, task_id: str, durable: Callable[[], int], param: ConnectParam) -> None:
+        """``durable``: asks the task's durable time (it must not block: it is asked under this clock's lock)."""
         with self.changed:
-            self.watermarks[task_id] = watermark
+            self.watermarks[task_id] = durable
             self.param = param
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, name=f"cdc-tick-{self.address}", daemon=True)
@@ -3923,12 +3979,16 @@ class TargetClock:
             self.channels.update(pchannels)
             self._post()
 
-    def advance(self, task_id: str, watermark: int) -> None:
-        """A task's durable watermark moved: tick every channel up to the lowest of them."""
+    def advance(self, task_id: str) -> None:
+        """A task's durable time moved: tick every channel up to the lowest of them."""
         with self.changed:
             if task_id in self.watermarks:
-                self.watermarks[task_id] = watermark
                 self._post()
+
+    def hold_with(self, fence: Lease | None) -> None:
+        """Tick only while ``fence`` is valid (in a cluster: this server's hold on the target)."""
+        with self.changed:
+            self.fence = fence
 
     def _post(self) -> None:
         self.posted += 1
@@ -3954,7 +4014,7 @@ class TargetClock:
                 assert param is not None  # join sets it before it starts this thread
                 if fence is not None and not fence.valid():
                     continue  # the target may be another server's by now
-                tick = min(self.watermarks.values()) if self.watermarks else 0
+                tick = min(durable() for durable in self.watermarks.values()) if self.watermarks else 0
                 due = sorted(c for c in self.channels if tick > sent.get(c, 0))
             if not due:
                 continue
@@ -4044,6 +4104,12 @@ class SourceClock:
 # Replication task: threads ####################################################
 ###############################################################################
 
+class ReaderCommand(enum.Enum):
+    """What the applier asks of the reader thread, which alone touches the channel reader once it runs."""
+    ADD = "add"        # start reading a channel
+    REMOVE = "remove"  # stop reading it
+
+
 class Replicator:
     """One running task, three threads:
 
@@ -4052,7 +4118,8 @@ class Replicator:
     - the catalog thread polls the source's etcd for catalog changes;
     - the applier merges both in the source's order and writes to the target.
 
-    The task owns its threads and stops them on pause, delete and shutdown.
+    The task owns its threads and stops them on pause, delete and shutdown; the applier, which pins where reading
+    starts, asks for the other two through its ApplierContext (``start_reading``).
     """
 
     FENCE_INTERVAL = 0.05        # seconds between two promises of the replicate channel, at most
@@ -4076,20 +4143,28 @@ class Replicator:
         self.catalog_queue: queue.Queue = queue.Queue(maxsize=config.source.read_chan_len)
         self.reader_commands: queue.SimpleQueue = queue.SimpleQueue()
         self.source_clock = SourceClock()
-        self.status_lock = threading.Lock()
-        self.status: dict[str, Any] = {"channels": {}}
+        self.checkpoint = CheckpointRecord()  # the task's durable time: owned there, the applier tells it
         self.waits = Waits()
         self.threads: list[threading.Thread] = []
         self.started = threading.Event()  # set once the start positions are pinned in the meta store
         self.failed = False
         self.failure = ""
         self.refused = False  # the failure is the request's (StartRefused)
-        self.checkpoint_at = 0.0  # when the last checkpoint was stored (time.time())
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
     def start(self) -> None:
         self._spawn("apply", self._run_applier)
+
+    def start_reading(self, reader: ChannelReader, generations: dict[str, int], poller: CatalogPoller) -> None:
+        """The reader and catalog threads, once the applier has pinned where they start (in the meta store):
+        from here on the task counts as started."""
+        self._spawn("read", self._run_reader, reader, generations)
+        self._spawn("catalog", self._run_catalog, poller)
+        self.started.set()
+
+    def ask_reader(self, command: ReaderCommand, channel: str, start: StartAt | None, generation: int) -> None:
+        self.reader_commands.put((command, channel, start, generation))
 
     def _spawn(self, role: str, target: Callable, *args) -> None:
         thread = threading.Thread(target=target, args=args, name=f"cdc-{role}-{self.task.task_id[:8]}", daemon=True)
@@ -4112,8 +4187,7 @@ class Replicator:
         return not self.stop_event.is_set() and all(t.is_alive() for t in self.threads)
 
     def lag(self) -> list[dict]:
-        with self.status_lock:
-            channels = dict(self.status["channels"])
+        channels, _ = self.checkpoint.shown()
         now = time.time()
         return [channel_lag(name, ts, now) for name, ts in sorted(channels.items())]
 
@@ -4123,9 +4197,9 @@ class Replicator:
         waits = self.faults()
         if waits:
             shown["retrying"] = [w.public() for w in waits]
-        with self.status_lock:
-            if self.status.get("waiting_for"):
-                shown["waiting_for"] = self.status["waiting_for"]
+        _, waiting_for = self.checkpoint.shown()
+        if waiting_for:
+            shown["waiting_for"] = waiting_for
         return shown
 
     def faults(self) -> list[Wait]:
@@ -4135,10 +4209,6 @@ class Replicator:
 
     def patience(self, role: str) -> Patience:
         return Patience(self.retry, self.stop_event, self.waits, role, self.task.task_id)
-
-    def publish(self, channels: dict[str, int], waiting_for: list[str]) -> None:
-        with self.status_lock:
-            self.status = {"channels": channels, "waiting_for": waiting_for}
 
     def _fail(self, reason: str) -> None:
         if not self.stop_event.is_set():
@@ -4204,7 +4274,7 @@ class Replicator:
                     command, channel, start, generation = self.reader_commands.get_nowait()
                 except queue.Empty:
                     break
-                if command == "add":
+                if command == ReaderCommand.ADD:
                     patience.run(f"seeking {channel} in the source MQ",
                                  functools.partial(reader.add, channel, start), reader.transient)
                     generations[channel] = generation
@@ -4287,11 +4357,27 @@ class Replicator:
             # opened inside, so that a failure to open pauses the task with its reason like any other
             opened.append(SourceMeta(self.config.source, self.patience("applier")))
             opened.append(TargetWriter(self.task.connect, self.patience("applier"), self.metrics, self.fence))
-            Applier(self, *opened).run()
+            Applier(self._applier_context(*opened)).run()
         try:
             self._ending("applying", apply, opened)
         finally:
             self.clock.leave(self.task.task_id)
+
+    def _applier_context(self, meta: SourceMeta, writer: TargetWriter) -> ApplierContext:
+        tid, replication = self.task.task_id, self.config.replication
+        outbox = Outbox(writer, tid,
+                        lambda pchannel, call: writer.sibling(self.patience(
+                            f"sending to {pchannel}" + (f" (call {call + 1})" if call else ""))),
+                        replication.calls_per_channel)
+        return ApplierContext(
+            task=self.task, source=self.config.source, replication=replication, retry=self.retry, meta=meta,
+            writer=writer,
+            mirror=TargetMirror(writer, tid), outbox=outbox, clock=self.clock, metrics=self.metrics,
+            stop=self.stop_event, waits=self.waits, reads=self.read_queue, catalog_reads=self.catalog_queue,
+            load_checkpoints=lambda: self.store.load_checkpoints(tid),
+            save_checkpoints=lambda checkpoints: self.store.save_checkpoints(tid, checkpoints, fence=self.fence),
+            patience=self.patience, ask_reader=self.ask_reader, start_reading=self.start_reading,
+            failed=lambda: self.failed, checkpoint=self.checkpoint)
 
 
 ###############################################################################
@@ -4351,13 +4437,19 @@ class TargetCopies:
         self.clock, self.default_partition, self.follow, self.unfollow = clock, default_partition, follow, unfollow
         self.names = names or NameMap()
         # collections whose copy the user made (restored from a backup), to be taken as found: given with start
-        # positions at create
+        # positions at create (set by plan_start, like ``existing``)
         self.restored: Callable[[SourceCollection], bool] = lambda source: False
-        self.by_source: dict[int, TargetCollection] = {}    # source collection id -> its copy on the target
+        # source collection id -> its copy on the target: the mirror's own object, which the mirror keeps current
+        self.by_source: dict[int, TargetCollection] = {}
         self.gone: set[int] = set()                         # collections whose drop is applied (or moot)
-        self.existing: set[int] = set()                     # collections copied as they are at start
+        self.existing: set[int] = set()                     # copied as they are at start (set by plan_start)
         # (target collection id, partition name) -> the source partition id it copies, where known
         self.partitions: dict[tuple[int, str], int] = {}
+
+    def plan_start(self, restored: Callable[[SourceCollection], bool], existing: Iterable[int] = ()) -> None:
+        """What the start found: the collections whose copy the user made (``restored``), and those that are
+        copied as they are now, their history unread (``existing``, ids)."""
+        self.restored, self.existing = restored, set(existing)
 
     def of(self, collection_id: int) -> tuple[SourceCollection, TargetCollection] | None:
         """A replicated source collection and its copy on the target (made when missing), or None when the task
@@ -4567,6 +4659,35 @@ class TargetCopies:
 CATALOG_INPUT = "source catalog (etcd)"
 
 
+@dataclass(frozen=True)
+class ApplierContext:
+    """All the applier is given: what it reads, what it writes, and what it may ask of its task. The Replicator
+    builds it and owns what is behind it, its threads above all; a unit test builds one of fakes."""
+    task: TaskInfo
+    source: SourceSettings
+    replication: ReplicationSettings
+    retry: RetryPolicy               # the server's one retry policy
+    meta: SourceMeta                 # the source's catalog, read
+    writer: TargetWriter             # the target: written through the mirror (DDL) and the outbox (messages)
+    mirror: TargetMirror
+    outbox: Outbox
+    clock: TargetClock               # the target's ticks: joined at start, advanced with the checkpoint
+    metrics: TaskMetrics
+    stop: threading.Event            # set when the task stops
+    waits: Waits                     # what `get` shows the task waiting out
+    reads: queue.Queue               # ReadBatch after ReadBatch, from the reader thread
+    catalog_reads: queue.Queue       # (fence, catalog changes), from the catalog thread
+    load_checkpoints: Callable[[], dict[str, Checkpoint]]
+    save_checkpoints: Callable[[list[Checkpoint]], None]   # fenced, in a cluster
+    patience: Callable[[str], Patience]                     # for one role's retries, shown in `get`
+    # the reader thread alone touches the channel reader once it runs: channels are added and removed through it
+    ask_reader: Callable[[ReaderCommand, str, StartAt | None, int], None]
+    # the reader and catalog threads (the task's, not the applier's), once their starts are pinned
+    start_reading: Callable[[ChannelReader, dict[str, int], CatalogPoller], None]
+    failed: Callable[[], bool]       # the task is pausing for an error: its last checkpoint stands
+    checkpoint: CheckpointRecord     # the task's durable time: told at each checkpoint stored
+
+
 @dataclass
 class SentRound:
     """A round whose messages are on their way to the target: committed once every future is done."""
@@ -4580,29 +4701,27 @@ class Applier:
     """The applier thread: takes the task's changes in ChangeOrder's order and applies each with its handler.
 
     It owns the order, what it knows of the source (SourceCatalog), which source collection has which copy on
-    the target, the channels it follows, and the checkpoint. The target's side is TargetMirror's.
+    the target, the channels it follows, and when a checkpoint is stored (the durable time itself is held by the
+    task's CheckpointRecord). The target's side is TargetMirror's. All else it is given in an ApplierContext: it
+    starts no thread, and asks the reader for channels through it.
     """
 
     WRITE_AHEAD_BYTES = 16 << 20  # messages on their way to the target before the oldest round must be acknowledged
     ROUND_BYTES = 4 << 20         # messages one round hands to the send lanes, at most
     HELD_BYTES = 64 << 20         # messages waiting above the watermark before the read queue is left be
 
-    def __init__(self, replicator: Replicator, meta: SourceMeta, writer: TargetWriter):
+    def __init__(self, ctx: ApplierContext):
         from pymilvus.grpc_gen import common_pb2
-        self.r, self.meta, self.writer = replicator, meta, writer
-        self.task, self.stop = replicator.task, replicator.stop_event
+        self.ctx = ctx
+        self.meta, self.writer, self.mirror, self.outbox = ctx.meta, ctx.writer, ctx.mirror, ctx.outbox
+        self.task, self.stop = ctx.task, ctx.stop
         self.tid = self.task.task_id
         self.filter = self.task.filter
-        self.settings = replicator.config.source
+        self.settings = ctx.source
         self.replicate_chan = self.settings.replicate_chan
-        self.catalog = SourceCatalog(meta, self.filter)
-        self.mirror = TargetMirror(writer, self.tid)
-        self.outbox = Outbox(writer, self.tid,
-                             lambda pchannel, call: writer.sibling(replicator.patience(
-                                 f"sending to {pchannel}" + (f" (call {call + 1})" if call else ""))),
-                             replicator.config.replication.calls_per_channel)
+        self.catalog = SourceCatalog(ctx.meta, self.filter)
         self.names = self.task.names
-        self.copies = TargetCopies(self.tid, self.catalog, meta, self.mirror, self.outbox, replicator.clock,
+        self.copies = TargetCopies(self.tid, self.catalog, ctx.meta, self.mirror, self.outbox, ctx.clock,
                                    self.settings.default_partition_name, self._follow, self._unfollow, self.names)
         # Start positions given at create: a channel's messages at or below its time are on the target already;
         # for one collection (by name), only that collection's.
@@ -4612,14 +4731,12 @@ class Applier:
         self.followed: dict[int, SourceCollection] = {}        # collections whose channels are read
         self.generations: dict[str, int] = {}   # times each channel was added as an input (ChangeOrder's stale check)
         self.catalog_fence = 0
-        self.durable = 0
         self.last_checkpoint = 0.0
         self.checkpoint_dirty = False
         self.sent: collections.deque[SentRound] = collections.deque()  # rounds handed to the send lanes
-        self.write_ahead = replicator.config.replication.write_ahead
+        self.write_ahead = ctx.replication.write_ahead
         self.store_retry_at: float | None = None   # the meta store is down: when to try it again
         self.store_failures: list[float] = []
-        self.patience = replicator.patience("applier")
         self.data_handlers = {
             common_pb2.Insert: self.on_insert, common_pb2.Delete: self.on_delete,
             common_pb2.CreateCollection: self.on_create_collection,
@@ -4634,15 +4751,21 @@ class Applier:
             CatalogChangeKind.COLLECTION: self.on_collection_seen, CatalogChangeKind.PARTITION: self.on_partition_seen,
             CatalogChangeKind.LOAD: self.on_load_changed, CatalogChangeKind.DROPPED: self.on_dropped_while_stopped}
 
+    @property
+    def durable(self) -> int:
+        """The time of the task's last checkpoint: asked of its CheckpointRecord, the one that holds it."""
+        return self.ctx.checkpoint.ts
+
     # -- start ----------------------------------------------------------------------------------------------
 
     def run(self) -> None:
         saved = self._with_store("loading the checkpoints from the meta store",
-                                 lambda: self.r.store.load_checkpoints(self.tid))
-        self.durable = max((c.timestamp for c in saved.values()), default=0)
-        self.order.applied = self.catalog_fence = self.durable
-        self.r.clock.join(self.tid, self.durable, self.task.connect)
-        self.r.clock.add_channels(self.mirror.pchannels())
+                                 self.ctx.load_checkpoints)
+        self.ctx.checkpoint.resumed(max((c.timestamp for c in saved.values()), default=0))
+        self.order.resume_at(self.durable)
+        self.catalog_fence = self.durable
+        self.ctx.clock.join(self.tid, lambda: self.ctx.checkpoint.ts, self.task.connect)
+        self.ctx.clock.add_channels(self.mirror.pchannels())
         reader = open_channel_reader(self.settings)
         try:
             poller, starts = self._plan_starts(saved, reader)
@@ -4657,16 +4780,14 @@ class Applier:
                          lambda: self._save_checkpoint(force=True, strict=True))
         log.info("task=%s started: %d collection(s), %d channel(s), resuming at ts %d", self.tid,
                  len(self.followed), len(self.order.names()) - 1, self.durable)
-        self.r._spawn("read", self.r._run_reader, reader, dict(self.generations))
-        self.r._spawn("catalog", self.r._run_catalog, poller)
-        self.r.started.set()
+        self.ctx.start_reading(reader, dict(self.generations), poller)
         try:
             self._loop()
         finally:
             if not self.outbox.close(self.writer.call_timeout + 5):
                 log.warning("task=%s stopping with a call to the target still out after %.0fs", self.tid,
                             self.writer.call_timeout + 5)
-            if not self.r.failed:
+            if not self.ctx.failed():
                 try:
                     self._save_checkpoint(force=True)
                 except MetaStoreUnavailable as exc:  # the last stored checkpoint stands: nothing is lost
@@ -4691,7 +4812,9 @@ class Applier:
                 pins[channel] = given.get(channel) or reader.resolve(channel, LATEST)
         from pymilvus.client.utils import mkts_from_unixtime
         created = mkts_from_unixtime(self.task.created_at)
-        self.copies.restored = lambda c: c.create_time < created and self._given_start(c) is not None
+        old = {c.id for c in before}
+        self.copies.plan_start(restored=lambda c: c.create_time < created and self._given_start(c) is not None,
+                               existing=old if fresh else ())
         if not saved:
             for db_name in sorted(set(self.meta.databases().values())):
                 if self.filter.covers_database(db_name) and self.names.database(db_name) != DEFAULT_DB:
@@ -4701,9 +4824,6 @@ class Applier:
         for collection in listed:
             self.catalog.learn(collection)
         live = [c for c in listed if not c.dropped and self.filter.matches(c.db_name, c.name)]
-        old = {c.id for c in before}
-        if fresh:
-            self.copies.existing = old
         self.order.add_input(CATALOG_INPUT, InputKind.CATALOG)
         for collection in live:
             self.order.offer(CATALOG_INPUT, collection.create_time,
@@ -4746,7 +4866,7 @@ class Applier:
             starts[channel] = StartAt(StartKind.AT, reader.earliest(ids)) if ids else pins.get(channel, LATEST)
         for collection in live:
             self.followed[collection.id] = collection
-        return CatalogPoller(SourceMeta(self.settings, self.r.patience("catalog")), revision), starts
+        return CatalogPoller(SourceMeta(self.settings, self.ctx.patience("catalog")), revision), starts
 
     def _given_start(self, collection: SourceCollection, channel: str = "") -> StartPosition | None:
         """The start position given at create that covers this collection (on ``channel``, or on any of its)."""
@@ -4784,7 +4904,7 @@ class Applier:
         if reader is not None:
             start = reader.add(channel, start)  # at start-up, before the reader thread owns the reader
         else:
-            self.r.reader_commands.put(("add", channel, start, generation))
+            self.ctx.ask_reader(ReaderCommand.ADD, channel, start, generation)
         kind = InputKind.OPERATIONS if channel == self.replicate_chan else InputKind.DATA
         self.order.add_input(channel, kind, start if start.kind in (StartKind.AFTER, StartKind.AT) else None,
                              skip_until=self.floors.get((channel, ""), 0), generation=generation,
@@ -4795,7 +4915,7 @@ class Applier:
     def _unread(self, channel: str) -> None:
         if self.order.has_input(channel):
             self.order.remove_input(channel)
-            self.r.reader_commands.put(("remove", channel, None, 0))
+            self.ctx.ask_reader(ReaderCommand.REMOVE, channel, None, 0)
             log.info("task=%s stopped reading %s: no replicated collection left on it", self.tid, channel)
 
     # -- main loop ------------------------------------------------------------------------------------------
@@ -4828,7 +4948,7 @@ class Applier:
             self.stop.wait(wait)
         else:
             with contextlib.suppress(queue.Empty):
-                batch = self.r.read_queue.get(timeout=wait)
+                batch = self.ctx.reads.get(timeout=wait)
         for message in batch.messages:
             generation = batch.generations.get(message.channel, 0)
             if message.msg_type == common_pb2.TimeTick:
@@ -4842,7 +4962,7 @@ class Applier:
                 self.order.promise(message.channel, message.timestamp, generation=generation)
         while True:
             try:
-                fence, changes = self.r.catalog_queue.get_nowait()
+                fence, changes = self.ctx.catalog_reads.get_nowait()
             except queue.Empty:
                 return
             for change in changes:
@@ -4936,7 +5056,7 @@ class Applier:
         answer: the next try is scheduled (``strict`` raises instead)."""
         started = time.monotonic()
         if not self.checkpoint_dirty or (not force and not now and started - self.last_checkpoint <
-                                         self.r.config.replication.checkpoint_interval):
+                                         self.ctx.replication.checkpoint_interval):
             return True
         applied = self.order.applied
         checkpoints = []
@@ -4946,7 +5066,7 @@ class Applier:
                 checkpoints.append(Checkpoint(name, resume.msg_id, applied, resume.kind,
                                               self.order.applied_after_resume(name)))
         try:
-            self.r.store.save_checkpoints(self.tid, checkpoints, fence=self.r.fence)
+            self.ctx.save_checkpoints(checkpoints)
         except MetaStoreUnavailable as exc:
             if strict or force:
                 raise
@@ -4955,15 +5075,13 @@ class Applier:
         if self.store_retry_at is not None:
             log.info("task=%s the meta store answers again: checkpoint stored", self.tid)
             self.store_retry_at, self.store_failures = None, []
-            self.r.waits.clear("checkpoint")
-        self.durable, self.checkpoint_dirty, self.last_checkpoint = applied, False, started
-        self.r.checkpoint_at = time.time()
-        log.debug("task=%s checkpoint at ts %d (%.3fs behind)", self.tid, self.durable,
-                  time.time() - ts_seconds(self.durable))
-        self.r.publish({name: applied for name in self.order.names() if name != CATALOG_INPUT},
-                       self.order.holding())
+            self.ctx.waits.clear("checkpoint")
+        self.ctx.checkpoint.stored(applied, [name for name in self.order.names() if name != CATALOG_INPUT],
+                                   self.order.holding())
+        self.checkpoint_dirty, self.last_checkpoint = False, started
+        log.debug("task=%s checkpoint at ts %d (%.3fs behind)", self.tid, applied, time.time() - ts_seconds(applied))
         if not force:
-            self.r.clock.advance(self.tid, self.durable)
+            self.ctx.clock.advance(self.tid)
         return True
 
     def _with_store(self, operation: str, call: Callable[[], Any]) -> Any:
@@ -4975,20 +5093,20 @@ class Applier:
                 result = call()
             except MetaStoreUnavailable as exc:
                 tries += 1
-                self.r.waits.set("checkpoint", Wait(operation, started, tries, str(exc)))
+                self.ctx.waits.set("checkpoint", Wait(operation, started, tries, str(exc)))
                 log.warning("task=%s %s: %s", self.tid, operation, exc)
-                if self.stop.wait(self.r.retry.delay(tries)):
+                if self.stop.wait(self.ctx.retry.delay(tries)):
                     raise TaskStopping() from None
                 continue
-            self.r.waits.clear("checkpoint")
+            self.ctx.waits.clear("checkpoint")
             return result
 
     def _store_down(self, error: MetaStoreUnavailable) -> None:
         self.store_failures.append(time.time())
-        backoff = self.r.retry.delay(len(self.store_failures))
+        backoff = self.ctx.retry.delay(len(self.store_failures))
         self.store_retry_at = time.monotonic() + backoff
-        self.r.waits.set("checkpoint", Wait("saving the checkpoint to the meta store", self.store_failures[0],
-                                            len(self.store_failures), str(error)))
+        self.ctx.waits.set("checkpoint", Wait("saving the checkpoint to the meta store", self.store_failures[0],
+                                              len(self.store_failures), str(error)))
         log.warning("task=%s %s; trying again in %.1fs", self.tid, error, backoff)
 
     def _follow(self, source: SourceCollection) -> None:
@@ -5024,8 +5142,8 @@ class Applier:
         shard = shard_index(msg.shardName)
         self.outbox.add(target.pchannels[shard], MessageRewriter.insert(msg, target, partition_id, shard),
                         reorderable=True)
-        self.r.metrics.replicated(target.qualified_name, "insert", msg.num_rows or len(msg.timestamps),
-                                  len(message.payload))
+        self.ctx.metrics.replicated(target.qualified_name, "insert", msg.num_rows or len(msg.timestamps),
+                                    len(message.payload))
 
     def on_delete(self, message: SourceMessage) -> None:
         from pymilvus.grpc_gen import msg_pb2
@@ -5040,8 +5158,8 @@ class Applier:
         shard = shard_index(msg.shardName)
         self.outbox.add(target.pchannels[shard], MessageRewriter.delete(msg, target, partition_id, shard),
                         reorderable=True)
-        self.r.metrics.replicated(target.qualified_name, "delete", msg.num_rows or len(msg.timestamps),
-                                  len(message.payload))
+        self.ctx.metrics.replicated(target.qualified_name, "delete", msg.num_rows or len(msg.timestamps),
+                                    len(message.payload))
 
     def on_create_collection(self, message: SourceMessage) -> None:
         from pymilvus.grpc_gen import msg_pb2
@@ -5488,8 +5606,8 @@ class TaskGauges:
                 if channel["lag_seconds"] is not None:
                     lag.add_metric([task.task_id, channel["channel"]], channel["lag_seconds"])
             if replicator is not None:
-                if replicator.checkpoint_at:
-                    age.add_metric([task.task_id], now - replicator.checkpoint_at)
+                if stored_at := replicator.checkpoint.at:
+                    age.add_metric([task.task_id], now - stored_at)
                 depth.add_metric([task.task_id], replicator.read_queue.qsize())
                 waiting.add_metric([task.task_id], 1.0 if replicator.faults() else 0.0)
         for each, number in totals.items():
@@ -5598,7 +5716,7 @@ class TaskManager:
             if clock is None:
                 clock = self.clocks[task.connect.address] = TargetClock(self.retry, task.connect.address)
                 if fence is not None:
-                    clock.fence = fence[0]  # from its first tick, not from the cluster agent's next sync
+                    clock.hold_with(fence[0])  # from its first tick, not from the cluster agent's next sync
             replicator = Replicator(task, self.config, self.store, clock, self._on_failure,
                                     self.metrics.task(task.task_id), fence, self.catalog_feed, retry=self.retry)
             self.replicators[task.task_id] = replicator
@@ -6012,7 +6130,7 @@ class ClusterTaskManager(TaskManager):
         with self.lock:
             running = dict(self.replicators)
             for address, clock in self.clocks.items():
-                clock.fence = lease if address in held else Lease("", "", 0, 0)  # an invalid fence: no ticks
+                clock.hold_with(lease if address in held else Lease("", "", 0, 0))  # an invalid fence: no ticks
         leaving: dict[str, TaskInfo | None] = {}
         for task_id, replicator in running.items():
             task = tasks.get(task_id)

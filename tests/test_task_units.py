@@ -53,17 +53,22 @@ def test_target_ticks_follow_the_slowest_task_and_never_go_back():
         while writer.sent != expected and time.monotonic() < deadline:
             time.sleep(0.01)
         assert writer.sent == expected
+    durable = {"t1": 100, "t2": 50, "t3": 10}  # what each task's CheckpointRecord answers
+
+    def advance(task_id, ts):
+        durable[task_id] = ts
+        clock.advance(task_id)
     try:
-        clock.join("t1", 100, param)
-        clock.join("t2", 50, param)
+        clock.join("t1", lambda: durable["t1"], param)
+        clock.join("t2", lambda: durable["t2"], param)
         clock.add_channels(["a", "b"])  # nothing to tick before: both tasks have joined
         settled([("a", 50), ("b", 50)])  # ticks wait for the task that is behind
-        clock.advance("t1", 200)
-        clock.advance("t2", 300)
+        advance("t1", 200)
+        advance("t2", 300)
         settled([("a", 50), ("b", 50), ("a", 200), ("b", 200)])
         clock.leave("t1")
-        clock.join("t3", 10, param)   # a task joining late does not pull the channels back
-        clock.advance("t2", 400)
+        clock.join("t3", lambda: durable["t3"], param)   # a task joining late does not pull the channels back
+        advance("t2", 400)
         time.sleep(0.2)
         settled([("a", 50), ("b", 50), ("a", 200), ("b", 200)])
         clock.leave("t3")
@@ -312,7 +317,7 @@ def test_the_ticker_survives_any_failure_and_shows_it_until_ticks_go_out_again()
         return writer
     clock = m.TargetClock(m.RetryPolicy(max_backoff=0.2), "t:1", make_writer=make_writer)
     try:
-        clock.join("t1", 100, m.ConnectParam("http://t:1"))
+        clock.join("t1", lambda: 100, m.ConnectParam("http://t:1"))
         clock.add_channels(["a"])
         deadline = time.monotonic() + 5
         while not clock.waits.snapshot() and time.monotonic() < deadline:
@@ -377,9 +382,9 @@ def test_every_try_of_a_tick_checks_the_lease():
         writer.stub = RateLimitedStub()
         return writer
     clock = m.TargetClock(m.RetryPolicy(max_backoff=0.2), "127.0.0.1:9", make_writer=make_writer)
-    clock.fence = lease
+    clock.hold_with(lease)
     try:
-        clock.join("t1", 100, m.ConnectParam("http://127.0.0.1:9"))
+        clock.join("t1", lambda: 100, m.ConnectParam("http://127.0.0.1:9"))
         clock.add_channels(["a"])
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline:
@@ -738,7 +743,7 @@ def ticker_waits(server, replicator, _):
     clock, writer = replicator.clock, RecordingWriter()
     clock.stopping = RecordingEvent()
     clock.make_writer = failing(FAILURES, m.TlsFileError("ca_pem_path"), writer)
-    clock.join("t1", 100, replicator.task.connect)
+    clock.join("t1", lambda: 100, replicator.task.connect)
     clock.add_channels(["a"])
     deadline = time.monotonic() + 10
     while not writer.sent and time.monotonic() < deadline:
@@ -746,15 +751,24 @@ def ticker_waits(server, replicator, _):
     return clock.stopping.waits
 
 
+def applier_of(replicator):
+    """An applier of fakes (tests/test_applier.py's) with the replicator's policy, stop event and waits."""
+    import dataclasses
+    from test_applier import make_applier
+    ctx = make_applier()[1]
+    return m.Applier(dataclasses.replace(ctx, retry=replicator.retry, stop=replicator.stop_event,
+                                         waits=replicator.waits))
+
+
 def meta_store_waits_at_start(server, replicator, _):
     replicator.stop_event = RecordingEvent()
-    applier = m.Applier(replicator, None, None)
+    applier = applier_of(replicator)
     applier._with_store("loading the checkpoints", failing(FAILURES, m.MetaStoreUnavailable("away")))
     return replicator.stop_event.waits
 
 
 def meta_store_waits_at_checkpoints(server, replicator, _):
-    applier, waits = m.Applier(replicator, None, None), []
+    applier, waits = applier_of(replicator), []
     for _ in range(FAILURES):
         applier._store_down(m.MetaStoreUnavailable("away"))
         waits.append(applier.store_retry_at - time.monotonic())  # scheduled, not slept: at most the delay
@@ -769,7 +783,7 @@ def pause_store_waits(server, replicator, slept):
 
 
 def cluster_pause_store_waits(server, replicator, slept):
-    cluster = m.ClusterTaskManager(server.config, server.store, m.Metrics(), "s1", 10.0)
+    cluster = m.ClusterTaskManager(server.config, server.store, SimpleNamespace(), m.Metrics(), "s1", 10.0)
     assert cluster.retry == server.retry
     cluster.store = SimpleNamespace(update_task=failing(FAILURES, m.MetaStoreUnavailable("away")))
     cluster._on_failure(SimpleNamespace(task=SimpleNamespace(task_id="t1", created_at=1.0), fence=None), "refused")
@@ -812,3 +826,43 @@ def test_retry_max_backoff_bounds_the_waits_of_every_retrying_part(tmp_path, mon
         server.store.close()
     assert len(waits) >= FAILURES, f"{part.__name__}: {waits}"
     assert all(most * 0.5 < wait <= most for wait in waits), f"{part.__name__} ignores retryMaxBackoff: {waits}"
+
+
+class DescribingWriter:
+    """A target writer that answers describes from what the target has now (``collection_id``, ``partitions``)
+    and makes the partitions it is asked to."""
+    metrics = None
+
+    def __init__(self, collection_id, partitions):
+        self.collection_id, self.partitions = collection_id, partitions
+
+    def base(self, msg_type, ts):
+        from pymilvus.grpc_gen import common_pb2
+        return common_pb2.MsgBase(msg_type=msg_type, timestamp=ts)
+
+    def call(self, op, method, request, db_name="", ok_if=None, transient_if=None, explained_if=None):
+        from pymilvus.grpc_gen import common_pb2, milvus_pb2
+        if method == "DescribeCollection":
+            return milvus_pb2.DescribeCollectionResponse(status=common_pb2.Status(), collectionID=self.collection_id,
+                                                         created_timestamp=1, virtual_channel_names=["ch_1_7v0"])
+        if method == "ShowPartitions":
+            return milvus_pb2.ShowPartitionsResponse(status=common_pb2.Status(), partition_names=list(self.partitions),
+                                                     partitionIDs=list(self.partitions.values()))
+        if method == "CreatePartition":
+            self.partitions[request.partition_name] = 70 + len(self.partitions) + 1
+        return common_pb2.Status()
+
+
+def test_the_mirror_keeps_the_collection_the_copies_hold_current():
+    """Issue 18, item 3: a copy's TargetCollection was cached twice (the mirror's, TargetCopies'), and making a
+    partition patched the stale one. The mirror owns the objects: a fresh description updates the one held."""
+    writer = DescribingWriter(7, {"_default": 71})
+    mirror = m.TargetMirror(writer, "t1")
+    held = mirror.collection("shop", "c")  # as TargetCopies holds a copy
+    assert mirror.ensure_partition(held, "p1", 100) == 72
+    assert held.partitions == {"_default": 71, "p1": 72} and mirror.collection("shop", "c") is held
+    writer.partitions["p2"] = 80  # made meanwhile (a repair, another describe)
+    assert mirror.collection("shop", "c", fresh=True) is held and held.partitions["p2"] == 80
+    writer.collection_id = 8      # another incarnation of the name: a collection of its own
+    newer = mirror.collection("shop", "c", fresh=True)
+    assert newer is not held and (newer.id, held.id) == (8, 7)
