@@ -3953,6 +3953,7 @@ class TargetClock:
         self.channels: set[str] = set()
         self.param: ConnectParam | None = None
         self.posted = 0                   # bumped at every change, so the ticker knows it has work
+        self.ticked = 0                   # every channel has had a tick at least this high (set by the ticker)
         # in a cluster: ticks only while this server holds the target (owned here: set through hold_with)
         self.fence: Lease | None = None
         self.stopping = threading.Event()
@@ -3985,6 +3986,14 @@ class TargetClock:
             if task_id in self.watermarks:
                 self._post()
 
+    def wait_ticked(self, ts: int, timeout: float) -> bool:
+        """Wait until every channel has had a tick at ``ts`` or above (False after ``timeout``, or at once when
+        ticks cannot go out: the clock closing, the lease gone)."""
+        with self.changed:
+            return self.changed.wait_for(
+                lambda: self.ticked >= ts or self.stopping.is_set() or
+                (self.fence is not None and not self.fence.valid()), timeout) and self.ticked >= ts
+
     def hold_with(self, fence: Lease | None) -> None:
         """Tick only while ``fence`` is valid (in a cluster: this server's hold on the target)."""
         with self.changed:
@@ -3993,6 +4002,11 @@ class TargetClock:
     def _post(self) -> None:
         self.posted += 1
         self.changed.notify_all()
+
+    def _ticked(self, tick: int) -> None:
+        if tick > self.ticked:
+            self.ticked = tick
+            self.changed.notify_all()
 
     def close(self) -> None:
         self.stopping.set()
@@ -4016,6 +4030,8 @@ class TargetClock:
                     continue  # the target may be another server's by now
                 tick = min(durable() for durable in self.watermarks.values()) if self.watermarks else 0
                 due = sorted(c for c in self.channels if tick > sent.get(c, 0))
+                if not due:
+                    self._ticked(tick)
             if not due:
                 continue
             try:
@@ -4043,6 +4059,8 @@ class TargetClock:
                     self.posted += 1  # not sent: try again
                 self.stopping.wait(self.retry.delay(failures))
             else:
+                with self.changed:
+                    self._ticked(tick)
                 if failures:
                     log.info("ticks to %s go out again", self.address)
                     failing_since, failures = 0.0, 0
@@ -4709,6 +4727,7 @@ class Applier:
     WRITE_AHEAD_BYTES = 16 << 20  # messages on their way to the target before the oldest round must be acknowledged
     ROUND_BYTES = 4 << 20         # messages one round hands to the send lanes, at most
     HELD_BYTES = 64 << 20         # messages waiting above the watermark before the read queue is left be
+    LAST_TICK_WAIT = 5.0          # seconds a stopping task waits for its last tick to go out
 
     def __init__(self, ctx: ApplierContext):
         from pymilvus.grpc_gen import common_pb2
@@ -4792,6 +4811,18 @@ class Applier:
                     self._save_checkpoint(force=True)
                 except MetaStoreUnavailable as exc:  # the last stored checkpoint stands: nothing is lost
                     log.warning("task=%s stopping without a last checkpoint: %s", self.tid, exc)
+            self._last_tick()
+
+    def _last_tick(self) -> None:
+        """Tick the target up to the last checkpoint before the task leaves its clock. A Milvus 2.3 datanode
+        starts to follow a new collection's channel only once a tick passes the collection's creation, and
+        until then it follows no other new collection either (its flushes answer "channel not found"): a task
+        paused or deleted right after it made a collection would leave the whole target so, with nobody to
+        tick it."""
+        self.ctx.clock.advance(self.tid)
+        if not self.ctx.clock.wait_ticked(self.durable, self.LAST_TICK_WAIT):
+            log.warning("task=%s stopping before the target was ticked to the last checkpoint (ts %d)", self.tid,
+                        self.durable)
 
     def _plan_starts(self, saved: dict[str, Checkpoint], reader: ChannelReader) \
             -> tuple[CatalogPoller, dict[str, StartAt]]:

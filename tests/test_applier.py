@@ -110,6 +110,10 @@ class FakeClock:
     def advance(self, task_id):
         self.advanced.append(task_id)
 
+    def wait_ticked(self, ts, timeout):
+        self.advanced.append(("ticked", ts))
+        return True
+
 
 class FakeMetrics:
     def __init__(self):
@@ -331,6 +335,16 @@ def test_a_checkpoint_stored_is_the_tasks_durable_time_for_every_one_who_asks():
     assert applier.durable == 150 and ctx.clock.advanced == ["t1"], "not stored: neither durable nor ticked"
     [wait] = ctx.waits.snapshot()
     assert "store away" in wait.last_error
+
+
+def test_a_stopping_applier_has_the_target_ticked_to_its_last_checkpoint():
+    applier, ctx, events, asked = make_applier()
+    applier.order.commit([], 150)
+    applier.checkpoint_dirty = True
+    assert applier._save_checkpoint(force=True)
+    assert ctx.clock.advanced == [], "at stop the checkpoint is stored first"
+    applier._last_tick()
+    assert ctx.clock.advanced == ["t1", ("ticked", 150)]
 
 
 class FakeReader:

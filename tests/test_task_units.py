@@ -303,6 +303,29 @@ def test_closing_the_outbox_waits_for_the_calls_still_out():
     assert outbox.close(timeout=5) is True and writer.done.is_set(), "close returned before the call ended"
 
 
+def test_a_stopping_task_waits_for_its_last_tick_on_every_channel():
+    """A Milvus 2.3 datanode follows a new collection's channel only once a tick passes its creation, and no
+    other new collection until then: a task that stops right after it made a copy ticks it before it leaves."""
+    writer = RecordingWriter()
+    clock = m.TargetClock(m.RetryPolicy(), "t:1", make_writer=lambda param, patience, fence: writer)
+    durable = {"t1": 50}
+    try:
+        clock.join("t1", lambda: durable["t1"], m.ConnectParam("http://t:1"))
+        clock.add_channels(["a", "b"])
+        assert clock.wait_ticked(50, 5)
+        assert not clock.wait_ticked(100, 0.2), "a tick above the durable checkpoint never goes out"
+        durable["t1"] = 100
+        clock.advance("t1")
+        assert clock.wait_ticked(100, 5) and {("a", 100), ("b", 100)} <= set(writer.sent)
+        clock.hold_with(m.Lease("s1", "s1/x", 10, time.monotonic() - 60))  # a lease run out: no tick will go
+        durable["t1"] = 200
+        clock.advance("t1")
+        started = time.monotonic()
+        assert not clock.wait_ticked(200, 5) and time.monotonic() - started < 1, "no wait for what cannot come"
+    finally:
+        clock.close()
+
+
 def test_the_ticker_survives_any_failure_and_shows_it_until_ticks_go_out_again():
     """A writer that cannot be made (a TLS file rotated away) used to end the tick thread silently: the target's
     data then stopped becoming visible with nothing in get (issue 17, item 6)."""
