@@ -4587,7 +4587,9 @@ class TargetCopies:
                      self.tid, target.qualified_name)
             return True
         now = self.meta.collection(source.id)
-        if now is not None and not now.dropped:
+        # A source collection is live only in a live database: the source drops a database only once no
+        # collection in it is available (dropping ones, or ones whose creation never finished, do not count).
+        if now is not None and not now.dropped and now.db_id in self.meta.databases():
             log.info("task=%s %s stays: the source's %s is not dropped", self.tid, target.qualified_name,
                      source.qualified_name)
             return False

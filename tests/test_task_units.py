@@ -683,6 +683,27 @@ def test_a_database_drop_takes_the_copies_whose_source_the_source_forgot_while_t
     assert not copies.drop_leftover(target, 100) and dropped == ["c0"], "a live source collection of the name stays"
 
 
+def test_a_database_drop_takes_the_copies_whose_source_collection_is_not_live_in_a_live_database():
+    """Seen in CI (a scoped task, a pause and resume mixed in): the database's drop was refused "not empty",
+    and its repair kept a copy because the source's etcd still showed that collection not dropped, though the
+    source had dropped its database (which it does only when no collection in it is available). A collection of
+    a database the source no longer has is not live: the copy goes."""
+    from types import SimpleNamespace
+    dropped = []
+    copies = object.__new__(m.TargetCopies)
+    copies.tid = "t1"
+    copies.names = SimpleNamespace(source=lambda db, name: (db, name))
+    source = SimpleNamespace(id=11, qualified_name="d1.c1")
+    copies.catalog = SimpleNamespace(created_at=lambda db, name, ts: source)
+    copies.drop = lambda source, target, ts: dropped.append(target.name)
+    target = m.TargetCollection(7, "d1", "c1", 50, ["ch_1_7v0"], {}, {"_default": 1})
+    in_d1 = SimpleNamespace(db_id=5, dropped=False)
+    copies.meta = SimpleNamespace(collection=lambda collection_id: in_d1, databases=lambda: {1: "default", 5: "d1"})
+    assert not copies.drop_leftover(target, 100) and dropped == [], "live in a live database: it stays"
+    copies.meta = SimpleNamespace(collection=lambda collection_id: in_d1, databases=lambda: {1: "default"})
+    assert copies.drop_leftover(target, 100) and dropped == ["c1"]
+
+
 def test_the_retry_policy_waits_grow_and_never_exceed_retry_max_backoff():
     for most in (0.01, 0.3, 1.0, 10.0, 1000.0):
         policy = m.RetryPolicy(timeout=600, max_backoff=most)
