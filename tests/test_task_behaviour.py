@@ -251,39 +251,3 @@ def test_a_deleted_task_leaves_no_checkpoint_behind(stack, tmp_path, unique_name
         server.stop()
         store.close()
 
-
-def test_a_task_deleted_right_after_it_made_a_collection_leaves_the_target_able_to_flush(stack, tmp_path,
-                                                                                         unique_name):
-    """A Milvus 2.3 datanode follows a new collection's channel only once a tick passes the collection's
-    creation, and follows no other new collection until then. A task deleted before its checkpoint passed a
-    collection it made (here: a checkpoint interval of a minute) ticks the target up to its last checkpoint as
-    it stops; before, the target's datanode stayed stuck (for 5 minutes, then again), a flush of any collection
-    made later timed out ("channel not found") and its rows never reached a segment. Its own target, since a
-    failure here poisons the target for every test after it."""
-    from stack import ExtraTarget
-    source = client(stack["source_milvus"])
-    extra = ExtraTarget(stack, 0, workdir=tmp_path / "extra").start()
-    first, second = unique_name("unticked"), unique_name("flushed")
-    try:
-        target = client(extra.uri)
-        (tmp_path / "one").mkdir()
-        with running_server(stack, tmp_path / "one", **{"replication.checkpointInterval": 60}) as server:
-            task_id = server.create_task(extra.uri, collections=[first])
-            make_collection(source, first, load=False)
-            wait_until(lambda: target.has_collection(first), 60, what=f"{first} on the target")
-            server.call("delete", task_id=task_id)
-        (tmp_path / "two").mkdir()
-        with running_server(stack, tmp_path / "two", **{"replication.retryTimeout": 60}) as server:
-            task_id = server.create_task(extra.uri, collections=[second])
-            make_collection(source, second, load=False)
-            source.insert(second, rows(0, 10))
-            source.flush(second)
-            wait_until(lambda: target.has_collection(second) and
-                       int(target.get_collection_stats(second)["row_count"]) == 10, 90, interval=1,
-                       what=f"the rows of {second} flushed into segments on the target")
-            task = server.task(task_id)
-            assert task["state"] == "Running" and "retrying" not in task, task
-    finally:
-        extra.stop()
-        for name in (first, second):
-            source.drop_collection(name)
