@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import milvus_cdc  # noqa: E402
 from helpers import CdcServer, TcpRelay, client, count_of, server_config, wait_until  # noqa: E402
