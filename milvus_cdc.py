@@ -86,6 +86,12 @@ def is_secret(key: str) -> bool:
     return any(word in key.lower() for word in ("password", "token", "authparams", "sourceurl"))
 
 
+# A server that is back (an etcd restarted, a target, a network cut mended) is reconnected within a second or two,
+# not after gRPC's default backoff, which reaches two minutes after a few minutes of failures.
+GRPC_QUICK_RECONNECT = (("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
+                        ("grpc.max_reconnect_backoff_ms", 1000))
+
+
 @dataclass(frozen=True)
 class EtcdSettings:
     endpoints: tuple[str, ...]
@@ -113,7 +119,8 @@ class EtcdSettings:
                     return fh.read()
             credentials = grpc.ssl_channel_credentials(read(self.ca_cert), read(self.key), read(self.cert))
         retry = 1.0 if len(self.endpoints) > 1 else 0.0
-        endpoints = [Endpoint(*split_host_port(address, 2379), secure=self.tls, creds=credentials, time_retry=retry)
+        endpoints = [Endpoint(*split_host_port(address, 2379), secure=self.tls, creds=credentials, time_retry=retry,
+                              opts=list(GRPC_QUICK_RECONNECT))
                      for address in self.endpoints]
         auth = {"user": self.username, "password": self.password} if self.enable_auth else {}
         return MultiEndpointEtcd3Client(endpoints=endpoints, timeout=timeout, failover=True, **auth)
@@ -2624,10 +2631,8 @@ class ConnectParam:
 
     def channel(self):
         import grpc
-        # A target that is back is reconnected within a second or two, not gRPC's default of up to two minutes.
         options = [("grpc.max_send_message_length", 512 << 20), ("grpc.max_receive_message_length", 512 << 20),
-                   ("grpc.keepalive_time_ms", 30000), ("grpc.initial_reconnect_backoff_ms", 250),
-                   ("grpc.min_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 1000)]
+                   ("grpc.keepalive_time_ms", 30000), *GRPC_QUICK_RECONNECT]
         if not self.secure:
             return grpc.insecure_channel(self.address, options=options)
         files = self.tls_files()

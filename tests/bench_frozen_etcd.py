@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     stack = json.loads(Path(stack_file).read_text())["endpoints"]
     workdir = Path(tempfile.mkdtemp(prefix="bench-frozen-etcd-"))
     relay = TcpRelay(stack["etcd"])
-    config = server_config(stack, workdir)
+    # the task rides the outage out (a fault that outlives retryTimeout pauses it: nothing would be held then)
+    config = server_config(stack, workdir, **{"replication.retryTimeout": args.seconds + 300})
     config["sourceConfig"]["etcd"]["address"] = [relay.uri]
     server = CdcServer(config, workdir).start()
     name = f"frozen_{os.getpid()}"
@@ -92,6 +93,8 @@ def main(argv=None) -> int:
         inserts.stopping.set()
         inserts.join()
         wait_until(lambda: count_of(target, name) == inserts.rows, 900, 2.0, "every row on the target")
+        task = server.call("list")["tasks"][0]
+        assert task["state"] == "Running", task
         caught_up = time.monotonic() - restored_at
         peak = max(rss for _, rss in samples)
         line = (f"| {time.strftime('%Y-%m-%d')} | {args.seconds:.0f} s | {args.rate} | {inserts.rows} | "
