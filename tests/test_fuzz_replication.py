@@ -1,7 +1,7 @@
 """Random sequences of every replicated operation on the source, compared in full with the target afterwards (the
 state machine and the comparison live in fuzz_replication.py).
 
-Bounded for the suite: CDC_FUZZ_SEQUENCES (default 20) sequences of CDC_FUZZ_STEPS (default 20) steps, seed
+Bounded for the suite: CDC_FUZZ_SEQUENCES (default 12) sequences of CDC_FUZZ_STEPS (default 20) steps, seed
 CDC_FUZZ_SEED (default random, printed in the failure), at most CDC_FUZZ_SHRINK_SECONDS (default 240) spent
 shrinking a failure. Each sequence runs under a task of CDC_FUZZ_MODE (default mixed: in turn a ``*`` task, a
 db_collections task scoped to one of the sequence's databases, and a ``*`` task with a name_mapping; or star,
@@ -37,7 +37,7 @@ def test_random_operation_sequences_replicate(stack, tmp_path):
 
 
 def fuzz(endpoints: dict, tmp_path):
-    return run_fuzz(endpoints, tmp_path, sequences=env_int("CDC_FUZZ_SEQUENCES", 20),
+    return run_fuzz(endpoints, tmp_path, sequences=env_int("CDC_FUZZ_SEQUENCES", 12),
                     steps=env_int("CDC_FUZZ_STEPS", 20), seed=env_int("CDC_FUZZ_SEED", None),
                     shrink_seconds=env_int("CDC_FUZZ_SHRINK_SECONDS", 240),
                     skip=skipped_rules(os.environ.get("CDC_FUZZ_SKIP")),
