@@ -5683,6 +5683,9 @@ class TaskManager:
         self.creates = threading.BoundedSemaphore(self.CREATE_SLOTS)
         self.retry = RetryPolicy.of(config.replication)  # every retry of the server, its tasks' too
         self.catalog_feed = CatalogFeed(config.source, self.retry)
+        self.unsure: set[str] = set()     # tasks whose last write the store did not answer (it may still land)
+        self.writing_back: threading.Thread | None = None
+        self.closing = threading.Event()
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -5706,6 +5709,7 @@ class TaskManager:
             log.info("task=%s restored as %s", task_id, task.state.value)
 
     def shutdown(self) -> None:
+        self.closing.set()
         with self.lock:
             replicators = list(self.replicators.values())
             self.replicators.clear()
@@ -5743,8 +5747,54 @@ class TaskManager:
     def _store(self, task: TaskInfo, **changes) -> TaskInfo:
         """Write the task with ``changes`` to the store; memory is changed by the caller once this returned."""
         changed = dataclasses.replace(task, **changes)
-        self.store.save_task(changed.task_id, changed.to_store())
+        try:
+            self.store.save_task(changed.task_id, changed.to_store())
+        except MetaStoreUnavailable:
+            # The request answers 503 and memory stays as it was, but the write may still land: an etcd that was
+            # frozen applies what it had received once it runs again. What memory holds is written back once
+            # the store answers, so that store and memory agree (seen: a pause answered 503 showed up in the
+            # store as Paused after the outage, the task running).
+            self._write_back_later(task.task_id)
+            raise
         return changed
+
+    def _write_back_later(self, task_id: str) -> None:
+        with self.lock:
+            self.unsure.add(task_id)
+            if self.writing_back is None or not self.writing_back.is_alive():
+                self.writing_back = threading.Thread(target=self._write_back, name="cdc-store-write-back",
+                                                     daemon=True)
+                self.writing_back.start()
+
+    def _write_back(self) -> None:
+        """Write what memory holds of each unsure task (or its absence) until the store takes it. Holds the task
+        like a request does, so that no request's write goes between the read of memory and this write."""
+        failures = 0
+        while not self.closing.wait(self.retry.delay(failures) if failures else 0):
+            with self.lock:
+                free = sorted(self.unsure - self.busy)
+                if not self.unsure:
+                    self.writing_back = None
+                    return
+                self.busy.update(free)
+                held = {task_id: self.tasks.get(task_id) for task_id in free}
+            done = []
+            try:
+                for task_id, task in held.items():
+                    if task is None:
+                        self.store.delete_task(task_id)  # a create that answered 503: it is not there
+                    else:
+                        self.store.save_task(task_id, task.to_store())
+                    done.append(task_id)
+                    log.info("task=%s written back to the meta store as this server holds it (%s)", task_id,
+                             task.state.value if task is not None else "no such task")
+                failures = 0 if free else failures + 1
+            except MetaStoreUnavailable:
+                failures += 1
+            finally:
+                with self.lock:
+                    self.busy.difference_update(free)
+                    self.unsure.difference_update(done)
 
     def _run(self, task: TaskInfo, fence: tuple[Lease, str] | None = None) -> Replicator:
         with self.lock:

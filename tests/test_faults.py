@@ -116,7 +116,11 @@ def during_the_outage(server: CdcServer, task_id: str, stack: dict) -> None:
 
 def after_the_outage(server: CdcServer, task_id: str) -> None:
     wait_until(lambda: "retrying" not in server.task(task_id), 60, what="the task to move on by itself")
-    assert server.task(task_id)["state"] == "Running" == stored_state(server, task_id)
+    # the pause answered 503 may have landed in the store once it ran again: the server writes back what it
+    # holds within one retry wait (retryMaxBackoff)
+    wait_until(lambda: stored_state(server, task_id) == "Running", 30, interval=0.5,
+               what="the store to hold the task as the server does")
+    assert server.task(task_id)["state"] == "Running"
     server.call("pause", task_id=task_id)
     assert server.task(task_id)["state"] == "Paused" == stored_state(server, task_id)
     server.call("resume", task_id=task_id)

@@ -910,3 +910,54 @@ def test_the_mirror_keeps_the_collection_the_copies_hold_current():
     writer.collection_id = 8      # another incarnation of the name: a collection of its own
     newer = mirror.collection("shop", "c", fresh=True)
     assert newer is not held and (newer.id, held.id) == (8, 7)
+
+
+class LateLandingStore(m.SqliteMetaStore):
+    """A store whose next task write times out for the caller but lands all the same (a frozen etcd applies what
+    it had received once it runs again), and whose following writes fail ``down`` times."""
+
+    def __init__(self, path):
+        super().__init__(path, "cdc")
+        self.late, self.down = 0, 0
+
+    def save_task(self, task_id, document):
+        if self.late:
+            self.late -= 1
+            super().save_task(task_id, document)
+            raise m.MetaStoreUnavailable("etcd connection timeout")
+        if self.down:
+            self.down -= 1
+            raise m.MetaStoreUnavailable("etcd connection timeout")
+        super().save_task(task_id, document)
+
+
+def test_a_task_write_answered_503_that_lands_later_is_written_back_as_memory_holds_it(tmp_path):
+    """Seen in CI (tests/test_faults.py, the meta store's etcd frozen): a pause answered 503 ("changes nothing")
+    landed in the store once etcd ran again, so the store said Paused while the task ran. Memory is what the
+    server holds: it is written back once the store answers."""
+    import dataclasses
+    from pathlib import Path
+    config, _ = m.load_config(str(Path(__file__).resolve().parent.parent / "config.yaml"))
+    config = dataclasses.replace(config, replication=m.ReplicationSettings(retry_max_backoff=0.05))
+    store = LateLandingStore(str(tmp_path / "meta.db"))
+    server = m.TaskManager(config, store)
+    try:
+        task = server.tasks["t1"] = m.TaskInfo("t1", m.ConnectParam("http://127.0.0.1:9"), [{"name": "*"}],
+                                               state=m.TaskState.RUNNING)
+        store.save_task("t1", task.to_store())
+        store.late, store.down = 1, 3
+        with pytest.raises(m.MetaStoreUnavailable):
+            server.pause("t1")
+        assert server.tasks["t1"].state == m.TaskState.RUNNING
+        assert store.load_tasks()["t1"]["state"] == "Paused", "the write landed after all"
+        deadline = time.monotonic() + 5
+        while store.load_tasks()["t1"]["state"] != "Running" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert store.load_tasks()["t1"]["state"] == "Running" and store.down == 0, "written back once it answered"
+        deadline = time.monotonic() + 5
+        while server.unsure and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not server.unsure and not server.busy
+    finally:
+        server.shutdown()
+        store.close()
