@@ -1040,7 +1040,10 @@ class TaskStore(ABC):
 
     @abstractmethod
     def save_task(self, task_id: str, info: dict) -> None:
-        """Write the task's document over whatever is stored; update_task when others may write it too."""
+        """Write the task's document over whatever is stored (update_task when others may write it too). Like
+        every write of a task here, it is conditional on the document it replaces: a write that was not answered
+        but lands later (a frozen etcd applies what it had received once it runs again) never lands over a
+        newer one."""
 
     @abstractmethod
     def update_task(self, task_id: str, change: Callable[[dict], dict]) -> dict | None:
@@ -1056,7 +1059,8 @@ class TaskStore(ABC):
 
     @abstractmethod
     def delete_task(self, task_id: str) -> None:
-        """Remove the task and its checkpoints together; a task that is not there is no error."""
+        """Remove the task and its checkpoints together; a task that is not there is no error. Conditional on
+        the document it removes, as save_task is."""
 
     @abstractmethod
     def save_checkpoints(self, task_id: str, checkpoints: Iterable[Checkpoint],
@@ -1148,9 +1152,6 @@ class MetaStore(TaskStore):
         self.writing = False
 
     @abstractmethod
-    def _save_task(self, task_id: str, document: str) -> None: ...
-
-    @abstractmethod
     def _load_tasks(self) -> dict[str, str]: ...
 
     @abstractmethod
@@ -1165,8 +1166,9 @@ class MetaStore(TaskStore):
         """Write ``after`` only if the task's document is still ``before``; False when it is not (or is gone)."""
 
     @abstractmethod
-    def _delete_task(self, task_id: str) -> None:
-        """Remove the task and its checkpoints in one transaction."""
+    def _delete_task(self, task_id: str, before: str | None) -> bool:
+        """Remove the task and its checkpoints in one transaction, only if the task's document is still
+        ``before`` (None: only if there is no document); False when it is not."""
 
     @abstractmethod
     def _save_positions(self, writes: list[PositionsWrite]) -> list[bool]:
@@ -1198,33 +1200,56 @@ class MetaStore(TaskStore):
     def ping(self) -> None:
         self._guard("answering", lambda: self._load_positions("-"))
 
-    def save_task(self, task_id: str, info: dict) -> None:
-        self._guard("saving a task", lambda: self._save_task(task_id, json.dumps(info)), write="task")
+    # Every task document written carries a stamp of its own, so that two writes never leave the same text:
+    # compare-and-set on the text is then compare-and-set on the write (as etcd's mod_revision would be, in
+    # a form every store can compare in one call). Readers never see the stamp.
+    STAMP = "_write"
+
+    def _encode(self, info: dict) -> str:
+        return json.dumps({**info, self.STAMP: uuid.uuid4().hex})
+
+    def _decode(self, document: str) -> dict:
+        info = json.loads(document)
+        info.pop(self.STAMP, None)
+        return info
 
     def create_task(self, task_id: str, info: dict) -> bool:
-        return self._guard("saving a task", lambda: self._insert_task(task_id, json.dumps(info)), write="task")
+        return self._guard("saving a task", lambda: self._insert_task(task_id, self._encode(info)), write="task")
 
     UPDATE_TRIES = 5
 
-    def update_task(self, task_id: str, change: Callable[[dict], dict]) -> dict | None:
-        # compare-and-set on the whole document, as the stored text: every store can compare that in one call
+    def _rewrite(self, task_id: str, write: Callable[[str | None], bool], what: str) -> None:
+        """Read the task's document and make ``write`` conditional on it, again while others write meanwhile."""
         for _ in range(self.UPDATE_TRIES):
             before = self._guard("loading a task", lambda: self._load_task(task_id))
-            if before is None:
-                return None
-            after = change(json.loads(before))
-            document = json.dumps(after)
-            if self._guard("saving a task", lambda: self._replace_task(task_id, before, document), write="task"):
-                return after
+            if self._guard(what, lambda: write(before), write="delete" if what == "deleting a task" else "task"):
+                return
         raise MetaStoreUnavailable(f"task {task_id} was changed by others {self.UPDATE_TRIES} times while this "
                                    f"change was written; try again")
 
+    def save_task(self, task_id: str, info: dict) -> None:
+        self._rewrite(task_id, lambda before: self._insert_task(task_id, self._encode(info)) if before is None
+                      else self._replace_task(task_id, before, self._encode(info)), "saving a task")
+
+    def update_task(self, task_id: str, change: Callable[[dict], dict]) -> dict | None:
+        written: list[dict | None] = []
+
+        def write(before: str | None) -> bool:
+            if before is None:
+                written.append(None)
+                return True
+            after = change(self._decode(before))
+            written.append(after)
+            return self._replace_task(task_id, before, self._encode(after))
+        self._rewrite(task_id, write, "saving a task")
+        return written[-1]
+
     def load_tasks(self) -> dict[str, dict]:
-        return {task_id: json.loads(document)
+        return {task_id: self._decode(document)
                 for task_id, document in self._guard("loading the tasks", self._load_tasks).items()}
 
     def delete_task(self, task_id: str) -> None:
-        self._guard("deleting a task", lambda: self._delete_task(task_id), write="delete")
+        self._rewrite(task_id, lambda before: self._delete_task(task_id, before), "deleting a task")
 
     def save_checkpoints(self, task_id: str, checkpoints: Iterable[Checkpoint],
                          fence: tuple[Lease, str] | None = None) -> None:
@@ -1322,14 +1347,6 @@ class SqlMetaStore(MetaStore):
             cur.execute(f"CREATE TABLE IF NOT EXISTS task_position (root_path {self.KEY} NOT NULL, task_id "
                         f"{self.KEY} NOT NULL, positions {self.TEXT} NOT NULL, PRIMARY KEY (root_path, task_id))")
 
-    def _put(self, table: str, task_id: str, document: str) -> None:
-        m = self.MARK
-        with self._transaction() as cur:
-            cur.execute(f"{self.REPLACE} {table} VALUES ({m}, {m}, {m})", (self.root_path, task_id, document))
-
-    def _save_task(self, task_id, document):
-        self._put("task_info", task_id, document)
-
     def _save_positions(self, writes):
         m = self.MARK
         written = []
@@ -1379,11 +1396,21 @@ class SqlMetaStore(MetaStore):
     def _load_positions(self, task_id):
         return self._read_one("positions", "task_position", task_id)
 
-    def _delete_task(self, task_id):
+    def _delete_task(self, task_id, before):
         m = self.MARK
         with self._transaction() as cur:
-            for table in ("task_info", "task_position"):
-                cur.execute(f"DELETE FROM {table} WHERE root_path = {m} AND task_id = {m}", (self.root_path, task_id))
+            if before is None:
+                cur.execute(f"SELECT 1 FROM task_info WHERE root_path = {m} AND task_id = {m}",
+                            (self.root_path, task_id))
+                if cur.fetchone() is not None:
+                    return False
+            else:
+                cur.execute(f"DELETE FROM task_info WHERE root_path = {m} AND task_id = {m} AND {self.SAME_TEXT}",
+                            (self.root_path, task_id, before))
+                if cur.rowcount != 1:
+                    return False
+            cur.execute(f"DELETE FROM task_position WHERE root_path = {m} AND task_id = {m}", (self.root_path, task_id))
+            return True
 
 
 class SqliteMetaStore(SqlMetaStore):
@@ -1626,9 +1653,6 @@ class EtcdMetaStore(MetaStore, LeaseStore):
     def _key(self, kind: str, task_id: str = "") -> str:
         return f"{self.root_path}/{kind}/{task_id}"
 
-    def _save_task(self, task_id, document):
-        self.client.put(self._key("task_info", task_id), document)
-
     def _load_tasks(self):
         prefix = self._key("task_info")
         return {meta.key.decode()[len(prefix):]: value.decode() for value, meta in self.client.get_prefix(prefix)}
@@ -1649,11 +1673,12 @@ class EtcdMetaStore(MetaStore, LeaseStore):
                                                failure=[])
         return succeeded
 
-    def _delete_task(self, task_id):
-        ops = self.client.transactions
-        self.client.transaction(compare=[], success=[ops.delete(self._key("task_info", task_id)),
-                                                     ops.delete(self._key("task_position", task_id))],
-                                failure=[])
+    def _delete_task(self, task_id, before):
+        ops, key = self.client.transactions, self._key("task_info", task_id)
+        succeeded, _ = self.client.transaction(
+            compare=[ops.version(key) == 0 if before is None else ops.value(key) == before],
+            success=[ops.delete(key), ops.delete(self._key("task_position", task_id))], failure=[])
+        return succeeded
 
     def _save_positions(self, writes):
         ops = self.client.transactions
@@ -2385,13 +2410,324 @@ class KafkaChannelReader(ChannelReader):
             return False
         return self.consumer.position(partition) >= end
 
+    def caught_up(self, channel: str) -> int | None:
+        """The channel's next offset when read to the end its last fetch saw (no broker round trip), else None."""
+        partition = self.partitions.get(channel)
+        if partition is None:
+            return None
+        end = self.consumer.highwater(partition)
+        position = self.consumer.position(partition)
+        return position if end is not None and position >= end else None
+
+    def reading(self) -> bool:
+        return bool(self.partitions)
+
     def transient(self, error):
-        from kafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError, NoBrokersAvailable
-        return isinstance(error, (KafkaConnectionError, KafkaTimeoutError, NoBrokersAvailable)) or \
-            isinstance(error, KafkaError) and error.retriable
+        return kafka_transient(error)
 
     def close(self):
         self.consumer.close()
+
+
+def kafka_transient(error: BaseException) -> bool:
+    from kafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError, NoBrokersAvailable
+    return isinstance(error, (KafkaConnectionError, KafkaTimeoutError, NoBrokersAvailable)) or \
+        isinstance(error, KafkaError) and error.retriable
+
+
+class KafkaTail:
+    """One Kafka consumer per server that follows, for all of its tasks, the channels they have read to the end:
+    the tasks that read one channel share its fetches, and one question for its end offset. A task reads a
+    channel with a consumer of its own only while it is behind (catching up, or started at a position) and hands
+    the channel over once at its end (SharedKafkaReader); the tail hands it back when the task does not take what
+    it is given (its inbox full), so that one slow task never holds the others, and when the broker fails it, so
+    that each task waits out the fault in its own reader, shown in its `get`.
+
+    Only the tail's thread touches its consumer; a task joins or leaves through ``joins`` and ``followers``."""
+
+    POLL_WAIT = 0.1  # seconds a poll waits: a join is taken up at most this late
+
+    def __init__(self, settings: dict, consumer: Callable[[], Any] | None = None):
+        self.settings = settings
+        self.consumer = consumer or self._consumer  # a seam: a test gives a consumer whose polls it times
+        self.lock = threading.Condition()
+        # channel -> its readers, each with whether its join is taken up: a reader is given records only from a
+        # poll after the tail's consumer was sought back to where it joined, or it would miss what lies between
+        self.followers: dict[str, dict["SharedKafkaReader", bool]] = {}
+        self.joins: list[tuple[str, "SharedKafkaReader", int]] = []  # to seek to before the next poll
+        self.closing = False
+        self.thread: threading.Thread | None = None
+        # end offsets: one question to the broker at a time, answering every caller that asked before it began
+        self.ends: dict[str, tuple[float, int]] = {}  # channel -> (when the question began, end offset)
+        self.asking: float | None = None
+        self.probe: Any = None
+
+    def join(self, reader: "SharedKafkaReader", channel: str, offset: int) -> None:
+        with self.lock:
+            if self.closing:
+                raise TaskStopping()
+            self.followers.setdefault(channel, {})[reader] = False
+            self.joins.append((channel, reader, offset))
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="cdc-kafka-tail", daemon=True)
+                self.thread.start()
+            self.lock.notify_all()
+
+    def leave(self, reader: "SharedKafkaReader", channel: str) -> None:
+        with self.lock:
+            followers = self.followers.get(channel)
+            if followers is not None:
+                followers.pop(reader, None)
+                if not followers:
+                    del self.followers[channel]
+
+    def end_offset(self, channel: str) -> int:
+        """The channel's end offset, asked of the broker after this call began."""
+        since = time.monotonic()
+        with self.lock:
+            while True:
+                known = self.ends.get(channel)
+                if known is not None and known[0] >= since:
+                    return known[1]
+                if self.asking is None:
+                    break
+                self.lock.wait()
+            self.asking = began = time.monotonic()
+            channels = sorted(set(self.followers) | {channel})
+        answers: dict[str, int] = {}
+        try:
+            from kafka import KafkaConsumer, TopicPartition
+            if self.probe is None:
+                self.probe = KafkaConsumer(**KafkaChannelReader.consumer_options(self.settings))
+            ends = self.probe.end_offsets([TopicPartition(c, 0) for c in channels])
+            answers = {partition.topic: offset for partition, offset in ends.items()}
+            if channel not in answers:
+                raise KeyError(f"the broker named no end offset for {channel}")
+        finally:
+            with self.lock:
+                self.asking = None
+                self.ends.update({c: (began, offset) for c, offset in answers.items()})
+                self.lock.notify_all()
+        return answers[channel]
+
+    def close(self) -> None:
+        with self.lock:
+            self.closing = True
+            self.lock.notify_all()
+            thread = self.thread
+        if thread is not None:
+            thread.join(10)
+        if self.probe is not None:
+            with contextlib.suppress(Exception):
+                self.probe.close()
+
+    def _consumer(self) -> Any:
+        from kafka import KafkaConsumer
+        return KafkaConsumer(**KafkaChannelReader.consumer_options(self.settings))
+
+    def _run(self) -> None:
+        from kafka import TopicPartition
+        consumer = None
+        while True:
+            with self.lock:
+                self.lock.wait_for(lambda: self.closing or self.followers, timeout=1.0)
+                if self.closing:
+                    break
+                joins, self.joins = self.joins, []
+                channels = sorted(self.followers)
+            try:
+                if consumer is None:
+                    consumer = self.consumer()
+                assigned = {p.topic for p in consumer.assignment()}
+                if assigned != set(channels):
+                    consumer.assign([TopicPartition(c, 0) for c in channels])
+                seeks: dict[str, int] = {}
+                for channel, _, offset in joins:
+                    seeks[channel] = min(offset, seeks.get(channel, offset))
+                for channel, offset in seeks.items():
+                    partition = TopicPartition(channel, 0)
+                    # behind the tail: read again from there (the others skip what they had)
+                    if channel in channels and (channel not in assigned or consumer.position(partition) > offset):
+                        consumer.seek(partition, offset)
+                with self.lock:
+                    for channel, reader, _ in joins:
+                        if reader in self.followers.get(channel, {}):
+                            self.followers[channel][reader] = True
+                batches = consumer.poll(timeout_ms=int(self.POLL_WAIT * 1000), max_records=2000)
+            except Exception as exc:  # noqa: BLE001 - every follower reads on by itself and shows the fault
+                log.warning("the shared Kafka reader failed, its tasks read on by themselves: %s",
+                            describe_error(exc))
+                with contextlib.suppress(Exception):
+                    consumer.close()  # type: ignore[union-attr]
+                consumer = None
+                self._hand_back_all()
+                continue
+            for partition, records in batches.items():
+                messages = [decode_source_message(partition.topic, struct.pack("<q", r.offset), r.value)
+                            for r in records]
+                with self.lock:
+                    readers = [r for r, joined in self.followers.get(partition.topic, {}).items() if joined]
+                for reader in readers:
+                    if not reader.deliver(partition.topic, messages):
+                        self.leave(reader, partition.topic)
+        if consumer is not None:
+            with contextlib.suppress(Exception):
+                consumer.close()
+
+    def _hand_back_all(self) -> None:
+        with self.lock:
+            followers, self.followers, self.joins = self.followers, {}, []
+        for channel, readers in followers.items():
+            for reader in readers:
+                reader.hand_back(channel)
+
+
+class SharedKafkaReader(ChannelReader):
+    """A task's ChannelReader on Kafka when the server has a KafkaTail: a consumer of its own for the channels it
+    is behind on, the tail's deliveries for the others (see KafkaTail)."""
+
+    INBOX_BYTES = 4 << 20  # what the tail may deliver ahead of the task's reads; over it, the channel comes back
+
+    def __init__(self, settings: dict, tail: KafkaTail):
+        self.settings, self.tail = settings, tail
+        self.own: KafkaChannelReader | None = None
+        self.lock = threading.Condition()
+        # guarded by the lock (the tail delivers from its thread):
+        self.shared: dict[str, int] = {}        # channel followed through the tail -> the next offset it delivers
+        self.inbox: collections.deque[SourceMessage] = collections.deque()
+        self.inbox_bytes = 0
+        self.returned: dict[str, int] = {}      # shared channel -> the offset after the last message read returned
+        self.handed_back: dict[str, int] = {}   # channel -> the offset to read on from with the task's consumer
+
+    def _private(self) -> KafkaChannelReader:
+        if self.own is None:
+            self.own = KafkaChannelReader(self.settings)
+        return self.own
+
+    def resolve(self, channel, start):
+        return self._private().resolve(channel, start)
+
+    def earliest(self, msg_ids):
+        return min(msg_ids, key=KafkaChannelReader.offset)
+
+    def add(self, channel, start):
+        self.remove(channel)
+        return self._private().add(channel, start)
+
+    def remove(self, channel):
+        self.tail.leave(self, channel)
+        with self.lock:
+            self.shared.pop(channel, None)
+            self.returned.pop(channel, None)
+            self.handed_back.pop(channel, None)
+            kept = [m for m in self.inbox if m.channel != channel]
+            self.inbox = collections.deque(kept)
+            self.inbox_bytes = sum(len(m.payload) for m in kept)
+        if self.own is not None:
+            self.own.remove(channel)
+
+    def deliver(self, channel: str, messages: list[SourceMessage]) -> bool:
+        """From the tail's thread: False when the channel is no longer taken from the tail."""
+        with self.lock:
+            after = self.shared.get(channel)
+            if after is None:
+                return False
+            if self.inbox_bytes > self.INBOX_BYTES:
+                del self.shared[channel]
+                self.handed_back[channel] = after
+                self.lock.notify_all()
+                return False
+            for message in messages:
+                offset = KafkaChannelReader.offset(message.msg_id)
+                if offset >= after:
+                    self.inbox.append(message)
+                    self.inbox_bytes += len(message.payload)
+                    after = offset + 1
+            self.shared[channel] = after
+            self.lock.notify_all()
+        return True
+
+    def hand_back(self, channel: str) -> None:
+        with self.lock:
+            after = self.shared.pop(channel, None)
+            if after is not None:
+                self.handed_back[channel] = after
+                self.lock.notify_all()
+
+    def _take_back(self) -> None:
+        with self.lock:
+            back, self.handed_back = self.handed_back, {}
+        for channel, offset in back.items():
+            with self.lock:
+                self.returned.pop(channel, None)
+            self._private().add(channel, StartAt(StartKind.AT, struct.pack("<q", offset)))
+
+    def _hand_over_caught_up(self) -> None:
+        own = self.own
+        if own is None:
+            return
+        for channel in list(own.partitions):
+            offset = own.caught_up(channel)
+            if offset is not None:
+                own.remove(channel)
+                with self.lock:
+                    self.shared[channel] = self.returned[channel] = offset
+                self.tail.join(self, channel, offset)
+        if not own.reading():
+            own.close()  # a consumer (and its connections) only while the task is behind
+            self.own = None
+
+    def _drain(self) -> list[SourceMessage]:
+        """Under the lock."""
+        taken = list(self.inbox)
+        self.inbox.clear()
+        self.inbox_bytes = 0
+        for message in taken:
+            self.returned[message.channel] = KafkaChannelReader.offset(message.msg_id) + 1
+        return taken
+
+    def read(self, timeout):
+        deadline = time.monotonic() + timeout
+        self._take_back()
+        while True:
+            with self.lock:
+                messages = self._drain()
+            if self.own is not None and self.own.reading():
+                messages += self.own.read(0 if messages else min(0.05, max(0.0, deadline - time.monotonic())))
+                self._hand_over_caught_up()
+            elif not messages:
+                with self.lock:
+                    self.lock.wait_for(lambda: self.inbox or self.handed_back,
+                                       timeout=max(0.0, deadline - time.monotonic()))
+                    messages = self._drain()
+            if messages or time.monotonic() >= deadline or self.handed_back:
+                return messages
+
+    def at_end(self, channel):
+        if self.own is not None and channel in self.own.partitions:
+            return self.own.at_end(channel)
+        with self.lock:
+            if channel not in self.shared:
+                return False
+        try:
+            end = self.tail.end_offset(channel)
+        except Exception as exc:  # noqa: BLE001 - not known now: no promise for the channel this time
+            log.warning("cannot read the end offset of %s: %s", channel, describe_error(exc))
+            return False
+        with self.lock:
+            return channel in self.shared and self.returned.get(channel, -1) >= end
+
+    def transient(self, error):
+        return kafka_transient(error)
+
+    def close(self):
+        with self.lock:
+            channels = list(self.shared)
+            self.shared.clear()
+        for channel in channels:
+            self.tail.leave(self, channel)
+        if self.own is not None:
+            self.own.close()
 
 
 class PulsarChannelReader(ChannelReader):
@@ -2501,9 +2837,9 @@ class PulsarChannelReader(ChannelReader):
         self.client.close()
 
 
-def open_channel_reader(settings: SourceSettings) -> ChannelReader:
+def open_channel_reader(settings: SourceSettings, tail: KafkaTail | None = None) -> ChannelReader:
     if settings.mq_type == MqType.KAFKA:
-        return KafkaChannelReader(settings.kafka)
+        return SharedKafkaReader(settings.kafka, tail) if tail is not None else KafkaChannelReader(settings.kafka)
     return PulsarChannelReader(settings.pulsar)
 
 
@@ -4154,11 +4490,12 @@ class Replicator:
     def __init__(self, task: TaskInfo, config: ServerConfig, store: TaskStore, clock: TargetClock,
                  on_failure: Callable[["Replicator", str], None], metrics: TaskMetrics,
                  fence: tuple[Lease, str] | None = None, catalog_feed: CatalogFeed | None = None, *,
-                 retry: RetryPolicy):
+                 retry: RetryPolicy, tail: KafkaTail | None = None):
         self.task, self.config, self.store, self.clock, self.metrics = task, config, store, clock, metrics
         self.retry = retry
         # the server's (shared by its tasks), or one of the task's own
         self.catalog_feed = catalog_feed or CatalogFeed(config.source, retry)
+        self.tail = tail  # the server's, shared by its tasks (Kafka)
         self.fence = fence  # in a cluster: the lease this server holds the task's target with
         self.on_failure = on_failure
         self.stop_event = threading.Event()
@@ -4400,6 +4737,7 @@ class Replicator:
             load_checkpoints=lambda: self.store.load_checkpoints(tid),
             save_checkpoints=lambda checkpoints: self.store.save_checkpoints(tid, checkpoints, fence=self.fence),
             patience=self.patience, ask_reader=self.ask_reader, start_reading=self.start_reading,
+            open_reader=lambda: open_channel_reader(self.config.source, self.tail),
             failed=lambda: self.failed, checkpoint=self.checkpoint)
 
 
@@ -4709,6 +5047,7 @@ class ApplierContext:
     ask_reader: Callable[[ReaderCommand, str, StartAt | None, int], None]
     # the reader and catalog threads (the task's, not the applier's), once their starts are pinned
     start_reading: Callable[[ChannelReader, dict[str, int], CatalogPoller], None]
+    open_reader: Callable[[], ChannelReader]  # the task's reader of the source MQ (sharing the server's tail)
     failed: Callable[[], bool]       # the task is pausing for an error: its last checkpoint stands
     checkpoint: CheckpointRecord     # the task's durable time: told at each checkpoint stored
 
@@ -4792,7 +5131,7 @@ class Applier:
         self.catalog_fence = self.durable
         self.ctx.clock.join(self.tid, lambda: self.ctx.checkpoint.ts, self.task.connect)
         self.ctx.clock.add_channels(self.mirror.pchannels())
-        reader = open_channel_reader(self.settings)
+        reader = self.ctx.open_reader()
         try:
             poller, starts = self._plan_starts(saved, reader)
             for name, start in starts.items():
@@ -5683,6 +6022,7 @@ class TaskManager:
         self.creates = threading.BoundedSemaphore(self.CREATE_SLOTS)
         self.retry = RetryPolicy.of(config.replication)  # every retry of the server, its tasks' too
         self.catalog_feed = CatalogFeed(config.source, self.retry)
+        self.tail = KafkaTail(config.source.kafka) if config.source.mq_type == MqType.KAFKA else None
         self.unsure: set[str] = set()     # tasks whose last write the store did not answer (it may still land)
         self.writing_back: threading.Thread | None = None
         self.closing = threading.Event()
@@ -5721,6 +6061,8 @@ class TaskManager:
         for clock in clocks:
             clock.close()
         self.catalog_feed.close()
+        if self.tail is not None:
+            self.tail.close()
 
     def _get(self, task_id: Any) -> TaskInfo:
         if not isinstance(task_id, str) or not task_id:
@@ -5753,7 +6095,8 @@ class TaskManager:
             # The request answers 503 and memory stays as it was, but the write may still land: an etcd that was
             # frozen applies what it had received once it runs again. What memory holds is written back once
             # the store answers, so that store and memory agree (seen: a pause answered 503 showed up in the
-            # store as Paused after the outage, the task running).
+            # store as Paused after the outage, the task running). The late write is conditional on the document
+            # it read, so it lands before the write-back or not at all.
             self._write_back_later(task.task_id)
             raise
         return changed
@@ -5806,7 +6149,8 @@ class TaskManager:
                 if fence is not None:
                     clock.hold_with(fence[0])  # from its first tick, not from the cluster agent's next sync
             replicator = Replicator(task, self.config, self.store, clock, self._on_failure,
-                                    self.metrics.task(task.task_id), fence, self.catalog_feed, retry=self.retry)
+                                    self.metrics.task(task.task_id), fence, self.catalog_feed, retry=self.retry,
+                                    tail=self.tail)
             self.replicators[task.task_id] = replicator
             task.state, task.reason = TaskState.RUNNING, ""
         replicator.start()
@@ -5932,7 +6276,9 @@ class TaskManager:
         try:
             self.store.delete_task(task.task_id)
         except MetaStoreUnavailable as exc:
-            log.error("task=%s failed to start and could not be removed from the meta store: %s", task.task_id, exc)
+            log.warning("task=%s failed to start and is removed from the meta store once it answers: %s",
+                        task.task_id, exc)
+            self._write_back_later(task.task_id)
 
     def _check_room(self, task: TaskInfo) -> None:
         """Under the lock."""
@@ -5952,7 +6298,9 @@ class TaskManager:
             self._halt(task.task_id)  # first: a stopped task writes no checkpoint after its rows are gone
             try:
                 self.store.delete_task(task.task_id)
-            except BaseException:
+            except BaseException as exc:
+                if isinstance(exc, MetaStoreUnavailable):
+                    self._write_back_later(task.task_id)  # the delete may still land: the task is written back
                 if running:
                     self._run(task)
                 raise

@@ -137,7 +137,7 @@ def make_applier():
         stop=threading.Event(), waits=m.Waits(), reads=queue.Queue(), catalog_reads=queue.Queue(),
         load_checkpoints=dict, save_checkpoints=lambda checkpoints: events.append(("checkpoints", checkpoints)),
         patience=lambda role: None, ask_reader=lambda *command: asked.append(command),
-        start_reading=lambda reader, generations, poller: None, failed=lambda: False,
+        start_reading=lambda reader, generations, poller: None, open_reader=lambda: None, failed=lambda: False,
         checkpoint=m.CheckpointRecord())
     return m.Applier(ctx), ctx, events, asked
 
