@@ -47,6 +47,7 @@ import json
 import logging
 import os
 import queue
+import random
 import re
 import signal
 import socket
@@ -61,7 +62,7 @@ from abc import ABC, abstractmethod
 import collections
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import yaml
 
@@ -184,6 +185,9 @@ class SourceSettings:
     mq_type: MqType
     kafka: dict = field(default_factory=dict)
     pulsar: dict = field(default_factory=dict)
+    # the source Milvus's own address: only `verify` reads it (replication reads etcd and the MQ)
+    milvus_uri: str = ""
+    milvus_token: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)
@@ -644,13 +648,17 @@ def load_config(path: str) -> tuple[ServerConfig, list[tuple[int, str]]]:
         raise ConfigError("config: sourceConfig has both kafka and pulsar; keep the one the source Milvus uses")
     if not kafka and not pulsar:
         raise ConfigError("config: sourceConfig needs kafka.address or pulsar.address (the source Milvus's MQ)")
+    src_milvus = src.section("milvus")
+    milvus_uri = src_milvus.value("uri", str, "", lambda v: not v or "://" in v, "a URI like http://host:19530")
+    milvus_token = src_milvus.value("token", str, "")
     source = SourceSettings(
         etcd=src_etcd, root_path=(new_root or old_root or "by-dev").strip("/"),
         meta_sub_path=(new_meta or old_meta or "meta").strip("/"),
         default_partition_name=src.value("defaultPartitionName", str, "_default"),
         read_chan_len=read_chan_len,
         replicate_chan=src.value("replicateChan", str, "by-dev-replicate-msg", lambda v: bool(v), "a channel name"),
-        mq_type=MqType.KAFKA if kafka else MqType.PULSAR, kafka=kafka, pulsar=pulsar)
+        mq_type=MqType.KAFKA if kafka else MqType.PULSAR, kafka=kafka, pulsar=pulsar, milvus_uri=milvus_uri,
+        milvus_token=milvus_token)
 
     rep = root.section("replication")
     replication = ReplicationSettings(
@@ -853,7 +861,7 @@ class Metrics:
     CALL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
     def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
         self.registry = CollectorRegistry()
 
         def counter(name: str, doc: str, labels: list[str]):
@@ -878,8 +886,25 @@ class Metrics:
                                     ["request_type", "code"])
         self.api_seconds = Histogram("milvus_cdc_api_request_seconds", "Time to answer a request to /cdc",
                                      ["request_type"], buckets=self.CALL_BUCKETS, registry=self.registry)
+        self.verify_result = Gauge("milvus_cdc_verify_result", "The last verify run of a task: 1 for its result "
+                                   "(equal, different, failed), 0 for the others", ["task_id", "result"],
+                                   registry=self.registry)
+        self.verify_rows = Gauge("milvus_cdc_verify_differing_rows", "Rows that differ, as the last verify run "
+                                 "of a task found", ["task_id"], registry=self.registry)
+        self.verify_compared = Gauge("milvus_cdc_verify_rows_compared", "Rows the last verify run of a task "
+                                     "compared", ["task_id"], registry=self.registry)
+        self.verify_seconds = Gauge("milvus_cdc_verify_seconds", "Duration of the last verify run of a task",
+                                    ["task_id"], registry=self.registry)
         self.lock = threading.Lock()
         self.series: dict[str, set[tuple]] = defaultdict(set)  # task id -> (metric, labels) it fed
+
+    def verified(self, task_id: str, run: "Verification") -> None:
+        for state in VerifyState:
+            if state != VerifyState.RUNNING:
+                self._note(task_id, self.verify_result, (task_id, state.value)).set(float(run.state == state))
+        self._note(task_id, self.verify_rows, (task_id,)).set(sum(d.count for d in run.differences))
+        self._note(task_id, self.verify_compared, (task_id,)).set(run.rows_compared)
+        self._note(task_id, self.verify_seconds, (task_id,)).set(run.seconds())
 
     def task(self, task_id: str) -> "TaskMetrics":
         return TaskMetrics(self, task_id)
@@ -5946,6 +5971,375 @@ def parse_connect_param(param: Any, notes: list[str]) -> tuple[ConnectParam, dic
 
 
 ###############################################################################
+# Verification: a task's copy against its source ##############################
+###############################################################################
+
+class VerifyState(enum.Enum):
+    RUNNING = "running"
+    EQUAL = "equal"
+    DIFFERENT = "different"
+    FAILED = "failed"
+
+
+@dataclass
+class Difference:
+    """One way a copy differs from its source: which collection (and partition), what, and example keys."""
+    collection: str
+    what: str
+    partition: str = ""
+    keys: list = field(default_factory=list)
+    count: int = 0  # rows (or keys) that differ, when it is about rows
+
+    def public(self) -> dict:
+        shown: dict[str, Any] = {"collection": self.collection, "what": self.what}
+        if self.partition:
+            shown["partition"] = self.partition
+        if self.count:
+            shown["rows"] = self.count
+        if self.keys:
+            shown["example_keys"] = self.keys
+        return shown
+
+
+@dataclass
+class Verification:
+    """One verify run of a task: its progress while it runs, its result after (kept until the next run)."""
+    started_at: float = field(default_factory=time.time)
+    state: VerifyState = VerifyState.RUNNING
+    collections: int = 0
+    collections_done: int = 0
+    rows_compared: int = 0
+    finished_at: float = 0.0
+    differences: list[Difference] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    error: str = ""
+
+    def seconds(self) -> float:
+        return (self.finished_at or time.time()) - self.started_at
+
+    def public(self) -> dict:
+        shown: dict[str, Any] = {
+            "state": self.state.value, "collections": self.collections, "collections_done": self.collections_done,
+            "rows_compared": self.rows_compared, "seconds": round(self.seconds(), 3),
+            "rows_per_second": round(self.rows_compared / max(self.seconds(), 1e-6)),
+            "differences": [d.public() for d in self.differences]}
+        if self.notes:
+            shown["notes"] = self.notes
+        if self.error:
+            shown["error"] = self.error
+        return shown
+
+
+@dataclass(frozen=True)
+class VerifyRequest:
+    collections: tuple[str, ...] = ()  # as the task names them ("name", "db.name"); empty: every one it follows
+    sample_vectors: int = 100
+
+    @classmethod
+    def parse(cls, data: dict) -> "VerifyRequest":
+        names = data.get("collections") or []
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+            raise ApiError(400, 'request_data.collections must be a list of collection names, like ["c1", '
+                                '"db1.c2"]')
+        sample = data.get("sample_vectors", cls.sample_vectors)
+        if not isinstance(sample, int) or isinstance(sample, bool) or not 0 <= sample <= 10000:
+            raise ApiError(400, "request_data.sample_vectors must be an integer from 0 to 10000")
+        return cls(tuple(names), sample)
+
+
+class CopyVerifier:
+    """Compares what a task replicates on the source with its copy on the target, while replication goes on.
+
+    Per collection: the schema (fields, types, params, primary key, dynamic field), shard count, partitions,
+    indexes with their params and load state; then, where both sides are loaded, the row count per partition,
+    the set of primary keys (streamed in key order from both sides, a page at a time, so memory holds one page
+    per side) and, for a sample of keys, every field's value (vectors exactly). The source keeps moving: a
+    difference in rows is checked again a few times, RECHECK_WAIT apart, and reported only if it stays."""
+
+    PAGE = 5000
+    EXAMPLES = 20
+    CANDIDATES = 20000  # differing keys held for the re-checks, per partition and kind
+    # Pages are read Bounded (fast, and a little behind on either side); a key that differs there is read again
+    # Strong, RECHECKS times, before it counts.
+    PAGE_CONSISTENCY = "Bounded"
+    RECHECKS = 3
+    RECHECK_WAIT = 2.0
+    INDEX_STATE_KEYS = {"total_rows", "indexed_rows", "pending_index_rows", "state", "index_state_fail_reason"}
+
+    def __init__(self, task: TaskInfo, source: SourceSettings, request: VerifyRequest, run: Verification,
+                 stop: threading.Event):
+        self.task, self.request, self.run_, self.stop = task, request, run, stop
+        if not source.milvus_uri:
+            raise ApiError(400, "verify reads the source Milvus: set sourceConfig.milvus.uri (and token) in the "
+                                "config")
+        self.source_uri, self.source_token = source.milvus_uri, source.milvus_token
+        self.clients: dict[tuple[str, str], Any] = {}
+
+    def _client(self, side: str, db_name: str) -> Any:
+        from pymilvus import MilvusClient
+        key = (side, db_name)
+        if key not in self.clients:
+            uri, token = (self.source_uri, self.source_token) if side == "source" else \
+                (self.task.connect.uri, self.task.connect.token)
+            self.clients[key] = MilvusClient(uri=uri, token=token, db_name=db_name or "default", timeout=30)
+        return self.clients[key]
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            with contextlib.suppress(Exception):
+                client.close()
+
+    # -- the run --------------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        run = self.run_
+        try:
+            followed = self._followed()
+            run.collections = len(followed)
+            for db_name, name in followed:
+                if self.stop.is_set():
+                    raise TaskStopping()
+                self._collection(db_name, name)
+                run.collections_done += 1
+            run.state = VerifyState.DIFFERENT if run.differences else VerifyState.EQUAL
+        except TaskStopping:
+            run.state, run.error = VerifyState.FAILED, "stopped: the task was paused, deleted or the server stopped"
+        except Exception as exc:  # noqa: BLE001 - the reason is the result; the trace goes to the log
+            log.exception("task=%s verify failed", self.task.task_id)
+            run.state, run.error = VerifyState.FAILED, describe_error(exc)
+        finally:
+            run.finished_at = time.time()
+            self.close()
+        log.info("task=%s verify: %s, %d collection(s), %d row(s) compared in %.1fs, %d difference(s)",
+                 self.task.task_id, run.state.value, run.collections_done, run.rows_compared, run.seconds(),
+                 len(run.differences))
+
+    def _followed(self) -> list[tuple[str, str]]:
+        source = self._client("source", "")
+        wanted = CollectionFilter(list(self.request.collections)) if self.request.collections else None
+        found = []
+        for db_name in sorted(source.list_databases()):
+            names = self._client("source", db_name).list_collections()
+            for name in sorted(names):
+                if self.task.filter.matches(db_name, name) and (wanted is None or wanted.matches(db_name, name)):
+                    found.append((db_name, name))
+        if wanted is not None and not found:
+            raise ApiError(400, f"none of {list(self.request.collections)} is a source collection this task "
+                                f"replicates")
+        return found
+
+    def _differ(self, collection: str, what: str, **more: Any) -> None:
+        self.run_.differences.append(Difference(collection, what, **more))
+
+    def _collection(self, db_name: str, name: str) -> None:
+        label = f"{db_name}.{name}"
+        target_db, target_name = self.task.names.collection(db_name, name)
+        source, target = self._client("source", db_name), self._client("target", target_db)
+        if not target.has_collection(target_name):
+            self._differ(label, f"missing on the target (as {target_db}.{target_name})")
+            return
+        s_desc, t_desc = source.describe_collection(name), target.describe_collection(target_name)
+        for what, s_value, t_value in self._structure(source, target, name, target_name, s_desc, t_desc):
+            if s_value != t_value:
+                self._differ(label, f"{what}: source {s_value!r}, target {t_value!r}")
+        loaded = [self._loaded(c, n) for c, n in ((source, name), (target, target_name))]
+        if loaded[0] != loaded[1]:
+            self._differ(label, f"load state: source {'loaded' if loaded[0] else 'not loaded'}, target "
+                                f"{'loaded' if loaded[1] else 'not loaded'}")
+        if not all(loaded):
+            self.run_.notes.append(f"{label}: not loaded on both sides, rows not compared")
+            return
+        pk = next(f["name"] for f in s_desc["fields"] if f.get("is_primary"))
+        partitions = sorted(set(source.list_partitions(name)) & set(target.list_partitions(target_name)))
+        for partition in partitions:
+            self._rows(label, partition, pk, (source, name), (target, target_name))
+
+    def _structure(self, source: Any, target: Any, name: str, target_name: str, s_desc: dict,
+                   t_desc: dict) -> list[tuple[str, Any, Any]]:
+        def fields(desc: dict) -> list[dict]:
+            return [{k: f.get(k) for k in ("name", "type", "params", "is_primary", "auto_id", "is_partition_key",
+                                           "element_type")} for f in desc["fields"]]
+
+        def indexes(client: Any, collection: str) -> dict[str, dict]:
+            found = {}
+            for index_name in client.list_indexes(collection):
+                described = client.describe_index(collection, index_name) or {}
+                found[index_name] = {k: str(v) for k, v in described.items() if k not in self.INDEX_STATE_KEYS}
+            return found
+        return [("fields", fields(s_desc), fields(t_desc)),
+                ("dynamic field", bool(s_desc.get("enable_dynamic_field")),
+                 bool(t_desc.get("enable_dynamic_field"))),
+                ("shards", s_desc.get("num_shards"), t_desc.get("num_shards")),
+                ("partitions", sorted(source.list_partitions(name)), sorted(target.list_partitions(target_name))),
+                ("indexes", indexes(source, name), indexes(target, target_name))]
+
+    @staticmethod
+    def _loaded(client: Any, name: str) -> bool:
+        from pymilvus.client.types import LoadState
+        return client.get_load_state(name).get("state") == LoadState.Loaded
+
+    # -- rows -------------------------------------------------------------------------------------------------
+
+    def _upper_bound(self, side: tuple[Any, str], partition: str, pk: str) -> int | None:
+        """The largest integer key the side holds now (a bisection of one-key queries), None when it holds none:
+        keys inserted later are not compared, or a source written in key order would never be caught up with."""
+        client, name = side
+
+        def exists(expr: str) -> bool:
+            return bool(client.query(name, filter=expr, output_fields=[pk], limit=1, partition_names=[partition],
+                                     consistency_level=self.PAGE_CONSISTENCY))
+        if not exists(""):
+            return None
+        low, high = -(1 << 63), (1 << 63) - 1  # the largest key lies in [low, high]
+        while low < high:
+            middle = (low + high + 1) // 2
+            if exists(f"{pk} >= {middle}"):
+                low = middle
+            else:
+                high = middle - 1
+        return low
+
+    def _pages(self, side: tuple[Any, str], partition: str, pk: str, quote: bool, bound: int | None = None):
+        """The side's primary keys in key order, a page at a time (Milvus answers a query with a limit in key
+        order), up to ``bound`` when given."""
+        client, name = side
+        last = None
+        while True:
+            if self.stop.is_set():
+                raise TaskStopping()
+            terms = [f"{pk} > {json.dumps(last) if quote else last}"] if last is not None else []
+            if bound is not None:
+                terms.append(f"{pk} <= {bound}")
+            rows = client.query(name, filter=" and ".join(terms), output_fields=[pk], limit=self.PAGE,
+                                partition_names=[partition], consistency_level=self.PAGE_CONSISTENCY)
+            keys = [row[pk] for row in rows]
+            if not keys:
+                return
+            if keys != sorted(keys) or (last is not None and keys[0] <= last):
+                raise TargetError(f"{name}: the server does not answer a query with a limit in key order; the keys "
+                                  f"cannot be compared page by page")
+            yield keys
+            last = keys[-1]
+
+    @staticmethod
+    def _merged(a_pages: Iterator[list], b_pages: Iterator[list]) -> Iterator[tuple[Any, bool, bool]]:
+        """Two key-ordered streams of pages as one: (key, on the first side, on the second side)."""
+        a = (key for page in a_pages for key in page)
+        b = (key for page in b_pages for key in page)
+        x, y = next(a, None), next(b, None)  # a primary key is never None
+        while x is not None or y is not None:
+            if y is None or (x is not None and x < y):
+                yield x, True, False
+                x = next(a, None)
+            elif x is None or y < x:
+                yield y, False, True
+                y = next(b, None)
+            else:
+                yield x, True, True
+                x, y = next(a, None), next(b, None)
+
+    def _rows(self, label: str, partition: str, pk: str, source: tuple[Any, str], target: tuple[Any, str]) -> None:
+        quote = False
+        for client, name in (source, target):
+            first = client.query(name, filter="", output_fields=[pk], limit=1, partition_names=[partition],
+                                 consistency_level="Strong")
+            if first:
+                quote = isinstance(first[0][pk], str)
+                break
+        missing: list = []
+        extra: list = []
+        sample: list = []
+        counts = {"missing": 0, "extra": 0, "same": 0}
+        rng = random.Random(0)
+        bound = None if quote else self._upper_bound(source, partition, pk)
+        for key, on_source, on_target in self._merged(self._pages(source, partition, pk, quote, bound),
+                                                      self._pages(target, partition, pk, quote, bound)):
+            self.run_.rows_compared += 1
+            if on_source and on_target:
+                counts["same"] += 1
+                if len(sample) < self.request.sample_vectors:
+                    sample.append(key)
+                elif self.request.sample_vectors and (j := rng.randrange(counts["same"])) < len(sample):
+                    sample[j] = key  # reservoir sampling: every common key as likely
+            else:
+                kind, held = ("missing", missing) if on_source else ("extra", extra)
+                counts[kind] += 1
+                if len(held) < self.CANDIDATES:
+                    held.append(key)
+        if bound is not None:
+            # above the source's largest key: rows written since (on both sides soon), or extra on the target
+            client, name = target
+            extra += [row[pk] for row in client.query(name, filter=f"{pk} > {bound}", output_fields=[pk],
+                                                      limit=self.PAGE, partition_names=[partition],
+                                                      consistency_level=self.PAGE_CONSISTENCY)]
+        missing, extra = self._still_differing(pk, quote, source, target, partition, missing, extra)
+        for held, kind, what in ((missing, "missing", "rows missing on the target"),
+                                 (extra, "extra", "rows on the target that the source does not have")):
+            if held:
+                # beyond the keys held for the re-checks, the first count is the best there is
+                self._differ(label, what, partition=partition, keys=held[:self.EXAMPLES],
+                             count=len(held) if counts[kind] <= self.CANDIDATES else counts[kind])
+        changed = self._values(pk, quote, source, target, partition, sample)
+        if changed:
+            self._differ(label, "rows whose values differ", partition=partition, keys=changed[:self.EXAMPLES],
+                         count=len(changed))
+
+    def _keys_in(self, side: tuple[Any, str], pk: str, quote: bool, partition: str, keys: list,
+                 fields: list[str] | None = None) -> dict:
+        client, name = side
+        found: dict = {}
+        for i in range(0, len(keys), self.PAGE):
+            part = keys[i:i + self.PAGE]
+            literal = json.dumps(part) if quote else "[" + ",".join(str(int(k)) for k in part) + "]"
+            for row in client.query(name, filter=f"{pk} in {literal}", output_fields=fields or [pk],
+                                    partition_names=[partition], consistency_level="Strong"):
+                found[row[pk]] = row
+        return found
+
+    def _still_differing(self, pk: str, quote: bool, source: tuple[Any, str], target: tuple[Any, str],
+                         partition: str, missing: list, extra: list) -> tuple[list, list]:
+        """Keys that differ again after each of the re-checks: rows in flight while the pages were read are
+        not differences."""
+        for _ in range(self.RECHECKS):
+            if not missing and not extra:
+                break
+            if self.stop.wait(self.RECHECK_WAIT):
+                raise TaskStopping()
+            keys = missing + extra
+            on_source, on_target = (self._keys_in(side, pk, quote, partition, keys) for side in (source, target))
+            missing = [k for k in missing if k in on_source and k not in on_target]
+            extra = [k for k in extra if k in on_target and k not in on_source]
+        return missing, extra
+
+    def _values(self, pk: str, quote: bool, source: tuple[Any, str], target: tuple[Any, str], partition: str,
+                keys: list) -> list:
+        changed = keys
+        for attempt in range(self.RECHECKS + 1):
+            if not changed:
+                return []
+            if attempt and self.stop.wait(self.RECHECK_WAIT):
+                raise TaskStopping()
+            on_source = self._keys_in(source, pk, quote, partition, changed, ["*"])
+            on_target = self._keys_in(target, pk, quote, partition, changed, ["*"])
+            changed = [k for k in changed if k in on_source and k in on_target and
+                       self._comparable(on_source[k]) != self._comparable(on_target[k])]
+        return changed
+
+    @staticmethod
+    def _comparable(row: dict) -> dict:
+        """A row's fields as plain values: vectors as lists of floats (exact) or bytes."""
+        def plain(value: Any) -> Any:
+            if isinstance(value, (bytes, bytearray)):
+                return bytes(value)
+            if isinstance(value, (list, tuple)):
+                return [plain(v) for v in value]
+            if hasattr(value, "tolist"):
+                return value.tolist()
+            return value
+        return {k: plain(v) for k, v in row.items()}
+
+
+###############################################################################
 # Task manager: lifecycle and checked requests ################################
 ###############################################################################
 
@@ -6023,6 +6417,7 @@ class TaskManager:
         self.retry = RetryPolicy.of(config.replication)  # every retry of the server, its tasks' too
         self.catalog_feed = CatalogFeed(config.source, self.retry)
         self.tail = KafkaTail(config.source.kafka) if config.source.mq_type == MqType.KAFKA else None
+        self.verifications: dict[str, Verification] = {}  # the last verify run of each task, or the one running
         self.unsure: set[str] = set()     # tasks whose last write the store did not answer (it may still land)
         self.writing_back: threading.Thread | None = None
         self.closing = threading.Event()
@@ -6350,7 +6745,41 @@ class TaskManager:
                 shown["channels"] = self._stored_lag(task.task_id)
             except MetaStoreUnavailable:
                 shown["channels"] = []
+        self._show_verification(task.task_id, shown)
         return shown
+
+    def _show_verification(self, task_id: str, shown: dict) -> None:
+        with self.lock:
+            run = self.verifications.get(task_id)
+        if run is not None:
+            shown["verify"] = run.public()
+
+    def verify(self, task_id: Any, data: dict) -> dict:
+        """Start comparing the task's copy with its source, in the background; `get` shows how far it is and,
+        once done, its result."""
+        request = VerifyRequest.parse(data)
+        task = self._task_to_verify(task_id)
+        with self.lock:
+            running = self.verifications.get(task.task_id)
+            if running is not None and running.state == VerifyState.RUNNING:
+                raise ApiError(409, f"task {task.task_id} is being verified already (started "
+                                    f"{time.time() - running.started_at:.0f}s ago); see get")
+            run = Verification()
+            verifier = CopyVerifier(task, self.config.source, request, run, self.closing)
+            self.verifications[task.task_id] = run
+        threading.Thread(target=self._verify, args=(task.task_id, verifier, run), name="cdc-verify",
+                         daemon=True).start()
+        log.info("task=%s verify started (collections %s, %d sampled rows)", task.task_id,
+                 list(request.collections) or "all", request.sample_vectors)
+        return run.public()
+
+    def _task_to_verify(self, task_id: Any) -> TaskInfo:
+        with self.lock:
+            return self._get(task_id)
+
+    def _verify(self, task_id: str, verifier: CopyVerifier, run: Verification) -> None:
+        verifier.run()
+        self.metrics.verified(task_id, run)
 
     def _stored_lag(self, task_id: str) -> list[dict]:
         now = time.time()
@@ -6717,7 +7146,11 @@ class ClusterTaskManager(TaskManager):
             shown.update(replicator.progress())
         else:
             shown["channels"] = self._stored_lag(task.task_id)
+        self._show_verification(task.task_id, shown)
         return shown
+
+    def _task_to_verify(self, task_id: Any) -> TaskInfo:
+        return self._find(task_id)
 
     def list_tasks(self) -> list[dict]:
         owners = self.leases.owners()
@@ -6747,8 +7180,9 @@ class CdcApi:
     "data"}`` with the HTTP status equal to ``code``."""
 
     MAX_BODY = 1 << 20
-    REQUEST_TYPES = ("create", "delete", "pause", "resume", "get", "list", "position", "maintenance")
-    FIELDS = {"delete": ("task_id", "ignore_not_found"), "maintenance": ("operation", "params")}
+    REQUEST_TYPES = ("create", "delete", "pause", "resume", "get", "list", "position", "maintenance", "verify")
+    FIELDS = {"delete": ("task_id", "ignore_not_found"), "maintenance": ("operation", "params"),
+              "verify": ("task_id", "collections", "sample_vectors")}
     MAINTENANCE = ("set_log_level",)
 
     def __init__(self, manager: TaskManager, api_token: str = ""):
@@ -6869,6 +7303,8 @@ class CdcApi:
             return {"Task": shown, "task": shown}  # the usage document's key, and the Go CDC's clients'
         if kind == "position":
             return {"task_id": task_id, **self.manager.positions(task_id)}
+        if kind == "verify":
+            return {"task_id": task_id, "verify": self.manager.verify(task_id, data)}
         if kind == "delete":
             ignore = checked(data.get("ignore_not_found", False), bool, "ignore_not_found", "true or false")
             try:
@@ -6930,7 +7366,84 @@ def apply_log_level(level: str) -> None:
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
+class VerifyCommand:
+    """``python milvus_cdc.py verify -c config.yaml --task ID [--collection NAME] [--json]``: asks the server
+    the config describes to verify a task's copy, waits for the answer and prints it. Exit 0 when the copy is
+    equal, 1 when it differs, 2 when the verification could not be made."""
+
+    POLL = 1.0
+
+    def __init__(self, argv: list[str]):
+        parser = argparse.ArgumentParser(prog="milvus_cdc.py verify",
+                                         description="Compare a task's copy on the target with its source")
+        parser.add_argument("-c", "--config", default="config.yaml", help="the server's YAML config")
+        parser.add_argument("--task", required=True, help="the task id")
+        parser.add_argument("--collection", action="append", default=[],
+                            help="only this collection (name, or db.name); may be repeated")
+        parser.add_argument("--sample-vectors", type=int, default=VerifyRequest.sample_vectors,
+                            help="rows whose every field is compared, per partition")
+        parser.add_argument("--json", action="store_true", help="print the result as JSON")
+        self.args = parser.parse_args(argv)
+
+    def _post(self, config: ServerConfig, body: dict) -> dict:
+        import urllib.error
+        import urllib.request
+        host = "127.0.0.1" if config.host in ("", "0.0.0.0", "::") else config.host
+        request = urllib.request.Request(f"http://{host}:{config.port}/cdc", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        if config.api_token:
+            request.add_header("Authorization", f"Bearer {config.api_token}")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                return json.loads(answer.read())
+        except urllib.error.HTTPError as exc:
+            return json.loads(exc.read() or b"{}") or {"code": exc.code, "message": str(exc)}
+
+    def run(self) -> int:
+        args = self.args
+        try:
+            config, _ = load_config(args.config)
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        try:
+            answer = self._post(config, {"request_type": "verify", "request_data": {
+                "task_id": args.task, "collections": args.collection, "sample_vectors": args.sample_vectors}})
+            while answer.get("code") == 200:
+                time.sleep(self.POLL)
+                answer = self._post(config, {"request_type": "get", "request_data": {"task_id": args.task}})
+                result = answer.get("data", {}).get("task", {}).get("verify", {})
+                if answer.get("code") == 200 and result.get("state") not in (None, VerifyState.RUNNING.value):
+                    return self._print(result)
+        except OSError as exc:
+            print(f"the CDC server of {args.config} did not answer: {exc}", file=sys.stderr)
+            return 2
+        print(f"verify refused ({answer.get('code')}): {answer.get('message')}", file=sys.stderr)
+        return 2
+
+    def _print(self, result: dict) -> int:
+        if self.args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print(f"{result['state']}: {result['collections_done']} collection(s), {result['rows_compared']} "
+                  f"row(s) compared in {result['seconds']:.1f}s")
+            for difference in result["differences"]:
+                where = difference["collection"] + (f" ({difference['partition']})" if "partition" in difference
+                                                    else "")
+                keys = f"; keys {difference['example_keys']}" if difference.get("example_keys") else ""
+                rows = f" [{difference['rows']} row(s)]" if difference.get("rows") else ""
+                print(f"  {where}: {difference['what']}{rows}{keys}")
+            for note in result.get("notes", []):
+                print(f"  note: {note}")
+            if result.get("error"):
+                print(f"  error: {result['error']}")
+        return {VerifyState.EQUAL.value: 0, VerifyState.DIFFERENT.value: 1}.get(result["state"], 2)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["verify"]:
+        return VerifyCommand(argv[1:]).run()
     limit_malloc_arenas()
     parser = argparse.ArgumentParser(description="Milvus CDC server")
     parser.add_argument("-c", "--config", default="config.yaml", help="path of the YAML config (config.yaml)")

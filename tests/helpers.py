@@ -58,6 +58,7 @@ def server_config(stack: dict, workdir: Path, store: str = "sqlite", **overrides
         meta["etcd"] = {"address": [f"http://{stack['etcd']}"]}
     config["sourceConfig"]["etcd"]["address"] = [f"http://{stack['etcd']}"]
     config["sourceConfig"]["kafka"]["address"] = stack["kafka"]
+    config["sourceConfig"]["milvus"] = {"uri": stack["source_milvus"], "token": "root:Milvus"}  # for verify
     config["replication"]["retryTimeout"] = 30
     for dotted, value in overrides.items():
         node = config

@@ -1,0 +1,152 @@
+"""The verify request on the real stack (issue 19): a copy under live load verifies equal, run after run, and
+differences made on the target behind the task's back are found and named."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+
+from pymilvus import DataType, MilvusClient
+
+from helpers import ROOT, assert_same_rows, running_server, wait_until
+from test_recovery import InsertLoad, loaded_collection
+
+
+def verified(server, task_id: str, **data) -> dict:
+    started = server.call("verify", task_id=task_id, **data)["verify"]
+    assert started["state"] == "running", started
+    return wait_until(lambda: (v := server.task(task_id).get("verify")) and v["state"] != "running" and v,
+                      300, 0.5, "verify to end")
+
+
+def cli(server, task_id: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "milvus_cdc.py"), "verify", "-c", str(server.config_path),
+                           "--task", task_id, *args], capture_output=True, text=True, timeout=300)
+
+
+def replicate_on_target(uri: str, name: str, rows: list[dict] = (), deletes: list[int] = ()) -> None:
+    """Rows written to (or deleted from) a one-shard copy on the target behind the task's back, with the
+    ReplicateMessage calls the CDC itself makes (a replicating target refuses plain writes)."""
+    import grpc
+    from pymilvus import mkts_from_unixtime
+    from pymilvus.grpc_gen import common_pb2, milvus_pb2, milvus_pb2_grpc, msg_pb2, schema_pb2
+    with grpc.insecure_channel(uri.split("://", 1)[1]) as channel:
+        stub = milvus_pb2_grpc.MilvusServiceStub(channel)
+        meta = [("authorization", "cm9vdDpNaWx2dXM=")]  # root:Milvus
+        described = stub.DescribeCollection(milvus_pb2.DescribeCollectionRequest(collection_name=name),
+                                            metadata=meta, timeout=30)
+        partitions = stub.ShowPartitions(milvus_pb2.ShowPartitionsRequest(collection_name=name), metadata=meta,
+                                         timeout=30)
+        partition_id = dict(zip(partitions.partition_names, partitions.partitionIDs))["_default"]
+        field_ids = {f.name: f.fieldID for f in described.schema.fields}
+        ts = mkts_from_unixtime(time.time())
+        base = {"db_name": "default", "collection_name": name, "partition_name": "_default",
+                "collectionID": described.collectionID, "partitionID": partition_id,
+                "shardName": described.virtual_channel_names[0]}
+        messages = []
+        if rows:
+            fields = [schema_pb2.FieldData(field_name="id", field_id=field_ids["id"], type=schema_pb2.Int64,
+                                           scalars=schema_pb2.ScalarField(long_data=schema_pb2.LongArray(
+                                               data=[r["id"] for r in rows]))),
+                      schema_pb2.FieldData(field_name="s", field_id=field_ids["s"], type=schema_pb2.VarChar,
+                                           scalars=schema_pb2.ScalarField(string_data=schema_pb2.StringArray(
+                                               data=[r["s"] for r in rows]))),
+                      schema_pb2.FieldData(field_name="v", field_id=field_ids["v"], type=schema_pb2.FloatVector,
+                                           vectors=schema_pb2.VectorField(dim=4, float_vector=schema_pb2.FloatArray(
+                                               data=[x for r in rows for x in r["v"]])))]
+            messages.append(msg_pb2.InsertRequest(
+                base=common_pb2.MsgBase(msg_type=common_pb2.Insert, timestamp=ts, msgID=ts), **base,
+                timestamps=[ts] * len(rows), rowIDs=[r["id"] for r in rows], num_rows=len(rows),
+                version=msg_pb2.ColumnBased, fields_data=fields).SerializeToString())
+        if deletes:
+            messages.append(msg_pb2.DeleteRequest(
+                base=common_pb2.MsgBase(msg_type=common_pb2.Delete, timestamp=ts + 1, msgID=ts + 1), **base,
+                primary_keys=schema_pb2.IDs(int_id=schema_pb2.LongArray(data=list(deletes))),
+                timestamps=[ts + 1] * len(deletes), num_rows=len(deletes)).SerializeToString())
+        answer = stub.ReplicateMessage(milvus_pb2.ReplicateMessageRequest(
+            channel_name=described.physical_channel_names[0], Msgs=messages), metadata=meta, timeout=30)
+        assert answer.status.code == 0 and answer.status.error_code == 0, answer
+
+
+def test_a_copy_under_live_load_verifies_equal_run_after_run(stack, tmp_path, unique_name):
+    name = unique_name("verify_live")
+    source, target = loaded_collection(stack, name)
+    with running_server(stack, tmp_path) as server:
+        task_id = server.create_task(stack["target_milvus"], collections=(name,))
+        try:
+            with InsertLoad(stack["source_milvus"], name) as load:
+                wait_until(lambda: load.next_id > 3000, 120, 0.5, "rows on the source")
+                wait_until(lambda: target.has_collection(name) and
+                           str(target.get_load_state(name)["state"]).endswith("Loaded"), 90, what="the copy loaded")
+                results = [verified(server, task_id, sample_vectors=200) for _ in range(3)]
+                by_hand = cli(server, task_id, "--collection", name)  # the command line, still under load
+            assert by_hand.returncode == 0 and by_hand.stdout.startswith("equal: 1 collection(s)"), by_hand
+            for result in results:
+                assert result["state"] == "equal", result
+                assert result["differences"] == [] and result["collections"] == 1 == result["collections_done"]
+                assert result["rows_compared"] > 1000, result
+            status, answer = server.post({"request_type": "verify", "request_data": {
+                "task_id": task_id, "collections": ["no_such_collection"]}})
+            assert status == 200  # started: it ends failed, saying so
+            failed = wait_until(lambda: (v := server.task(task_id)["verify"])["state"] != "running" and v, 60, 0.5)
+            assert failed["state"] == "failed" and "no_such_collection" in failed["error"], failed
+            status, answer = server.post({"request_type": "verify", "request_data": {
+                "task_id": task_id, "sample_vectors": -1}})
+            assert status == 400 and "sample_vectors" in answer["message"], answer
+        finally:
+            source.drop_collection(name)
+
+
+def test_differences_made_behind_the_tasks_back_are_found_and_named(stack, tmp_path, unique_name):
+    rows_name, shape_name = unique_name("verify_rows"), unique_name("verify_shape")
+    source, target = loaded_collection(stack, rows_name, shards=1)
+    schema = MilvusClient.create_schema(auto_id=False)
+    schema.add_field("id", DataType.INT64, is_primary=True)
+    schema.add_field("v", DataType.FLOAT_VECTOR, dim=4)
+    with running_server(stack, tmp_path) as server:
+        task_id = server.create_task(stack["target_milvus"], collections=(rows_name, shape_name))
+        try:
+            source.insert(rows_name, [{"id": i, "s": f"v{i}", "v": [float(i), 0.0, 0.0, 1.0]} for i in range(1000)])
+            source.create_collection(shape_name, schema=schema, shards_num=1)
+            source.create_partition(shape_name, "p1")
+            index = source.prepare_index_params()
+            index.add_index("v", index_type="IVF_FLAT", metric_type="L2", params={"nlist": 128})
+            source.create_index(shape_name, index)
+            assert_same_rows(source, target, rows_name, ["id", "s", "v"], timeout=120)
+            wait_until(lambda: target.has_collection(shape_name) and target.has_partition(shape_name, "p1") and
+                       target.list_indexes(shape_name), 60, 0.5, "the second copy made")
+            assert verified(server, task_id)["state"] == "equal"
+            # behind the task's back, on the target
+            replicate_on_target(stack["target_milvus"], rows_name, deletes=[5, 7])
+            replicate_on_target(stack["target_milvus"], rows_name, rows=[
+                {"id": 10 ** 9, "s": "extra", "v": [1.0, 1.0, 1.0, 1.0]},
+                {"id": 7, "s": "v7", "v": [7.5, 0.0, 0.0, 1.0]}])
+            target.drop_partition(shape_name, "p1")
+            target.drop_index(shape_name, "v")
+            other = target.prepare_index_params()
+            other.add_index("v", index_type="IVF_FLAT", metric_type="L2", params={"nlist": 64})
+            target.create_index(shape_name, other)
+            time.sleep(2)
+            result = verified(server, task_id, sample_vectors=2000)
+            assert result["state"] == "different", result
+            found = {(d["collection"].split(".", 1)[1], d["what"].split(":")[0]): d for d in result["differences"]}
+            assert found[(rows_name, "rows missing on the target")]["example_keys"] == [5], result
+            assert found[(rows_name, "rows on the target that the source does not have")]["example_keys"] == \
+                [10 ** 9], result
+            assert found[(rows_name, "rows whose values differ")]["example_keys"] == [7], result
+            assert (shape_name, "partitions") in found and (shape_name, "indexes") in found, result
+            assert "nlist" in found[(shape_name, "indexes")]["what"], result
+            assert len(result["differences"]) == 5, result
+            by_hand = cli(server, task_id, "--json", "--sample-vectors", "2000")
+            assert by_hand.returncode == 1, by_hand
+            assert len(json.loads(by_hand.stdout)["differences"]) == 5, by_hand.stdout
+            assert any(shape_name in note and "not loaded" in note for note in result["notes"]), result
+            metrics = urllib.request.urlopen(server.url.rsplit("/", 1)[0] + "/metrics", timeout=10).read().decode()
+            assert f'milvus_cdc_verify_result{{result="different",task_id="{task_id}"}} 1.0' in metrics
+            assert f'milvus_cdc_verify_differing_rows{{task_id="{task_id}"}}' in metrics
+        finally:
+            for name in (rows_name, shape_name):
+                if source.has_collection(name):
+                    source.drop_collection(name)
