@@ -6094,6 +6094,8 @@ class CopyVerifier:
     def run(self) -> None:
         run = self.run_
         try:
+            if not self.request.collections:
+                self._databases()
             followed = self._followed()
             run.collections = len(followed)
             for db_name, name in followed:
@@ -6113,6 +6115,13 @@ class CopyVerifier:
         log.info("task=%s verify: %s, %d collection(s), %d row(s) compared in %.1fs, %d difference(s)",
                  self.task.task_id, run.state.value, run.collections_done, run.rows_compared, run.seconds(),
                  len(run.differences))
+
+    def _databases(self) -> None:
+        """The databases the task replicates as such (a ``*`` or ``db.*`` task) exist on the target."""
+        on_target = set(self._client("target", "").list_databases())
+        for db_name in sorted(self._client("source", "").list_databases()):
+            if self.task.filter.covers_database(db_name) and self.task.names.database(db_name) not in on_target:
+                self._differ(db_name, f"database missing on the target (as {self.task.names.database(db_name)})")
 
     def _followed(self) -> list[tuple[str, str]]:
         source = self._client("source", "")
@@ -6150,7 +6159,11 @@ class CopyVerifier:
             self.run_.notes.append(f"{label}: not loaded on both sides, rows not compared")
             return
         pk = next(f["name"] for f in s_desc["fields"] if f.get("is_primary"))
-        partitions = sorted(set(source.list_partitions(name)) & set(target.list_partitions(target_name)))
+        if any(f.get("is_partition_key") for f in s_desc["fields"]):
+            # Milvus names the partitions of a partition key itself, and refuses a query that names one
+            partitions = [""]
+        else:
+            partitions = sorted(set(source.list_partitions(name)) & set(target.list_partitions(target_name)))
         for partition in partitions:
             self._rows(label, partition, pk, (source, name), (target, target_name))
 
@@ -6186,8 +6199,8 @@ class CopyVerifier:
         client, name = side
 
         def exists(expr: str) -> bool:
-            return bool(client.query(name, filter=expr, output_fields=[pk], limit=1, partition_names=[partition],
-                                     consistency_level=self.PAGE_CONSISTENCY))
+            return bool(client.query(name, filter=expr, output_fields=[pk], limit=1,
+                                     partition_names=self._within(partition), consistency_level=self.PAGE_CONSISTENCY))
         if not exists(""):
             return None
         low, high = -(1 << 63), (1 << 63) - 1  # the largest key lies in [low, high]
@@ -6211,7 +6224,7 @@ class CopyVerifier:
             if bound is not None:
                 terms.append(f"{pk} <= {bound}")
             rows = client.query(name, filter=" and ".join(terms), output_fields=[pk], limit=self.PAGE,
-                                partition_names=[partition], consistency_level=self.PAGE_CONSISTENCY)
+                                partition_names=self._within(partition), consistency_level=self.PAGE_CONSISTENCY)
             keys = [row[pk] for row in rows]
             if not keys:
                 return
@@ -6220,6 +6233,11 @@ class CopyVerifier:
                                   f"cannot be compared page by page")
             yield keys
             last = keys[-1]
+
+    @staticmethod
+    def _within(partition: str) -> list[str] | None:
+        """A query's partition_names: "" stands for the whole collection (one with a partition key)."""
+        return [partition] if partition else None
 
     @staticmethod
     def _merged(a_pages: Iterator[list], b_pages: Iterator[list]) -> Iterator[tuple[Any, bool, bool]]:
@@ -6241,8 +6259,8 @@ class CopyVerifier:
     def _rows(self, label: str, partition: str, pk: str, source: tuple[Any, str], target: tuple[Any, str]) -> None:
         quote = False
         for client, name in (source, target):
-            first = client.query(name, filter="", output_fields=[pk], limit=1, partition_names=[partition],
-                                 consistency_level="Strong")
+            first = client.query(name, filter="", output_fields=[pk], limit=1,
+                                 partition_names=self._within(partition), consistency_level="Strong")
             if first:
                 quote = isinstance(first[0][pk], str)
                 break
@@ -6270,7 +6288,7 @@ class CopyVerifier:
             # above the source's largest key: rows written since (on both sides soon), or extra on the target
             client, name = target
             extra += [row[pk] for row in client.query(name, filter=f"{pk} > {bound}", output_fields=[pk],
-                                                      limit=self.PAGE, partition_names=[partition],
+                                                      limit=self.PAGE, partition_names=self._within(partition),
                                                       consistency_level=self.PAGE_CONSISTENCY)]
         missing, extra = self._still_differing(pk, quote, source, target, partition, missing, extra)
         for held, kind, what in ((missing, "missing", "rows missing on the target"),
@@ -6292,7 +6310,7 @@ class CopyVerifier:
             part = keys[i:i + self.PAGE]
             literal = json.dumps(part) if quote else "[" + ",".join(str(int(k)) for k in part) + "]"
             for row in client.query(name, filter=f"{pk} in {literal}", output_fields=fields or [pk],
-                                    partition_names=[partition], consistency_level="Strong"):
+                                    partition_names=self._within(partition), consistency_level="Strong"):
                 found[row[pk]] = row
         return found
 

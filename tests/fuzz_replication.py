@@ -1411,9 +1411,30 @@ class ReplicationMachine(RuleBasedStateMachine):
                 with self.timed("rows"):
                     problem = h.wait_same(self.prefix, self.scope, with_rows=True, end_ts=hybrid_now(),
                                           confirmed=self.scope.partial)
+            if problem is None:
+                with self.timed("verify"):
+                    problem = self.verify()
             return problem
         except Exception as exc:  # noqa: BLE001 - a broken comparison is reported like a difference
             return f"the comparison raised {type(exc).__name__}: {exc}"
+
+    def verify(self) -> str | None:
+        """The server's own verify request over this sequence's collections must agree with the comparison above:
+        the two keep each other honest."""
+        h = self.h
+        databases = [DEFAULT_DB, *(d for d in self.src(DEFAULT_DB).list_databases() if d.startswith(self.prefix))]
+        if self.scope.mode == "scoped":  # the task replicates one database only
+            databases = [d for d in databases if d == self.scope.database]
+        names = [f"{db}.{name}" for db in databases
+                 for name in self.src(db).list_collections() if name.startswith(self.prefix)]
+        if not names:
+            return None
+        h.server.call("verify", task_id=h.task_id, collections=names)
+        result = wait_until(lambda: (v := h.server.task(h.task_id).get("verify")) and v["state"] != "running" and v,
+                            300, 0.5, what="verify to end")
+        if result["state"] != "equal":
+            return f"verify answered {result['state']} where the comparison found the copy equal: {result}"
+        return None
 
     def clean_up(self, wait: bool) -> str | None:
         """Drop what the sequence created, as the source lists it (not as the model believes): collections

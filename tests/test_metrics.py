@@ -78,6 +78,15 @@ def test_metrics_follow_a_real_replication(stack, server, unique_name):
     assert set(gauges) == {c for c, lag in shown.items() if lag is not None}
     assert all(abs(gauges[c] - shown[c]) < 1.5 for c in gauges), (gauges, shown)
 
+    # The last verify run, as the dashboard draws it.
+    server.call("verify", task_id=task_id)
+    wait_until(lambda: server.task(task_id)["verify"]["state"] != "running", 120, what="verify to end")
+    samples = scrape(server)
+    assert value(samples, "milvus_cdc_verify_result", task_id=task_id, result="equal") == 1, \
+        server.task(task_id)["verify"]
+    assert value(samples, "milvus_cdc_verify_differing_rows", task_id=task_id) == 0
+    assert value(samples, "milvus_cdc_verify_rows_compared", task_id=task_id) == 774
+
     # A target outage shows in the retry counter and in the waiting gauge.
     retried = value(scrape(server), "milvus_cdc_target_retries_total", task_id=task_id)
     relay.cut()

@@ -2,16 +2,21 @@
 differences made on the target behind the task's back are found and named."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import subprocess
 import sys
 import time
 import urllib.request
 
+import pytest
 from pymilvus import DataType, MilvusClient
 
 from helpers import ROOT, assert_same_rows, running_server, wait_until
 from test_recovery import InsertLoad, loaded_collection
+
+RUNS = int(os.environ.get("CDC_VERIFY_RUNS", "3"))  # under live load; the README's figure is for 20
 
 
 def verified(server, task_id: str, **data) -> dict:
@@ -80,7 +85,7 @@ def test_a_copy_under_live_load_verifies_equal_run_after_run(stack, tmp_path, un
                 wait_until(lambda: load.next_id > 3000, 120, 0.5, "rows on the source")
                 wait_until(lambda: target.has_collection(name) and
                            str(target.get_load_state(name)["state"]).endswith("Loaded"), 90, what="the copy loaded")
-                results = [verified(server, task_id, sample_vectors=200) for _ in range(3)]
+                results = [verified(server, task_id, sample_vectors=200) for _ in range(RUNS)]
                 by_hand = cli(server, task_id, "--collection", name)  # the command line, still under load
             assert by_hand.returncode == 0 and by_hand.stdout.startswith("equal: 1 collection(s)"), by_hand
             for result in results:
@@ -150,3 +155,25 @@ def test_differences_made_behind_the_tasks_back_are_found_and_named(stack, tmp_p
             for name in (rows_name, shape_name):
                 if source.has_collection(name):
                     source.drop_collection(name)
+
+
+def test_a_database_the_task_replicates_as_such_is_missing_on_the_target():
+    """Pure logic, with fake clients: a `*` task's databases are compared by name (through its name mapping)."""
+    import threading
+    from types import SimpleNamespace
+
+    import milvus_cdc as m
+    task = m.TaskInfo("t1", m.ConnectParam("http://target:19530"), [{"name": "*"}],
+                      name_mapping=[{"source_db": "db1", "target_db": "db1_copy", "collection_mapping": {}}])
+    source = m.SourceSettings(etcd=m.EtcdSettings(("127.0.0.1:2379",)), root_path="by-dev", meta_sub_path="meta",
+                              default_partition_name="_default", read_chan_len=4, replicate_chan="r",
+                              mq_type=m.MqType.KAFKA, milvus_uri="http://source:19530")
+    run = m.Verification()
+    verifier = m.CopyVerifier(task, source, m.VerifyRequest(), run, threading.Event())
+    listed = {"source": ["default", "db1", "db2"], "target": ["default", "db1_copy"]}
+    verifier._client = lambda side, db: SimpleNamespace(list_databases=lambda: listed[side])
+    verifier._databases()
+    assert [d.public() for d in run.differences] == [
+        {"collection": "db2", "what": "database missing on the target (as db2)"}]
+    with pytest.raises(m.ApiError, match="sourceConfig.milvus.uri"):
+        m.CopyVerifier(task, dataclasses.replace(source, milvus_uri=""), m.VerifyRequest(), run, threading.Event())
