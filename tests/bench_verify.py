@@ -25,14 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pymilvus import DataType, MilvusClient  # noqa: E402
 
+from bench_frozen_etcd import rss_mib  # noqa: E402
 from helpers import CdcServer, client, count_of, server_config, wait_until  # noqa: E402
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def rows(first: int, count: int, dim: int, rng: random.Random) -> list[dict]:
