@@ -1243,11 +1243,11 @@ class MetaStore(TaskStore):
 
     UPDATE_TRIES = 5
 
-    def _rewrite(self, task_id: str, write: Callable[[str | None], bool], what: str) -> None:
+    def _rewrite(self, task_id: str, write: Callable[[str | None], bool], what: str, kind: str = "task") -> None:
         """Read the task's document and make ``write`` conditional on it, again while others write meanwhile."""
         for _ in range(self.UPDATE_TRIES):
             before = self._guard("loading a task", lambda: self._load_task(task_id))
-            if self._guard(what, lambda: write(before), write="delete" if what == "deleting a task" else "task"):
+            if self._guard(what, lambda: write(before), write=kind):
                 return
         raise MetaStoreUnavailable(f"task {task_id} was changed by others {self.UPDATE_TRIES} times while this "
                                    f"change was written; try again")
@@ -1274,7 +1274,7 @@ class MetaStore(TaskStore):
                 for task_id, document in self._guard("loading the tasks", self._load_tasks).items()}
 
     def delete_task(self, task_id: str) -> None:
-        self._rewrite(task_id, lambda before: self._delete_task(task_id, before), "deleting a task")
+        self._rewrite(task_id, lambda before: self._delete_task(task_id, before), "deleting a task", kind="delete")
 
     def save_checkpoints(self, task_id: str, checkpoints: Iterable[Checkpoint],
                          fence: tuple[Lease, str] | None = None) -> None:
@@ -2474,7 +2474,7 @@ class KafkaTail:
 
     def __init__(self, settings: dict, consumer: Callable[[], Any] | None = None):
         self.settings = settings
-        self.consumer = consumer or self._consumer  # a seam: a test gives a consumer whose polls it times
+        self.make_consumer = consumer or self._consumer  # a seam: a test gives a consumer whose polls it times
         self.lock = threading.Condition()
         # channel -> its readers, each with whether its join is taken up: a reader is given records only from a
         # poll after the tail's consumer was sought back to where it joined, or it would miss what lies between
@@ -2562,7 +2562,7 @@ class KafkaTail:
                 channels = sorted(self.followers)
             try:
                 if consumer is None:
-                    consumer = self.consumer()
+                    consumer = self.make_consumer()
                 assigned = {p.topic for p in consumer.assignment()}
                 if assigned != set(channels):
                     consumer.assign([TopicPartition(c, 0) for c in channels])
