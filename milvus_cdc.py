@@ -3657,14 +3657,25 @@ class TargetMirror:
 
     def drop_database(self, db_name: str, ts: int, drop_leftover: Callable[[TargetCollection, int], bool]) -> None:
         """Drop a database; its collections go first when ``drop_leftover`` finds them dropped on the source (which
-        refuses to drop a database that is not empty)."""
+        refuses to drop a database that is not empty).
+
+        A copy made after the drop's time (copies carry their source's creation time) cannot have been in the
+        database the source dropped: the target's database is a later one of that name, made again since (a drop
+        replayed after a pause or restart, the catalog having made the newer copies already), so the drop is
+        behind it and skipped."""
         from pymilvus.grpc_gen import common_pb2, milvus_pb2
 
         def drop_leftovers():
+            newer = []
             for name in self.collection_names(db_name):
                 target = self.collection(db_name, name, fresh=True)
-                if target is not None:
+                if target is not None and target.created_ts > ts:
+                    newer.append(target.qualified_name)
+                elif target is not None:
                     drop_leftover(target, ts)
+            if newer:
+                raise Undone(f"the target's {db_name} is a later database of that name: it holds "
+                             f"{', '.join(sorted(newer))}, created after this drop")
         self.apply(f"drop database {db_name}", "DropDatabase",
                    milvus_pb2.DropDatabaseRequest(base=self.base(common_pb2.DropDatabase, ts), db_name=db_name),
                    ok_if=NOT_FOUND, repairs=[Repair(lambda s: answer_says(s, "not empty"), drop_leftovers,

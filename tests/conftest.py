@@ -40,3 +40,19 @@ def unique_name():
     def make(prefix: str = "t") -> str:
         return f"{prefix}_{uuid.uuid4().hex[:10]}"
     return make
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test that had a CDC server as a fixture shows that server's warnings and errors: what the task
+    said is most often why the target did not get there."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    from helpers import CdcServer
+    for name, value in getattr(item, "funcargs", {}).items():
+        if isinstance(value, CdcServer):
+            lines = [line for line in value.log_text().splitlines() if " WARNING " in line or " ERROR " in line]
+            report.sections.append((f"CDC server {name}: warnings and errors (last 40 of {len(lines)})",
+                                    "\n".join(lines[-40:]) or "(none)"))

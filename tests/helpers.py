@@ -39,7 +39,9 @@ def wait_until(predicate, timeout: float = 60.0, interval: float = 0.5, what: st
         except Exception as exc:  # noqa: BLE001 - keep polling; report the last failure
             last_error = exc
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_error!r})")
+    # str() too: a MilvusException's repr is "MilvusException()", whatever the server said
+    said = f"{type(last_error).__name__}: {last_error}" if last_error is not None else "none"
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {said})")
 
 
 def server_config(stack: dict, workdir: Path, store: str = "sqlite", **overrides) -> dict:

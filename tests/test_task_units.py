@@ -705,6 +705,51 @@ def test_a_database_drop_takes_the_copies_whose_source_collection_is_not_live_in
     assert copies.drop_leftover(target, 100) and dropped == ["c1"]
 
 
+class DatabaseWriter(ScriptedWriter):
+    """A scripted writer whose target holds one database of collections, each made at a given time (name -> ts)."""
+
+    def __init__(self, answers, made: dict[str, int]):
+        super().__init__(answers)
+        self.made = made
+
+    def call(self, op, method, request, db_name="", ok_if=None, transient_if=None, explained_if=None):
+        from pymilvus.grpc_gen import common_pb2, milvus_pb2
+        if method == "ShowCollections":
+            self.calls.append(method)
+            return milvus_pb2.ShowCollectionsResponse(status=common_pb2.Status(), collection_names=list(self.made))
+        if method == "DescribeCollection":
+            return milvus_pb2.DescribeCollectionResponse(
+                status=common_pb2.Status(), collectionID=7, created_timestamp=self.made[request.collection_name],
+                virtual_channel_names=["ch_1_7v0"])
+        if method == "ShowPartitions":
+            return milvus_pb2.ShowPartitionsResponse(status=common_pb2.Status(), partition_names=["_default"],
+                                                     partitionIDs=[71])
+        return super().call(op, method, request, db_name, ok_if, transient_if, explained_if)
+
+
+NOT_EMPTY = "database:d1 not empty, must drop all collections before drop database"
+
+
+def test_a_database_drop_replayed_after_the_database_was_made_again_is_skipped():
+    """Found by the model-based test (CI, seed 1511153689: create and drop d1, create d1 again, pause and resume,
+    create d1.c0, index, load, drop it, drop d1): the resumed task re-read the first DropDatabase d1 after its
+    catalog had made the copy of the newer d1.c0; that drop was refused "not empty", the repair kept the copy
+    (its source was live then) and the task paused. A copy made after the drop's time is in a later database of
+    that name: the drop is behind it."""
+    writer = DatabaseWriter({"DropDatabase": [NOT_EMPTY]}, {"c0": 300})
+    left = []
+    m.TargetMirror(writer, "t1").drop_database("d1", 100, lambda target, ts: left.append(target.name) or False)
+    assert writer.calls == ["DropDatabase", "ShowCollections"] and left == [], "skipped, nothing dropped"
+    # a drop that is not stale still takes the leftovers of the database it drops, then the database
+    writer = DatabaseWriter({"DropDatabase": [NOT_EMPTY]}, {"c0": 50})
+    m.TargetMirror(writer, "t1").drop_database("d1", 100, lambda target, ts: left.append(target.name) or True)
+    assert writer.calls == ["DropDatabase", "ShowCollections", "DropDatabase"] and left == ["c0"]
+    # an older leftover next to a newer copy: the leftover goes all the same, the database stays
+    writer, left = DatabaseWriter({"DropDatabase": [NOT_EMPTY]}, {"old": 50, "c0": 300}), []
+    m.TargetMirror(writer, "t1").drop_database("d1", 100, lambda target, ts: left.append(target.name) or True)
+    assert writer.calls == ["DropDatabase", "ShowCollections"] and left == ["old"]
+
+
 def test_the_retry_policy_waits_grow_and_never_exceed_retry_max_backoff():
     for most in (0.01, 0.3, 1.0, 10.0, 1000.0):
         policy = m.RetryPolicy(timeout=600, max_backoff=most)
