@@ -6024,6 +6024,8 @@ class Verification:
     differences: list[Difference] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     error: str = ""
+    # set when the task is deleted or the server stops: the run ends at its next step
+    stop: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
 
     def seconds(self) -> float:
         return (self.finished_at or time.time()) - self.started_at
@@ -6116,7 +6118,7 @@ class CopyVerifier:
                 run.collections_done += 1
             run.state = VerifyState.DIFFERENT if run.differences else VerifyState.EQUAL
         except TaskStopping:
-            run.state, run.error = VerifyState.FAILED, "stopped: the task was paused, deleted or the server stopped"
+            run.state, run.error = VerifyState.FAILED, "stopped: the task was deleted or the server stopped"
         except Exception as exc:  # noqa: BLE001 - the reason is the result; the trace goes to the log
             log.exception("task=%s verify failed", self.task.task_id)
             run.state, run.error = VerifyState.FAILED, describe_error(exc)
@@ -6475,6 +6477,8 @@ class TaskManager:
     def shutdown(self) -> None:
         self.closing.set()
         with self.lock:
+            for run in self.verifications.values():
+                run.stop.set()
             replicators = list(self.replicators.values())
             self.replicators.clear()
             clocks = list(self.clocks.values())
@@ -6731,6 +6735,7 @@ class TaskManager:
             with self.lock:
                 del self.tasks[task.task_id]
                 self.lags.pop(task.task_id, None)
+            self._end_verification(task.task_id)
             self.metrics.forget(task.task_id)
         log.info("task=%s deleted", task_id)
 
@@ -6794,7 +6799,7 @@ class TaskManager:
                 raise ApiError(409, f"task {task.task_id} is being verified already (started "
                                     f"{time.time() - running.started_at:.0f}s ago); see get")
             run = Verification()
-            verifier = CopyVerifier(task, self.config.source, request, run, self.closing)
+            verifier = CopyVerifier(task, self.config.source, request, run, run.stop)
             self.verifications[task.task_id] = run
         threading.Thread(target=self._verify, args=(task.task_id, verifier, run), name="cdc-verify",
                          daemon=True).start()
@@ -6808,7 +6813,17 @@ class TaskManager:
 
     def _verify(self, task_id: str, verifier: CopyVerifier, run: Verification) -> None:
         verifier.run()
-        self.metrics.verified(task_id, run)
+        with self.lock:
+            current = self.verifications.get(task_id) is run
+        if current:  # a deleted task's series are gone and stay gone
+            self.metrics.verified(task_id, run)
+
+    def _end_verification(self, task_id: str) -> None:
+        """A deleted task's verify run stops, and its result goes with it."""
+        with self.lock:
+            run = self.verifications.pop(task_id, None)
+        if run is not None:
+            run.stop.set()
 
     def _stored_lag(self, task_id: str) -> list[dict]:
         now = time.time()
@@ -7163,6 +7178,7 @@ class ClusterTaskManager(TaskManager):
         task = self._find(task_id)
         self.store.delete_task(task.task_id)  # a late checkpoint write of its holder finds it gone: not written
         self.agent.wake()
+        self._end_verification(task.task_id)
         self.metrics.forget(task.task_id)
         log.info("task=%s deleted", task_id)
 

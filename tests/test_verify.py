@@ -177,3 +177,38 @@ def test_a_database_the_task_replicates_as_such_is_missing_on_the_target():
         {"collection": "db2", "what": "database missing on the target (as db2)"}]
     with pytest.raises(m.ApiError, match="sourceConfig.milvus.uri"):
         m.CopyVerifier(task, dataclasses.replace(source, milvus_uri=""), m.VerifyRequest(), run, threading.Event())
+
+
+def test_deleting_a_task_stops_its_verify_run_and_its_result_goes_with_it(tmp_path, monkeypatch):
+    """Pure logic: a verify run of a deleted task ended only with the server, and its gauges came back after the
+    delete had removed the task's series."""
+    import threading
+    import milvus_cdc as m
+    config, _ = m.load_config(str(ROOT / "config.yaml"))
+    config = dataclasses.replace(config, source=dataclasses.replace(config.source, milvus_uri="http://127.0.0.1:9"))
+    server = m.TaskManager(config, m.SqliteMetaStore(str(tmp_path / "meta.db"), "cdc"))
+    comparing = threading.Event()
+
+    def compare(self, db_name, name):
+        comparing.set()
+        self.stop.wait(60)
+    monkeypatch.setattr(m.CopyVerifier, "_databases", lambda self: None)
+    monkeypatch.setattr(m.CopyVerifier, "_followed", lambda self: [("default", f"c{i}") for i in range(3)])
+    monkeypatch.setattr(m.CopyVerifier, "_collection", compare)
+    try:
+        task = server.tasks["t1"] = m.TaskInfo("t1", m.ConnectParam("http://127.0.0.1:9"), [{"name": "*"}],
+                                               state=m.TaskState.PAUSED)
+        server.store.save_task("t1", task.to_store())
+        server.verify("t1", {})
+        run = server.verifications["t1"]
+        assert comparing.wait(10) and run.state == m.VerifyState.RUNNING
+        started = time.monotonic()
+        server.delete("t1")
+        wait_until(lambda: run.state != m.VerifyState.RUNNING, 10, 0.02, "the run to stop")
+        assert time.monotonic() - started < 5 and run.state == m.VerifyState.FAILED and "deleted" in run.error
+        assert run.collections_done < 3 and "t1" not in server.verifications
+        time.sleep(0.2)  # the run's thread publishes its gauges right after it ends, if it does
+        assert not server.metrics.series.get("t1"), "no series of a deleted task"
+    finally:
+        server.shutdown()
+        server.store.close()
