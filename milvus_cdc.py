@@ -4199,6 +4199,7 @@ class TaskInfo:
     start_positions: list[StartPosition] = field(default_factory=list)  # used by the first start only
     disable_auto_start: bool = False  # created stopped; a server restart does not start it either
     connect_shown: dict = field(default_factory=dict)  # the Go style fields of milvus_connect_param, as given
+    last_verify: dict = field(default_factory=dict)  # the result of its last verify run, as `get` shows it
 
     def scope_infos(self) -> list[tuple[str, dict]]:
         """Every collection the task was given: (its name as CollectionFilter takes it, its collection info)."""
@@ -4234,6 +4235,8 @@ class TaskInfo:
             stored["start_positions"] = [p.to_json() for p in self.start_positions]
         if self.disable_auto_start:
             stored["disable_auto_start"] = True
+        if self.last_verify:
+            stored["last_verify"] = self.last_verify
         return stored
 
     @classmethod
@@ -4248,7 +4251,8 @@ class TaskInfo:
                    db_collections=data.get("db_collections") or {}, name_mapping=data.get("name_mapping") or [],
                    start_positions=[StartPosition.from_json(p) for p in data.get("start_positions") or []],
                    disable_auto_start=bool(data.get("disable_auto_start")),
-                   connect_shown={k: param[k] for k in GO_CONNECT_KEYS if k in param})
+                   connect_shown={k: param[k] for k in GO_CONNECT_KEYS if k in param},
+                   last_verify=data.get("last_verify") or {})
 
     def connect_json(self, secrets: bool = False) -> dict:
         shown: dict[str, Any] = {"uri": self.connect.uri, "connect_timeout": self.connect.connect_timeout}
@@ -6433,6 +6437,7 @@ class TaskManager:
     START_TIMEOUT = 60.0
     PROBE_TIMEOUT = 30.0
     CREATE_SLOTS = 4  # creates in progress at once; the server's other threads always answer list and get
+    STORED_DIFFERENCES = 100  # of a verify result kept with the task
 
     def __init__(self, config: ServerConfig, store: TaskStore, metrics: Metrics | None = None):
         self.config, self.store = config, store
@@ -6779,14 +6784,16 @@ class TaskManager:
                 shown["channels"] = self._stored_lag(task.task_id)
             except MetaStoreUnavailable:
                 shown["channels"] = []
-        self._show_verification(task.task_id, shown)
+        self._show_verification(task, shown)
         return shown
 
-    def _show_verification(self, task_id: str, shown: dict) -> None:
+    def _show_verification(self, task: TaskInfo, shown: dict) -> None:
         with self.lock:
-            run = self.verifications.get(task_id)
+            run = self.verifications.get(task.task_id)
         if run is not None:
             shown["verify"] = run.public()
+        elif task.last_verify:
+            shown["verify"] = task.last_verify  # a run of before this server started
 
     def verify(self, task_id: Any, data: dict) -> dict:
         """Start comparing the task's copy with its source, in the background; `get` shows how far it is and,
@@ -6817,6 +6824,27 @@ class TaskManager:
             current = self.verifications.get(task_id) is run
         if current:  # a deleted task's series are gone and stay gone
             self.metrics.verified(task_id, run)
+            self._keep_verification(task_id, run)
+
+    def _keep_verification(self, task_id: str, run: Verification) -> None:
+        """The result is stored with the task, so that `get` shows it after a restart too (at most
+        STORED_DIFFERENCES of its differences: a task's document stays small)."""
+        result = run.public()
+        differences = result["differences"]
+        if len(differences) > self.STORED_DIFFERENCES:
+            result["differences"] = differences[:self.STORED_DIFFERENCES]
+            result.setdefault("notes", []).append(f"{len(differences) - self.STORED_DIFFERENCES} more "
+                                                  f"difference(s) not stored")
+        try:
+            written = self.store.update_task(task_id, lambda document: {**document, "last_verify": result})
+        except MetaStoreUnavailable as exc:
+            log.warning("task=%s the verify result is not stored (%s); get shows it until the server stops",
+                        task_id, exc)
+            return
+        with self.lock:
+            task = self.tasks.get(task_id)
+            if task is not None and written is not None:
+                task.last_verify = result  # what memory writes next keeps it
 
     def _end_verification(self, task_id: str) -> None:
         """A deleted task's verify run stops, and its result goes with it."""
@@ -7191,7 +7219,7 @@ class ClusterTaskManager(TaskManager):
             shown.update(replicator.progress())
         else:
             shown["channels"] = self._stored_lag(task.task_id)
-        self._show_verification(task.task_id, shown)
+        self._show_verification(task, shown)
         return shown
 
     def _task_to_verify(self, task_id: Any) -> TaskInfo:

@@ -212,3 +212,36 @@ def test_deleting_a_task_stops_its_verify_run_and_its_result_goes_with_it(tmp_pa
     finally:
         server.shutdown()
         server.store.close()
+
+
+def test_the_last_verify_result_is_kept_with_the_task_across_a_restart(tmp_path, monkeypatch):
+    """Pure logic: `get` shows the last result after the server restarted, and a later write of the task (a
+    pause, a resume) keeps it."""
+    import milvus_cdc as m
+    config, _ = m.load_config(str(ROOT / "config.yaml"))
+    config = dataclasses.replace(config, source=dataclasses.replace(config.source, milvus_uri="http://127.0.0.1:9"))
+    monkeypatch.setattr(m.CopyVerifier, "_databases", lambda self: None)
+    monkeypatch.setattr(m.CopyVerifier, "_followed", lambda self: [("default", "c0")])
+    monkeypatch.setattr(m.CopyVerifier, "_collection",
+                        lambda self, db, name: self._differ(f"{db}.{name}", "shards: source 2, target 1"))
+    path = str(tmp_path / "meta.db")
+    server = m.TaskManager(config, m.SqliteMetaStore(path, "cdc"))
+    try:
+        task = server.tasks["t1"] = m.TaskInfo("t1", m.ConnectParam("http://127.0.0.1:9"), [{"name": "*"}],
+                                               state=m.TaskState.PAUSED, reason="paused by the user")
+        server.store.save_task("t1", task.to_store())
+        server.verify("t1", {})
+        wait_until(lambda: server.store.load_tasks()["t1"].get("last_verify"), 10, 0.05, "the result stored")
+        server._store(server.tasks["t1"], reason="written again")  # as a pause or resume writes the task
+    finally:
+        server.shutdown()
+        server.store.close()
+    again = m.TaskManager(config, m.SqliteMetaStore(path, "cdc"))
+    try:
+        again.restore()
+        shown = again.get("t1")["verify"]
+        assert shown["state"] == "different" and shown["differences"] == [
+            {"collection": "default.c0", "what": "shards: source 2, target 1"}], shown
+    finally:
+        again.shutdown()
+        again.store.close()
