@@ -25,6 +25,7 @@ The module reads top-down in the order data flows, one banner section each:
 - Replication task: collections and their copies
 - Replication task: the applier
 - Task requests: what a create may say, checked
+- Verification: a task's copy against its source (the verify request)
 - Task manager: lifecycle and checked requests
 - Cluster: several servers, one set of tasks
 - HTTP API: ``POST /cdc``, metrics and health
@@ -4843,7 +4844,7 @@ class TargetCopies:
         # source collection id -> its copy on the target: the mirror's own object, which the mirror keeps current
         self.by_source: dict[int, TargetCollection] = {}
         self.gone: set[int] = set()                         # collections whose drop is applied (or moot)
-        self.existing: set[int] = set()                     # copied as they are at start (set by plan_start)
+        self.existing: set[int] = set()                     # copied as they are at start (owned here: plan_start)
         # (target collection id, partition name) -> the source partition id it copies, where known
         self.partitions: dict[tuple[int, str], int] = {}
 
@@ -6098,8 +6099,20 @@ class CopyVerifier:
         if key not in self.clients:
             uri, token = (self.source_uri, self.source_token) if side == "source" else \
                 (self.task.connect.uri, self.task.connect.token)
-            self.clients[key] = MilvusClient(uri=uri, token=token, db_name=db_name or "default", timeout=30)
+            self.clients[key] = MilvusClient(uri=uri, token=token, db_name=db_name or "default", timeout=30,
+                                             **(self._tls() if side == "target" else {}))
         return self.clients[key]
+
+    TLS_KEYS = ("server_pem_path", "ca_pem_path", "client_pem_path", "client_key_path", "server_name")
+
+    def _tls(self) -> dict[str, Any]:
+        """A TLS target is read with the task's own dial_config, on connections of this run: pymilvus reuses an
+        open connection of the same uri and token whatever its certificates."""
+        if not self.task.connect.secure:
+            return {}
+        dial = dict(self.task.connect.dial_config)
+        return {"secure": True, "alias": f"cdc-verify-{uuid.uuid4().hex}",
+                **{k: dial[k] for k in self.TLS_KEYS if dial.get(k)}}
 
     def close(self) -> None:
         for client in self.clients.values():
@@ -6173,7 +6186,7 @@ class CopyVerifier:
             self._differ(label, f"load state: source {'loaded' if loaded[0] else 'not loaded'}, target "
                                 f"{'loaded' if loaded[1] else 'not loaded'}")
         if not all(loaded):
-            self.run_.notes.append(f"{label}: not loaded on both sides, rows not compared")
+            self.run_.notes.append(self._unloaded_note(label, (source, name), (target, target_name)))
             return
         pk = next(f["name"] for f in s_desc["fields"] if f.get("is_primary"))
         if any(f.get("is_partition_key") for f in s_desc["fields"]):
@@ -6202,6 +6215,15 @@ class CopyVerifier:
                 ("shards", s_desc.get("num_shards"), t_desc.get("num_shards")),
                 ("partitions", sorted(source.list_partitions(name)), sorted(target.list_partitions(target_name))),
                 ("indexes", indexes(source, name), indexes(target, target_name))]
+
+    @staticmethod
+    def _unloaded_note(label: str, *sides: tuple[Any, str]) -> str:
+        """What can be said of the rows of a collection not loaded on both sides: the row counts of the statistics,
+        which count flushed segments only (each side seals and flushes on its own schedule) and deleted rows too,
+        so that they are shown, not judged."""
+        counts = [int(client.get_collection_stats(name).get("row_count", 0)) for client, name in sides]
+        return f"{label}: not loaded on both sides, rows not compared; the statistics count {counts[0]} flushed " \
+               f"row(s) on the source, {counts[1]} on the target" + (" (equal)" if counts[0] == counts[1] else "")
 
     @staticmethod
     def _loaded(client: Any, name: str) -> bool:

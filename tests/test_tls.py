@@ -18,6 +18,7 @@ from pymilvus import DataType, MilvusClient
 from helpers import CdcServer, assert_same_rows, client, server_config, tls_client, wait_until
 from stack import ExtraTarget
 from tls_certs import SERVER_NAME, make_certs
+from test_verify import verified
 
 TOKEN = "root:Milvus"
 CONNECT_TIMEOUT = 5
@@ -125,6 +126,9 @@ def replicate_over_tls(cdc: CdcServer, stack: dict, uri: str, dial_config: dict,
         assert_same_rows(source, target, name, ["id", "s", "v"], timeout=90)
         task = cdc.task(task_id)
         assert task["state"] == "Running", task
+        # verify reads the TLS target with the task's own dial_config
+        result = verified(cdc, task_id, sample_vectors=20)
+        assert result["state"] == "equal" and result["rows_compared"] >= 197, result
     finally:
         cdc.call("delete", task_id=task_id)
         source.drop_collection(name)

@@ -245,3 +245,15 @@ def test_the_last_verify_result_is_kept_with_the_task_across_a_restart(tmp_path,
     finally:
         again.shutdown()
         again.store.close()
+
+
+def test_an_unloaded_collection_is_described_by_its_statistics():
+    from types import SimpleNamespace
+
+    import milvus_cdc as m
+
+    def side(rows):
+        return SimpleNamespace(get_collection_stats=lambda name: {"row_count": rows}), "c"
+    note = m.CopyVerifier._unloaded_note("db.c", side(1000), side(900))
+    assert "rows not compared" in note and "1000 flushed row(s) on the source, 900 on the target" in note
+    assert m.CopyVerifier._unloaded_note("db.c", side(5), side(5)).endswith("(equal)")
