@@ -56,3 +56,9 @@ def pytest_runtest_makereport(item, call):
             lines = [line for line in value.log_text().splitlines() if " WARNING " in line or " ERROR " in line]
             report.sections.append((f"CDC server {name}: warnings and errors (last 40 of {len(lines)})",
                                     "\n".join(lines[-40:]) or "(none)"))
+            if value.alive():  # its tasks as get shows them: state, lag per channel, what they wait on
+                try:
+                    tasks = [value.task(t["task_id"]) for t in value.call("list")["tasks"]]
+                except Exception as exc:  # noqa: BLE001 - a report must not fail
+                    tasks = [f"(get failed: {exc})"]
+                report.sections.append((f"CDC server {name}: its tasks", json.dumps(tasks, indent=1)[-6000:]))

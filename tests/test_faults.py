@@ -129,7 +129,7 @@ def after_the_outage(server: CdcServer, task_id: str) -> None:
 
 def test_an_etcd_meta_store_frozen_then_killed_and_restarted(stack, tmp_path, unique_name):
     etcd = PrivateEtcd(tmp_path).start()
-    config = server_config(stack, tmp_path, store="etcd", **{"replication.retryTimeout": 10})
+    config = server_config(stack, tmp_path, store="etcd", **{"replication.retryTimeout": 5})
     config["metaStoreConfig"]["etcd"] = {"address": [f"http://{etcd.address}"]}
     server = CdcServer(config, tmp_path).start()
     try:
@@ -140,12 +140,12 @@ def test_an_etcd_meta_store_frozen_then_killed_and_restarted(stack, tmp_path, un
             time.sleep(3)
             etcd.freeze()  # longer than retryTimeout: the store's faults never pause a task
             during_the_outage(server, task_id, stack)
-            time.sleep(20)
+            time.sleep(12)
             etcd.thaw()
             after_the_outage(server, task_id)
             etcd.kill()
             during_the_outage(server, task_id, stack)
-            time.sleep(20)
+            time.sleep(12)
             etcd.start()
             after_the_outage(server, task_id)
             time.sleep(2)
@@ -160,7 +160,7 @@ def test_an_etcd_meta_store_frozen_then_killed_and_restarted(stack, tmp_path, un
 def test_a_mysql_meta_store_cut_off(stack, tmp_path, unique_name):
     my = stack["mysql"]
     relay = TcpRelay(f"{my['host']}:{my['port']}")
-    config = server_config(stack, tmp_path, store="mysql", **{"replication.retryTimeout": 10})
+    config = server_config(stack, tmp_path, store="mysql", **{"replication.retryTimeout": 5})
     config["metaStoreConfig"]["mysqlSourceUrl"] = \
         f"{my['user']}:{my['password']}@tcp(127.0.0.1:{relay.port})/{my['database']}"
     server = CdcServer(config, tmp_path).start()
@@ -172,7 +172,7 @@ def test_a_mysql_meta_store_cut_off(stack, tmp_path, unique_name):
             time.sleep(3)
             relay.cut()
             during_the_outage(server, task_id, stack)
-            time.sleep(15)
+            time.sleep(10)
             relay.restore()
             after_the_outage(server, task_id)
             time.sleep(2)

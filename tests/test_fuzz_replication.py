@@ -1,8 +1,8 @@
 """Random sequences of every replicated operation on the source, compared in full with the target afterwards (the
 state machine and the comparison live in fuzz_replication.py).
 
-Bounded for the suite: CDC_FUZZ_SEQUENCES (default 12) sequences of CDC_FUZZ_STEPS (default 20) steps, seed
-CDC_FUZZ_SEED (default random, printed in the failure), at most CDC_FUZZ_SHRINK_SECONDS (default 240) spent
+Bounded for the suite: CDC_FUZZ_SEQUENCES (default 8) sequences of CDC_FUZZ_STEPS (default 20) steps, seed
+CDC_FUZZ_SEED (default random, printed in the failure), at most CDC_FUZZ_SHRINK_SECONDS (default 120) spent
 shrinking a failure. Each sequence runs under a task of CDC_FUZZ_MODE (default mixed: in turn a ``*`` task, a
 db_collections task scoped to one of the sequence's databases, and a ``*`` task with a name_mapping; or star,
 scoped, mapped alone). Between the source operations the task's lifecycle is disrupted, never waiting for the
@@ -37,9 +37,9 @@ def test_random_operation_sequences_replicate(stack, tmp_path):
 
 
 def fuzz(endpoints: dict, tmp_path):
-    return run_fuzz(endpoints, tmp_path, sequences=env_int("CDC_FUZZ_SEQUENCES", 12),
+    return run_fuzz(endpoints, tmp_path, sequences=env_int("CDC_FUZZ_SEQUENCES", 8),
                     steps=env_int("CDC_FUZZ_STEPS", 20), seed=env_int("CDC_FUZZ_SEED", None),
-                    shrink_seconds=env_int("CDC_FUZZ_SHRINK_SECONDS", 240),
+                    shrink_seconds=env_int("CDC_FUZZ_SHRINK_SECONDS", 120),
                     skip=skipped_rules(os.environ.get("CDC_FUZZ_SKIP")),
                     mode=os.environ.get("CDC_FUZZ_MODE") or "mixed",
                     lifecycle_rate=float(os.environ.get("CDC_FUZZ_LIFECYCLE") or DEFAULT_LIFECYCLE_RATE),

@@ -16,7 +16,7 @@ from pymilvus.grpc_gen import milvus_pb2, milvus_pb2_grpc
 
 from helpers import client, count_of, running_server, wait_until
 
-TASKS = int(os.environ.get("CDC_MANY_TASKS", "6"))  # the suite's (CI time); the README's figures are for 20
+TASKS = int(os.environ.get("CDC_MANY_TASKS", "4"))  # the suite's (CI time); the README's figures are for 20
 ROUNDS, ROWS = 3, 50
 
 
