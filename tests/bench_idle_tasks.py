@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pymilvus import DataType, MilvusClient  # noqa: E402
 
-from helpers import CdcServer, client, server_config  # noqa: E402
+from helpers import CdcServer, append_report, client, server_config, stop_and_drop  # noqa: E402
 from test_many_tasks import load_without_waiting  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -88,17 +88,8 @@ def main(argv=None) -> int:
                  f"- create: first {creates[0]:.2f} s, last {creates[-1]:.2f} s, max {max(creates):.2f} s"]
         print("\n".join(lines))
     finally:
-        for task in server.call("list")["tasks"]:
-            server.call("delete", task_id=task["task_id"])
-        server.stop()
-        target = client(stack["target_milvus"])
-        for name in names:
-            for milvus in (source, target):
-                if milvus.has_collection(name):
-                    milvus.drop_collection(name)
-    if args.out:
-        with open(args.out, "a") as out:
-            out.write("\n".join(lines) + "\n")
+        stop_and_drop(server, names, source, client(stack["target_milvus"]))
+    append_report(args.out, lines)
     return 0
 
 

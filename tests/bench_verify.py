@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pymilvus import DataType, MilvusClient  # noqa: E402
 
 from bench_frozen_etcd import rss_mib  # noqa: E402
-from helpers import CdcServer, client, count_of, server_config, wait_until  # noqa: E402
+from helpers import CdcServer, append_report, client, count_of, server_config, stop_and_drop, wait_until  # noqa: E402
 
 
 def rows(first: int, count: int, dim: int, rng: random.Random) -> list[dict]:
@@ -92,15 +92,8 @@ def main(argv=None) -> int:
         print("\n".join(lines))
     finally:
         stopping.set()
-        for task in server.call("list")["tasks"]:
-            server.call("delete", task_id=task["task_id"])
-        server.stop()
-        for milvus in (source, target):
-            if milvus.has_collection(name):
-                milvus.drop_collection(name)
-    if args.out:
-        with open(args.out, "a") as out:
-            out.write("\n".join(lines) + "\n")
+        stop_and_drop(server, [name], source, target)
+    append_report(args.out, lines)
     return 0
 
 

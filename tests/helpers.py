@@ -243,6 +243,23 @@ def assert_same_rows(source, target, name: str, fields: list[str], pk: str = "id
     return expected
 
 
+def stop_and_drop(server: "CdcServer", names: list[str], *sides) -> None:
+    """A benchmark's end: its tasks deleted, its server stopped, its collections dropped on every side."""
+    for task in server.call("list")["tasks"]:
+        server.call("delete", task_id=task["task_id"])
+    server.stop()
+    for name in names:
+        for milvus in sides:
+            if milvus.has_collection(name):
+                milvus.drop_collection(name)
+
+
+def append_report(path: str | None, lines: list[str]) -> None:
+    if path:
+        with open(path, "a") as out:
+            out.write("\n".join(lines) + "\n")
+
+
 def drop_everywhere(source, target, name: str) -> None:
     """Drop a source collection (released first) and wait until its copy is gone from the target."""
     source.release_collection(name)
