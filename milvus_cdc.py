@@ -756,6 +756,10 @@ class Waits:
         with self.lock:
             self.current.pop(role, None)
 
+    def of(self, role: str) -> Wait | None:
+        with self.lock:
+            return self.current.get(role)
+
     def snapshot(self) -> list[Wait]:
         with self.lock:
             return sorted(self.current.values(), key=lambda w: w.since)
@@ -6477,6 +6481,7 @@ class TaskManager:
         self.tail = KafkaTail(config.source.kafka) if config.source.mq_type == MqType.KAFKA else None
         self.verifications: dict[str, Verification] = {}  # the last verify run of each task, or the one running
         self.unsure: set[str] = set()     # tasks whose last write the store did not answer (it may still land)
+        self.write_back_waits = Waits()   # by task id: its write-back waiting for the store, as get shows it
         self.writing_back: threading.Thread | None = None
         self.closing = threading.Event()
 
@@ -6567,7 +6572,7 @@ class TaskManager:
     def _write_back(self) -> None:
         """Write what memory holds of each unsure task (or its absence) until the store takes it. Holds the task
         like a request does, so that no request's write goes between the read of memory and this write."""
-        failures = 0
+        failures, since = 0, time.time()
         while not self.closing.wait(self.retry.delay(failures) if failures else 0):
             with self.lock:
                 free = sorted(self.unsure - self.busy)
@@ -6587,12 +6592,17 @@ class TaskManager:
                     log.info("task=%s written back to the meta store as this server holds it (%s)", task_id,
                              task.state.value if task is not None else "no such task")
                 failures = 0 if free else failures + 1
-            except MetaStoreUnavailable:
+            except MetaStoreUnavailable as exc:
                 failures += 1
+                for task_id in free:
+                    self.write_back_waits.set(task_id, Wait("writing the task back to the meta store", since,
+                                                            failures, str(exc)))
             finally:
                 with self.lock:
                     self.busy.difference_update(free)
                     self.unsure.difference_update(done)
+                for task_id in done:
+                    self.write_back_waits.clear(task_id)
 
     def _run(self, task: TaskInfo, fence: tuple[Lease, str] | None = None) -> Replicator:
         with self.lock:
@@ -6629,7 +6639,7 @@ class TaskManager:
         """A task stopped itself: store it as paused with the reason (waiting for the store if need be), then
         show it so."""
         task_id = replicator.task.task_id
-        tries = 0
+        tries, since = 0, time.time()
         while True:
             with self.lock:
                 task = self.tasks.get(task_id)
@@ -6645,7 +6655,10 @@ class TaskManager:
                     stored = self._store(task, state=TaskState.PAUSED, reason=reason)
                 except MetaStoreUnavailable as exc:
                     log.warning("task=%s cannot store its pause yet: %s", task_id, exc)
+                    replicator.waits.set("pause", Wait("storing the task's pause in the meta store", since,
+                                                       tries + 1, str(exc)))
                 else:
+                    replicator.waits.clear("pause")
                     replicator.stop(self.STOP_TIMEOUT)
                     with self.lock:
                         if self.replicators.get(task_id) is replicator:
@@ -6806,6 +6819,9 @@ class TaskManager:
                 shown["channels"] = self._stored_lag(task.task_id)
             except MetaStoreUnavailable:
                 shown["channels"] = []
+        writing_back = self.write_back_waits.of(task.task_id)
+        if writing_back is not None:
+            shown["retrying"] = shown.get("retrying", []) + [writing_back.public()]
         self._show_verification(task, shown)
         return shown
 

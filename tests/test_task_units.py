@@ -866,9 +866,17 @@ def meta_store_waits_at_checkpoints(server, replicator, _):
 
 
 def pause_store_waits(server, replicator, slept):
-    server._store = failing(FAILURES, m.MetaStoreUnavailable("away"),
-                            SimpleNamespace(state=m.TaskState.PAUSED, reason="refused"))
+    shown = []
+    store = failing(FAILURES, m.MetaStoreUnavailable("away"), SimpleNamespace(state=m.TaskState.PAUSED,
+                                                                               reason="refused"))
+
+    def noting_store(*args, **kwargs):
+        shown.append([w.operation for w in replicator.waits.snapshot()])  # what get shows meanwhile
+        return store(*args, **kwargs)
+    server._store = noting_store
     server._on_failure(replicator, "refused")
+    assert shown[1:] == [["storing the task's pause in the meta store"]] * FAILURES, shown
+    assert replicator.waits.snapshot() == [], "no wait shown once the pause is stored"
     return slept
 
 
@@ -1032,6 +1040,34 @@ def test_a_task_write_answered_503_that_lands_later_leaves_the_store_as_memory_h
         assert store.load_tasks()["t1"]["state"] == state.value
         if request_type == "delete" and lands == "after the write-back":
             assert store.load_checkpoints("t1"), "the checkpoints stay with the task"
+    finally:
+        server.shutdown()
+        store.close()
+
+
+def test_a_write_back_waiting_for_the_store_shows_in_get(tmp_path):
+    """Issue 18: every wait is shown the same way; the write-back of a task the store did not answer for too."""
+    import dataclasses
+    from pathlib import Path
+    config, _ = m.load_config(str(Path(__file__).resolve().parent.parent / "config.yaml"))
+    config = dataclasses.replace(config, replication=m.ReplicationSettings(retry_max_backoff=0.05))
+    store = LateLandingStore(str(tmp_path / "meta.db"))
+    server = m.TaskManager(config, store)
+    try:
+        task = server.tasks["t1"] = m.TaskInfo("t1", m.ConnectParam("http://127.0.0.1:9"), [{"name": "*"}],
+                                               state=m.TaskState.PAUSED)
+        store.save_task("t1", task.to_store())
+        store.down = 10 ** 6
+        server._write_back_later("t1")
+        deadline = time.monotonic() + 5
+        while not server.get("t1").get("retrying") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        (wait,) = server.get("t1")["retrying"]
+        assert wait["operation"] == "writing the task back to the meta store" and "timeout" in wait["last_error"]
+        store.down = 0
+        while server.unsure and time.monotonic() < deadline + 5:
+            time.sleep(0.02)
+        assert not server.unsure and "retrying" not in server.get("t1")
     finally:
         server.shutdown()
         store.close()
