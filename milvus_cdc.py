@@ -7130,7 +7130,7 @@ class ClusterTaskManager(TaskManager):
 
     def _on_failure(self, replicator: Replicator, reason: str) -> None:
         """A task stopped itself: store it as paused, as long as this server still holds its target."""
-        tries = 0
+        tries, since = 0, time.time()
         ran = replicator.task
 
         def still_running(state: TaskState, data: dict) -> ApiError | None:
@@ -7142,10 +7142,13 @@ class ClusterTaskManager(TaskManager):
                 # Only over the run that failed: a pause, resume or delete on another server meanwhile stands.
                 with contextlib.suppress(ApiError):
                     self._change_stored(ran.task_id, TaskState.PAUSED, reason, still_running)
+                replicator.waits.clear("pause")
                 self.agent.wake()
                 return
             except MetaStoreUnavailable as exc:
                 log.warning("task=%s cannot store its pause yet: %s", replicator.task.task_id, exc)
+                replicator.waits.set("pause", Wait("storing the task's pause in the meta store", since, tries + 1,
+                                                   str(exc)))
             tries += 1
             time.sleep(self.retry.delay(tries))
 

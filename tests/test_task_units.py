@@ -884,7 +884,9 @@ def cluster_pause_store_waits(server, replicator, slept):
     cluster = m.ClusterTaskManager(server.config, server.store, SimpleNamespace(), m.Metrics(), "s1", 10.0)
     assert cluster.retry == server.retry
     cluster.store = SimpleNamespace(update_task=failing(FAILURES, m.MetaStoreUnavailable("away")))
-    cluster._on_failure(SimpleNamespace(task=SimpleNamespace(task_id="t1", created_at=1.0), fence=None), "refused")
+    failed = SimpleNamespace(task=SimpleNamespace(task_id="t1", created_at=1.0), fence=None, waits=m.Waits())
+    cluster._on_failure(failed, "refused")
+    assert failed.waits.snapshot() == [], "no wait shown once the pause is stored"
     return slept
 
 
