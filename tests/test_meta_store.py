@@ -246,13 +246,13 @@ def test_a_failure_stored_after_another_server_deleted_the_task_does_not_bring_i
         ran = SimpleNamespace(task_id="t1", created_at=1.0)
         store.create_task("t1", {"task_id": "t1", "state": "Running", "reason": "", "created_at": 1.0})
         store.delete_task("t1")  # by another server, while this one's task was failing
-        manager._on_failure(SimpleNamespace(task=ran, fence=None), "writing to the target: refused")
+        manager._on_failure(SimpleNamespace(task=ran, fence=None, waits=m.Waits()), "writing to the target: refused")
         assert store.load_tasks() == {}
         store.create_task("t1", {"task_id": "t1", "state": "Paused", "reason": "manually", "created_at": 1.0})
-        manager._on_failure(SimpleNamespace(task=ran, fence=None), "writing to the target: refused")
+        manager._on_failure(SimpleNamespace(task=ran, fence=None, waits=m.Waits()), "writing to the target: refused")
         assert store.load_tasks()["t1"]["reason"] == "manually", "a pause made meanwhile was written over"
         store.save_task("t1", {"task_id": "t1", "state": "Running", "reason": "", "created_at": 1.0})
-        manager._on_failure(SimpleNamespace(task=ran, fence=None), "writing to the target: refused")
+        manager._on_failure(SimpleNamespace(task=ran, fence=None, waits=m.Waits()), "writing to the target: refused")
         assert store.load_tasks()["t1"]["state"] == "Paused"
         assert store.load_tasks()["t1"]["reason"] == "writing to the target: refused"
     finally:
