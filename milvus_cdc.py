@@ -857,6 +857,19 @@ class Patience:
 # Metrics ######################################################################
 ###############################################################################
 
+class Stage(enum.Enum):
+    """Where a change is on its way from the source to the target, as the stage-lag histogram tells them apart:
+    each is observed when that stage's source time moves, as how far it is then behind the source's clock."""
+    TICK_READ = "tick_read"                      # a source time tick read from a data channel
+    CATALOG_PROMISED = "catalog_promised"        # the catalog polled up to a time
+    OPERATIONS_PROMISED = "operations_promised"  # the replicate channel read to its end up to a time
+    ORDERED = "ordered"                          # every input promised up to a time: what is below it is applied
+    SENT = "sent"                                # a round handed to the send lanes
+    ACKNOWLEDGED = "acknowledged"                # the target took every message of the round
+    CHECKPOINTED = "checkpointed"                # the meta store holds the checkpoint
+    TICKED = "ticked"                            # the target ticked up to it: the rows are visible
+
+
 class Metrics:
     """The server's Prometheus metrics, in a registry of its own, served on ``GET /metrics`` (prometheus_client
     writes the exposition). Counters and histograms are fed where things happen, through a TaskMetrics per
@@ -864,6 +877,7 @@ class Metrics:
     manager at scrape time."""
 
     CALL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+    LAG_BUCKETS = (0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1, 2.5, 5, 10, 30, 60)
 
     def __init__(self):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -885,6 +899,9 @@ class Metrics:
                                 "for good", ["task_id", "operation", "code"])
         self.call_seconds = Histogram("milvus_cdc_target_call_seconds", "Time of one call to the target",
                                       ["operation"], buckets=self.CALL_BUCKETS, registry=self.registry)
+        self.stage_lag = Histogram("milvus_cdc_stage_lag_seconds", "How far behind the source's clock a stage "
+                                   "was when it moved (Stage: from a tick read to the target's tick)", ["stage"],
+                                   buckets=self.LAG_BUCKETS, registry=self.registry)
         self.store_writes = counter("milvus_cdc_meta_store_writes", "Writes to the meta store, by what and outcome",
                                     ["kind", "outcome"])
         self.api_requests = counter("milvus_cdc_api_requests", "Requests to /cdc by request_type and code",
@@ -910,6 +927,11 @@ class Metrics:
         self._note(task_id, self.verify_rows, (task_id,)).set(sum(d.count for d in run.differences))
         self._note(task_id, self.verify_compared, (task_id,)).set(run.rows_compared)
         self._note(task_id, self.verify_seconds, (task_id,)).set(run.seconds())
+
+    def reached(self, stage: Stage, ts: int) -> None:
+        """A stage moved up to source time ``ts``."""
+        from pymilvus.client.utils import hybridts_to_unixtime
+        self.stage_lag.labels(stage.value).observe(max(0.0, time.time() - hybridts_to_unixtime(ts)))
 
     def task(self, task_id: str) -> "TaskMetrics":
         return TaskMetrics(self, task_id)
@@ -957,6 +979,9 @@ class TaskMetrics:
 
     def call_time(self, operation: str, seconds: float) -> None:
         self.m.call_seconds.labels(operation).observe(seconds)
+
+    def reached(self, stage: Stage, ts: int) -> None:
+        self.m.reached(stage, ts)
 
 
 ###############################################################################
@@ -2368,7 +2393,7 @@ class KafkaChannelReader(ChannelReader):
         # fetch_max_wait_ms: a broker holds a fetch that finds nothing new that long, and answers as soon as
         # something comes: longer costs no latency, and an idle task asks twice a second, not twenty times
         options: dict[str, Any] = {"bootstrap_servers": settings["address"].split(","), "fetch_max_bytes": 4 << 20,
-                                   "max_partition_fetch_bytes": 4 << 20, "fetch_max_wait_ms": 500,
+                                   "max_partition_fetch_bytes": 4 << 20, "fetch_max_wait_ms": 100,
                                    "request_timeout_ms": 30000}
         sasl = settings.get("sasl") or {}
         if sasl.get("securityProtocol"):
@@ -4330,8 +4355,9 @@ class TargetClock:
     """
 
     def __init__(self, retry: RetryPolicy, address: str,
-                 make_writer: Callable[[ConnectParam, Patience, tuple[Lease, str] | None], Any] | None = None):
-        self.retry, self.address = retry, address
+                 make_writer: Callable[[ConnectParam, Patience, tuple[Lease, str] | None], Any] | None = None,
+                 metrics: Metrics | None = None):
+        self.retry, self.address, self.metrics = retry, address, metrics
         self.make_writer = make_writer or (lambda param, patience, fence: TargetWriter(param, patience, fence=fence))
         self.changed = threading.Condition()
         # task id -> its durable time, asked (each task's CheckpointRecord owns it)
@@ -4393,6 +4419,8 @@ class TargetClock:
         if tick > self.ticked:
             self.ticked = tick
             self.changed.notify_all()
+            if self.metrics is not None:
+                self.metrics.reached(Stage.TICKED, tick)
 
     def close(self) -> None:
         self.stopping.set()
@@ -4689,6 +4717,8 @@ class Replicator:
             messages = patience.run("reading the source MQ", lambda: reader.read(self.READ_WAIT), reader.transient)
             for message in messages:
                 if message.msg_type == common_pb2.TimeTick and message.channel != replicate:
+                    if message.timestamp > self.source_clock.tick:
+                        self.metrics.reached(Stage.TICK_READ, message.timestamp)
                     self.source_clock.saw_tick(message.timestamp)
             if messages:
                 self.metrics.read(collections.Counter(m.channel for m in messages))
@@ -5147,6 +5177,7 @@ class Applier:
         self.write_ahead = ctx.replication.write_ahead
         self.store_retry_at: float | None = None   # the meta store is down: when to try it again
         self.store_failures: list[float] = []
+        self.reached: dict[Stage, int] = {}   # the source time each stage last moved to (the stage-lag metric)
         self.data_handlers = {
             common_pb2.Insert: self.on_insert, common_pb2.Delete: self.on_delete,
             common_pb2.CreateCollection: self.on_create_collection,
@@ -5352,11 +5383,16 @@ class Applier:
                     continue
                 if not self._save_checkpoint(now=True):
                     continue
-            self._receive()
-            barrier = self._round()
-            if barrier:
-                self._commit_sent(until_empty=True)
-            self._save_checkpoint(now=barrier)
+            self._step()
+
+    def _step(self) -> None:
+        self._receive()
+        barrier = self._round()
+        if barrier:
+            self._commit_sent(until_empty=True)
+        # Caught up (no round out, nothing read waiting): the checkpoint goes out at once, and the target's tick
+        # right after it, so rows are visible as soon as it is safe. Under load, once per checkpointInterval.
+        self._save_checkpoint(now=barrier or (not self.sent and self.ctx.reads.empty()))
 
     def _receive(self) -> None:
         from pymilvus.grpc_gen import common_pb2
@@ -5375,6 +5411,8 @@ class Applier:
             generation = batch.generations.get(message.channel, 0)
             if message.msg_type == common_pb2.TimeTick:
                 self.order.promise(message.channel, message.timestamp, message.msg_id, generation)
+                if message.channel == self.replicate_chan:
+                    self._reached(Stage.OPERATIONS_PROMISED, message.timestamp)
                 continue
             self.order.offer(message.channel, message.timestamp, message, message.msg_id, generation)
             if message.msg_type == common_pb2.DropCollection and self.order.has_input(message.channel) and \
@@ -5391,6 +5429,12 @@ class Applier:
                 self._accept_catalog(change)
             self.catalog_fence = fence
             self.order.promise(CATALOG_INPUT, fence)
+            self._reached(Stage.CATALOG_PROMISED, fence)
+
+    def _reached(self, stage: Stage, ts: int) -> None:
+        if ts > self.reached.get(stage, 0):
+            self.reached[stage] = ts
+            self.ctx.metrics.reached(stage, ts)
 
     def _last_on_channel(self, message: SourceMessage) -> bool:
         from pymilvus.grpc_gen import msg_pb2
@@ -5420,6 +5464,7 @@ class Applier:
         stopped at a flush, which must wait until what comes before it is durable and ticked."""
         from pymilvus.grpc_gen import common_pb2
         ready, watermark = self.order.take()
+        self._reached(Stage.ORDERED, watermark)
         done: list[Change] = []
         barrier = False
         for change in ready:
@@ -5455,6 +5500,7 @@ class Applier:
         if done or upto > (self.sent[-1].upto if self.sent else self.order.applied):
             size = self.outbox.size
             self.sent.append(SentRound(self.outbox.send(), self.order.hand_out(done), upto, size))
+            self._reached(Stage.SENT, upto)
         self._commit_sent(until_empty=False)
         return barrier
 
@@ -5470,6 +5516,7 @@ class Applier:
                 future.result()
             self.sent.popleft()
             self.order.commit(oldest.done, oldest.upto)
+            self._reached(Stage.ACKNOWLEDGED, oldest.upto)
             self.checkpoint_dirty = True
 
     def _save_checkpoint(self, force: bool = False, now: bool = False, strict: bool = False) -> bool:
@@ -5501,6 +5548,7 @@ class Applier:
         self.ctx.checkpoint.stored(applied, [name for name in self.order.names() if name != CATALOG_INPUT],
                                    self.order.holding())
         self.checkpoint_dirty, self.last_checkpoint = False, started
+        self._reached(Stage.CHECKPOINTED, applied)
         log.debug("task=%s checkpoint at ts %d (%.3fs behind)", self.tid, applied, time.time() - ts_seconds(applied))
         if not force:
             self.ctx.clock.advance(self.tid)
@@ -6610,7 +6658,8 @@ class TaskManager:
                 raise ApiError(503, f"the threads of task {task.task_id} are still stopping; try again")
             clock = self.clocks.get(task.connect.address)
             if clock is None:
-                clock = self.clocks[task.connect.address] = TargetClock(self.retry, task.connect.address)
+                clock = self.clocks[task.connect.address] = TargetClock(self.retry, task.connect.address,
+                                                                         metrics=self.metrics)
                 if fence is not None:
                     clock.hold_with(fence[0])  # from its first tick, not from the cluster agent's next sync
             replicator = Replicator(task, self.config, self.store, clock, self._on_failure,

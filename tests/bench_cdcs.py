@@ -338,6 +338,10 @@ class CdcUnderTest:
         """Seconds the CDC has spent in ReplicateMessage calls so far, when it tells (its metrics)."""
         return None
 
+    def stage_lags(self) -> dict[str, dict[str, float]] | None:
+        """Stage -> its histogram's samples so far (seconds behind the source), when the CDC tells (its metrics)."""
+        return None
+
     def pause(self, task_id: str) -> None:
         self.call("pause", task_id=task_id)
         wait_until(lambda: self.state(task_id) == "Paused", 60, interval=0.2, what=f"{self.label} task paused")
@@ -395,18 +399,37 @@ class PythonCdc(CdcUnderTest):
     def log_tail(self, chars: int = 3000) -> str:
         return self.server.log_text()[-chars:]
 
+    def _metrics(self) -> str | None:
+        try:
+            with urllib.request.urlopen(f"http://{self.server.config['address']}/metrics", timeout=10) as answer:
+                return answer.read().decode()
+        except OSError:
+            return None
+
     def replicate_call_seconds(self) -> float | None:
         """milvus_cdc_target_call_seconds_sum{operation="ReplicateMessage"}: the applier's data writes (the
         ticker's ticks are not counted there)."""
-        try:
-            with urllib.request.urlopen(f"http://{self.server.config['address']}/metrics", timeout=10) as answer:
-                text = answer.read().decode()
-        except OSError:
+        if (text := self._metrics()) is None:
             return None
         for line in text.splitlines():
             if line.startswith("milvus_cdc_target_call_seconds_sum{") and 'operation="ReplicateMessage"' in line:
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
+
+    def stage_lags(self) -> dict[str, dict[str, float]] | None:
+        """milvus_cdc_stage_lag_seconds: per stage, its samples (``sum``, ``count``, and ``le=B`` per bucket)."""
+        from prometheus_client.parser import text_string_to_metric_families
+        if (text := self._metrics()) is None:
+            return None
+        found: dict[str, dict[str, float]] = {}
+        for family in text_string_to_metric_families(text):
+            if family.name != "milvus_cdc_stage_lag_seconds":
+                continue
+            for sample in family.samples:
+                values = found.setdefault(sample.labels["stage"], {})
+                kind = sample.name.rsplit("_", 1)[1]
+                values[f"le={sample.labels['le']}" if kind == "bucket" else kind] = sample.value
+        return found
 
 
 def confluent_librdkafka() -> Path:

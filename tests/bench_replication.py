@@ -226,6 +226,74 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
+def stage_means(before: dict | None, after: dict | None) -> dict[str, dict[str, float]]:
+    """Per stage, how far behind the source it was between two scrapes of the stage-lag histogram: the mean, and
+    the median and p99 read off its buckets (linear within a bucket)."""
+    if before is None or after is None:
+        return {}
+    found = {}
+    for stage, now in after.items():
+        was = before.get(stage, {})
+        count = now.get("count", 0.0) - was.get("count", 0.0)
+        if count <= 0:
+            continue
+        buckets = sorted((float(k[3:]), v - was.get(k, 0.0)) for k, v in now.items() if k.startswith("le="))
+
+        def quantile(q: float) -> float:
+            lower, below = 0.0, 0.0
+            for bound, cumulative in buckets:
+                if cumulative >= q * count:
+                    if math.isinf(bound):
+                        return lower
+                    share = (q * count - below) / (cumulative - below) if cumulative > below else 1.0
+                    return lower + share * (bound - lower)
+                lower, below = bound, cumulative
+            return lower
+        found[stage] = {"mean": (now["sum"] - was.get("sum", 0.0)) / count, "p50": quantile(0.5),
+                        "p99": quantile(0.99)}
+    return found
+
+
+class TickWatcher(threading.Thread):
+    """The source's side of a live-lag run, read the fastest way: a confluent-kafka consumer (5 ms fetch wait)
+    on the collection's pchannels notes when each source time tick is read. A batch's tick is read once a tick at
+    or past its insert's timestamp is read on every pchannel: before that no CDC can apply it, so what comes after
+    is the CDC's (and the target's) share of the lag."""
+
+    def __init__(self, kafka: str, pchannels: list[str]):
+        super().__init__(daemon=True)
+        from confluent_kafka import Consumer, TopicPartition
+        self.consumer = Consumer({"bootstrap.servers": kafka, "group.id": f"bench-{uuid.uuid4().hex}",
+                                  "enable.auto.commit": False, "fetch.wait.max.ms": 5, "fetch.min.bytes": 1})
+        ends = end_offsets(kafka, pchannels)
+        self.consumer.assign([TopicPartition(p, 0, ends[p]) for p in pchannels])
+        self.pchannels = pchannels
+        self.ticks: dict[str, list[tuple[int, float]]] = {p: [] for p in pchannels}  # (ts, time.monotonic())
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        from pymilvus.grpc_gen import common_pb2
+        try:
+            while not self.stopping.is_set():
+                for message in self.consumer.consume(num_messages=1000, timeout=0.005):
+                    if message.error():
+                        continue
+                    base = common_pb2.MsgHeader.FromString(message.value()).base
+                    if base.msg_type == common_pb2.TimeTick:
+                        self.ticks[message.topic()].append((base.timestamp, time.monotonic()))
+        finally:
+            self.consumer.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(10)
+
+    def covered(self, ts: int) -> float | None:
+        """When a tick at or past ``ts`` had been read on every pchannel (time.monotonic()), if it was."""
+        times = [next((at for tick, at in self.ticks[p] if tick >= ts), None) for p in self.pchannels]
+        return None if None in times else max(t for t in times if t is not None)
+
+
 class FirstRows(threading.Event):
     seen: tuple[float, int] | None = None   # (seconds after resume, rows counted) once rows show
 
@@ -666,6 +734,7 @@ class Bench:
         return watch
 
     def live_lag(self, cdc, meter: ProcessMeter) -> list[dict]:
+        from pymilvus.grpc_gen import milvus_pb2
         args = self.args
         name = f"bench_{cdc.label}_lag_{self.suffix}"
         self.make_source_collection(name)
@@ -673,9 +742,11 @@ class Bench:
             self.wait_copy_loaded(name)
             writer = RowWriter(self.endpoints["source_milvus"], name, args.dim, seed=1)
             entries, next_id, last_ts = [], 0, 0
+            pchannels = sorted(self.source_stub.DescribeCollection(milvus_pb2.DescribeCollectionRequest(
+                collection_name=name), timeout=60).physical_channel_names)
             try:
                 for rate in args.lag_rates:
-                    entry, next_id, last_ts = self.one_rate(cdc, meter, writer, name, rate, next_id)
+                    entry, next_id, last_ts = self.one_rate(cdc, meter, writer, name, rate, next_id, pchannels)
                     entries.append(entry)
             finally:
                 writer.close()
@@ -687,7 +758,8 @@ class Bench:
             self.abandon(cdc, None, name)
             raise
 
-    def one_rate(self, cdc, meter: ProcessMeter, writer: RowWriter, name: str, rate: int, first_id: int):
+    def one_rate(self, cdc, meter: ProcessMeter, writer: RowWriter, name: str, rate: int, first_id: int,
+                 pchannels: list[str]):
         from pymilvus.grpc_gen import common_pb2, milvus_pb2
         args = self.args
         batch = max(1, round(rate / args.lag_batches_per_second))
@@ -695,6 +767,9 @@ class Bench:
         batches = max(1, round(args.lag_seconds * rate / batch))
         vectors = writer.random_vectors(batch)
         lags: list[float | None] = [None] * batches
+        visible_at: list[float | None] = [None] * batches   # time.monotonic() the batch was counted
+        batch_ts: list[int] = [0] * batches
+        returned_at: list[float] = [0.0] * batches
         late: list[tuple] = []      # (batch, counted, expected, first answer s, visible s)
         failures: list[str] = []
         lock = threading.Lock()
@@ -712,7 +787,7 @@ class Bench:
                     counted = count_rows(self.target_stub, name)
                 at = time.monotonic()
                 with lock:
-                    lags[k] = at - returned
+                    lags[k], visible_at[k] = at - returned, at
                     late.append((k, round(answered - returned, 3), round(at - answered, 3)))
             except Exception as exc:  # noqa: BLE001
                 with lock:
@@ -731,7 +806,7 @@ class Bench:
                     followers.submit(follow, k, returned, expected, counted, at)
                     return
                 with lock:
-                    lags[k] = at - returned
+                    lags[k], visible_at[k] = at - returned, at
             except Exception as exc:  # noqa: BLE001
                 with lock:
                     failures.append(f"batch {k}: {exc}")
@@ -739,15 +814,17 @@ class Bench:
 
         log(f"{cdc.label}: {rate:,} rows/s for {args.lag_seconds:.0f} s ({batches} batches of {batch})")
         window = meter.window()
-        calls_before = cdc.replicate_call_seconds()
+        calls_before, stages_before = cdc.replicate_call_seconds(), cdc.stage_lags()
+        watcher = TickWatcher(self.endpoints["kafka"], pchannels)
+        watcher.start()
         started = time.monotonic()
         last_ts = 0
         for k in range(batches):
             delay = started + k * interval - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-            last_ts = writer.insert(writer.request(first_id + k * batch, batch, vectors))
-            returned = time.monotonic()
+            last_ts = batch_ts[k] = writer.insert(writer.request(first_id + k * batch, batch, vectors))
+            returned = returned_at[k] = time.monotonic()
             request = milvus_pb2.QueryRequest(
                 collection_name=name, expr="", output_fields=["count(*)"], use_default_consistency=False,
                 consistency_level=common_pb2.ConsistencyLevel.Customized, guarantee_timestamp=last_ts)
@@ -766,8 +843,15 @@ class Bench:
                 failures.append("a visibility query did not answer within 600 s")
                 break
         followers.shutdown(wait=False)
+        watcher.stop()
+        source_share, cdc_share = [], []
+        for k in range(batches):
+            covered = watcher.covered(batch_ts[k])
+            if covered is not None and visible_at[k] is not None:
+                source_share.append(covered - returned_at[k])
+                cdc_share.append(visible_at[k] - covered)  # type: ignore[operator]
         stats = window.stop()
-        calls_after = cdc.replicate_call_seconds()
+        calls_after, stages_after = cdc.replicate_call_seconds(), cdc.stage_lags()
         measured = [v for v in lags if v is not None]
         entry = {"rate": rate, "seconds": args.lag_seconds, "batch": batch, "batches": batches,
                  "achieved_rows_per_s": batches * batch / insert_seconds, "end_lag_s": end_lag,
@@ -776,6 +860,11 @@ class Bench:
                  "mean_s": statistics.fmean(measured) if measured else None, "measured": len(measured),
                  "late": sorted(late), "late_max_s": max((x[2] for x in late), default=None), "cdc": stats,
                  "replicate_call_s": calls_after - calls_before if None not in (calls_before, calls_after) else None,
+                 "stages": stage_means(stages_before, stages_after),
+                 "tick_read_p50_s": pct(source_share, 50) if source_share else None,
+                 "tick_read_p99_s": pct(source_share, 99) if source_share else None,
+                 "after_tick_p50_s": pct(cdc_share, 50) if cdc_share else None,
+                 "after_tick_p99_s": pct(cdc_share, 99) if cdc_share else None,
                  "count_at_end": count_rows(self.target_stub, name),
                  "expected_at_end": total}
         if failures:
@@ -789,6 +878,13 @@ class Bench:
         if entry["achieved_rows_per_s"] < 0.95 * rate:
             self.problem(f"{cdc.label}: the source took only {entry['achieved_rows_per_s']:,.0f} of {rate:,} rows/s",
                          failure=False)
+        if entry["stages"]:
+            log(f"{cdc.label} stages (mean/p50/p99): " + ", ".join(
+                f"{k} {v['mean']:.3f}/{v['p50']:.3f}/{v['p99']:.3f}" for k, v in entry["stages"].items()))
+        if cdc_share:
+            log(f"{cdc.label}: the source's tick read (fastest reader) p50 {entry['tick_read_p50_s']:.3f} s p99 "
+                f"{entry['tick_read_p99_s']:.3f} s after the insert returned; visible after it: p50 "
+                f"{entry['after_tick_p50_s']:.3f} s, p99 {entry['after_tick_p99_s']:.3f} s")
         log(f"{cdc.label}: {rate:,} rows/s (achieved {entry['achieved_rows_per_s']:,.0f}): lag p50 "
             f"{entry['p50_s']:.2f} s, p99 {entry['p99_s']:.2f} s, max {entry['max_s']:.2f} s, end lag "
             f"{end_lag:.2f} s; CPU {stats['cpu_pct']:.0f}% of a core, peak RSS {stats['peak_rss_mib']:.0f} MiB")
@@ -918,6 +1014,19 @@ def report(bench: Bench, args, machine: dict, found_versions: dict, stack_note: 
                 "directly with ReplicateMessage, by a few ms); their lag is taken when a count(*) first included "
                 "them, and (max s) is the longest such wait. End lag: last insert returned -> count(*) equal to all "
                 "rows."), ""]
+        staged = [(label, e) for label, e in lags if e.get("stages")]
+        if staged:
+            import milvus_cdc
+            stages = [s.value for s in milvus_cdc.Stage]
+            out += ["Where the time goes (the CDC's `milvus_cdc_stage_lag_seconds`: how far behind the source's "
+                    "clock each stage was when it moved; p50 / p99 read off the histogram's buckets):", "",
+                    "| CDC | rows/s | " + " | ".join(stages) + " |",
+                    "| --- | ---: | " + " | ".join("---:" for _ in stages) + " |"]
+            for label, e in staged:
+                shown = [e["stages"].get(stage) for stage in stages]
+                out.append(f"| {label} | {e['rate']:,} | " + " | ".join(
+                    f"{v['p50']:.2f} / {v['p99']:.2f}" if v else "–" for v in shown) + " |")
+            out.append("")
     if r["cdcs"]:
         out += ["## CDC process", "", ("| CDC | RSS at start MiB | idle CPU % core | idle RSS MiB | RSS at end MiB "
                 "| ERROR lines in its log |"), "| --- | ---: | ---: | ---: | ---: | ---: |"]

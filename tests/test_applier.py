@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
+import time
 from types import SimpleNamespace
 
 from pymilvus.grpc_gen import common_pb2, milvus_pb2, msg_pb2, schema_pb2
@@ -99,6 +100,9 @@ class FakeOutbox:
     def flush(self):
         self.events.append(("flush",))
 
+    def send(self):
+        return []  # no call out: the round is acknowledged at once
+
 
 class FakeClock:
     def __init__(self):
@@ -118,9 +122,13 @@ class FakeClock:
 class FakeMetrics:
     def __init__(self):
         self.rows = []
+        self.stages: list[tuple[m.Stage, int]] = []
 
     def replicated(self, collection, op, rows, size):
         self.rows.append((collection, op, rows))
+
+    def reached(self, stage, ts):
+        self.stages.append((stage, ts))
 
 
 def make_applier():
@@ -335,6 +343,52 @@ def test_a_checkpoint_stored_is_the_tasks_durable_time_for_every_one_who_asks():
     assert applier.durable == 150 and ctx.clock.advanced == ["t1"], "not stored: neither durable nor ticked"
     [wait] = ctx.waits.snapshot()
     assert "store away" in wait.last_error
+
+
+def caught_up_applier():
+    """An applier past its start, following src-dml_0 and the replicate channel, checkpoints every minute."""
+    applier, ctx, events, asked = make_applier()
+    applier.ctx = ctx = dataclasses.replace(ctx, replication=m.ReplicationSettings(checkpoint_interval=60.0))
+    applier.order.add_input(m.CATALOG_INPUT, m.InputKind.CATALOG)
+    applier._read("src-dml_0", m.StartAt(m.StartKind.AT, b"\x01"))
+    applier._read("by-dev-replicate", m.StartAt(m.StartKind.AT, b"\x01"))
+    applier.last_checkpoint = time.monotonic()
+    return applier, ctx, events
+
+
+def promise_all(ctx, ts):
+    ctx.reads.put(m.ReadBatch({"src-dml_0": 1, "by-dev-replicate": 1}, [
+        m.SourceMessage("src-dml_0", ts.to_bytes(8, "big"), common_pb2.TimeTick, ts, b""),
+        m.SourceMessage("by-dev-replicate", b"", common_pb2.TimeTick, ts, b"")]))
+    ctx.catalog_reads.put((ts, []))
+
+
+def test_a_caught_up_task_stores_its_checkpoint_and_ticks_the_target_at_once():
+    """Issue 20: with checkpointInterval as the only pace, rows waited up to an interval after the target took
+    them before the tick that makes them visible. A task with nothing else to do checkpoints at once."""
+    applier, ctx, events = caught_up_applier()
+    promise_all(ctx, 200)
+    applier._step()   # the watermark moves to 200, the round is acknowledged, nothing read waits: stored now
+    assert [[c.timestamp for c in e[1]] for e in events if e[0] == "checkpoints"] == [[200, 200]]
+    assert applier.durable == 200 and ctx.clock.advanced == ["t1"]
+    assert [stage for stage, ts in ctx.metrics.stages if ts == 200] == [
+        m.Stage.OPERATIONS_PROMISED, m.Stage.CATALOG_PROMISED, m.Stage.ORDERED, m.Stage.SENT,
+        m.Stage.ACKNOWLEDGED, m.Stage.CHECKPOINTED], "each stage is told when it moves"
+
+
+def test_a_busy_task_stores_its_checkpoint_once_per_interval():
+    applier, ctx, events = caught_up_applier()
+    for ts in (200, 400, 600):
+        promise_all(ctx, ts)  # more is read after each step: the task is not caught up
+    applier._step()
+    applier._step()
+    assert not [e for e in events if e[0] == "checkpoints"] and applier.durable == 0
+    applier.last_checkpoint -= 60
+    promise_all(ctx, 800)
+    applier._step()
+    assert applier.durable == 600, "stored once the interval is over"
+    applier._step()
+    assert applier.durable == 800, "caught up again: stored at once"
 
 
 def test_a_stopping_applier_has_the_target_ticked_to_its_last_checkpoint():
