@@ -67,6 +67,40 @@ from typing import Any, Callable, Iterable, Iterator
 
 import yaml
 
+
+def defer_pymilvus_package() -> None:
+    """Load pymilvus's protobuf classes and helpers without the package's ``__init__``, which imports pandas,
+    numpy and pyarrow for its ORM (about 70 MiB resident and a third of a second at start): the server needs the
+    ORM only to verify a task. The package module stands in empty; its ``__init__`` runs into it on the first
+    name asked of it that it lacks (``from pymilvus import MilvusClient``), so every import still works."""
+    import importlib.util
+    if "pymilvus" in sys.modules:
+        return
+    spec = importlib.util.find_spec("pymilvus")
+    if spec is None or spec.loader is None:
+        return  # not installed: the first use says so
+    loader = spec.loader
+    package = importlib.util.module_from_spec(spec)
+    completing = threading.RLock()  # another thread waits for the whole package; its own __init__ does not
+    started = False
+
+    def complete(name: str) -> Any:
+        nonlocal started
+        with completing:
+            if not started:
+                started = True
+                loader.exec_module(package)
+                package.__dict__.pop("__getattr__", None)
+        try:
+            return package.__dict__[name]
+        except KeyError:
+            raise AttributeError(f"module 'pymilvus' has no attribute {name!r}") from None
+    package.__dict__["__getattr__"] = complete  # PEP 562: asked only for the names the module lacks
+    sys.modules["pymilvus"] = package
+
+
+defer_pymilvus_package()
+
 log = logging.getLogger("milvus_cdc")
 
 __version__ = "0.1.0"
@@ -1827,9 +1861,11 @@ def open_meta_store(settings: MetaStoreSettings) -> MetaStore:
 # Source metadata (etcd) #######################################################
 ###############################################################################
 
-def _declare_etcd_messages() -> dict[str, Any]:  # message classes made at run time: mypy cannot see their fields
+@functools.cache
+def etcd_messages() -> dict[str, Any]:  # message classes made at run time: mypy cannot see their fields
     """Protobuf classes the CDC declares itself: the few Milvus-internal etcd values it reads (not shipped by
-    pymilvus), and a projection of data messages.
+    pymilvus), and a projection of data messages. Made on first use, not at import: main() first keeps the
+    pymilvus package from loading its ORM (defer_pymilvus_package).
 
     Only the fields used are declared; protobuf skips the others. Enums are read as int32 (same wire format).
     """
@@ -1887,7 +1923,6 @@ def _declare_etcd_messages() -> dict[str, Any]:  # message classes made at run t
             for name in messages}
 
 
-ETCD_MESSAGES = _declare_etcd_messages()
 COLLECTION_CREATED, COLLECTION_CREATING, COLLECTION_DROPPING, COLLECTION_DROPPED = 0, 1, 2, 3
 PARTITION_CREATED = 0
 LOAD_TYPE_PARTITION, LOAD_TYPE_COLLECTION = 1, 2
@@ -2019,7 +2054,7 @@ class SourceMeta:
         """The live databases by id."""
         names = {1: DEFAULT_DB}
         for _, value in self._entries("root-coord/database/db-info/", revision=revision):
-            info = ETCD_MESSAGES["DatabaseInfo"].FromString(value)
+            info = etcd_messages()["DatabaseInfo"].FromString(value)
             if info.state in (0, 1, 2):  # unknown, created, creating
                 names[info.id] = info.name
         with self.lock:
@@ -2039,13 +2074,13 @@ class SourceMeta:
         """Every collection (dropped ones too, until etcd forgets them), or those changed after ``since``."""
         self.databases(revision)
         kwargs = {"revision": revision, "min_mod_revision": since + 1 if since else None}
-        return [self._collection(ETCD_MESSAGES["CollectionInfo"].FromString(value))
+        return [self._collection(etcd_messages()["CollectionInfo"].FromString(value))
                 for prefix in self.COLLECTION_PREFIXES for _, value in self._entries(prefix, **kwargs)]
 
     def collection(self, collection_id: int) -> SourceCollection | None:
         for prefix in self.COLLECTION_PREFIXES:
             for _, value in self._entries(prefix):
-                info = ETCD_MESSAGES["CollectionInfo"].FromString(value)
+                info = etcd_messages()["CollectionInfo"].FromString(value)
                 if info.ID == collection_id:
                     return self._collection(info)
         return None
@@ -2055,7 +2090,7 @@ class SourceMeta:
         channels: set[str] = set()
         for prefix in self.COLLECTION_PREFIXES:
             for _, value in self._entries(prefix):
-                info = ETCD_MESSAGES["CollectionInfo"].FromString(value)
+                info = etcd_messages()["CollectionInfo"].FromString(value)
                 if info.ID != excluding and info.state not in (COLLECTION_DROPPING, COLLECTION_DROPPED):
                     channels.update(info.physical_channel_names)
         return channels
@@ -2085,7 +2120,7 @@ class SourceMeta:
         found = []
         sub = f"root-coord/partitions/{collection_id}/" if collection_id is not None else "root-coord/partitions/"
         for key, value in self._entries(sub, revision=revision, min_mod_revision=since + 1 if since else None):
-            info = ETCD_MESSAGES["PartitionInfo"].FromString(value)
+            info = etcd_messages()["PartitionInfo"].FromString(value)
             owner = info.collection_id or int(key.rstrip("/").rsplit("/", 2)[-2])
             found.append(SourcePartition(info.partitionID, info.partitionName, owner,
                                          info.partition_created_timestamp, info.state))
@@ -2097,7 +2132,7 @@ class SourceMeta:
         fields = {f.fieldID: f.name for f in collection.schema.fields}
         found = []
         for _, value in self._entries(f"field-index/{collection.id}/"):
-            index = ETCD_MESSAGES["FieldIndex"].FromString(value)
+            index = etcd_messages()["FieldIndex"].FromString(value)
             info = index.index_info
             if (index.deleted and not dropped) or info.fieldID not in fields:
                 continue
@@ -2112,8 +2147,8 @@ class SourceMeta:
             f"{self.prefix}querycoord-collection-loadinfo/{collection_id}"))
         if not value or value == ETCD_TOMBSTONE:
             return None
-        info = ETCD_MESSAGES["CollectionLoadInfo"].FromString(value)
-        partitions = frozenset(ETCD_MESSAGES["PartitionLoadInfo"].FromString(v).partitionID
+        info = etcd_messages()["CollectionLoadInfo"].FromString(value)
+        partitions = frozenset(etcd_messages()["PartitionLoadInfo"].FromString(v).partitionID
                                for _, v in self._entries(f"querycoord-partition-loadinfo/{collection_id}/"))
         return SourceLoad(info.load_type, max(1, info.replica_number), partitions)
 
@@ -2340,7 +2375,7 @@ def decode_source_message(channel: str, msg_id: bytes, payload: bytes) -> Source
     timestamp = base.timestamp
     if base.msg_type in (common_pb2.Insert, common_pb2.Delete) and not timestamp:
         # An upsert's Insert half carries its time only per row.
-        timestamp = max(ETCD_MESSAGES["RowTimes"].FromString(payload).timestamps, default=0)
+        timestamp = max(etcd_messages()["RowTimes"].FromString(payload).timestamps, default=0)
     return SourceMessage(channel, msg_id, base.msg_type, timestamp, payload)
 
 
@@ -4607,6 +4642,7 @@ class Replicator:
     def stop(self, timeout: float = 60.0) -> bool:
         """Stop the threads; True once they all ended (within ``timeout``)."""
         self.stop_event.set()
+        self._wake_applier()
         deadline = time.monotonic() + timeout
         joined: set[threading.Thread] = set()
         while unjoined := [t for t in self.threads if t not in joined and t is not threading.current_thread()]:
@@ -4647,6 +4683,7 @@ class Replicator:
         if not self.stop_event.is_set():
             self.failed, self.failure = True, reason
             self.stop_event.set()
+            self._wake_applier()
             log.error("task=%s paused by an error: %s", self.task.task_id, reason)
             # Recorded from a thread of its own: a pause or delete holding the manager's lock may be joining
             # this very thread.
@@ -4656,6 +4693,7 @@ class Replicator:
         """The target went to another server: stop at once, without a pause (the task goes on there)."""
         if not self.stop_event.is_set():
             self.stop_event.set()
+            self._wake_applier()
             log.warning("task=%s stops here: %s", self.task.task_id, error)
 
     def _hand_over(self, target: queue.Queue, item) -> None:
@@ -4766,6 +4804,7 @@ class Replicator:
                     self.source_clock.saw_source_time(time.time() - SourceClock.FALLBACK_AFTER, time.monotonic())
                 # Started after `before` was read: every catalog write made before it was issued is here.
                 self._hand_over(self.catalog_queue, (before, changes))
+                self._wake_applier()
         self._ending("reading the source etcd", poll, [poller.meta])
 
     def _next_poll(self, asked: float) -> CatalogPoll:
@@ -4813,7 +4852,13 @@ class Replicator:
             save_checkpoints=lambda checkpoints: self.store.save_checkpoints(tid, checkpoints, fence=self.fence),
             patience=self.patience, ask_reader=self.ask_reader, start_reading=self.start_reading,
             open_reader=lambda: open_channel_reader(self.config.source, self.tail),
-            failed=lambda: self.failed, checkpoint=self.checkpoint)
+            failed=lambda: self.failed, checkpoint=self.checkpoint, wake=self._wake_applier)
+
+    def _wake_applier(self) -> None:
+        """An empty batch in the read queue: the applier waits on that queue alone, and looks at everything
+        else each time it wakes. A full queue wakes it anyway."""
+        with contextlib.suppress(queue.Full):
+            self.read_queue.put_nowait(ReadBatch({}, []))
 
 
 ###############################################################################
@@ -5125,6 +5170,8 @@ class ApplierContext:
     open_reader: Callable[[], ChannelReader]  # the task's reader of the source MQ (sharing the server's tail)
     failed: Callable[[], bool]       # the task is pausing for an error: its last checkpoint stands
     checkpoint: CheckpointRecord     # the task's durable time: told at each checkpoint stored
+    # wakes the applier waiting on ``reads``: the catalog thread, a call's answer and a stop each call it
+    wake: Callable[[], None] = lambda: None
 
 
 @dataclass
@@ -5149,6 +5196,8 @@ class Applier:
     ROUND_BYTES = 4 << 20         # messages one round hands to the send lanes, at most
     HELD_BYTES = 64 << 20         # messages waiting above the watermark before the read queue is left be
     LAST_TICK_WAIT = 5.0          # seconds a stopping task waits for its last tick to go out
+    IDLE_WAIT = 1.0               # seconds the applier sleeps with nothing read (a wake ends it sooner)
+    HELD_WAIT = 0.05              # seconds between two looks at the catalog while it alone holds the order
 
     def __init__(self, ctx: ApplierContext):
         from pymilvus.grpc_gen import common_pb2
@@ -5396,17 +5445,17 @@ class Applier:
 
     def _receive(self) -> None:
         from pymilvus.grpc_gen import common_pb2
-        # While calls are out, look again soon: their answers let the checkpoint, and so the tick, move on.
-        wait = 0.005 if self.sent else 0.05
         batch = ReadBatch({}, [])
         if self.order.held_bytes > self.HELD_BYTES and self.order.held_by_only(InputKind.CATALOG):
             # The source's etcd is silent and changes pile up behind it: leave the read queue be, so that the
             # reader waits on it instead of memory growing. Only the catalog can free them, and it comes through
             # its own queue (a DML or replicate channel holding back could not: its promise is in the read queue).
-            self.stop.wait(wait)
+            self.stop.wait(self.HELD_WAIT)
         else:
+            # Whatever the applier waits for wakes it through the read queue (ApplierContext.wake): it sleeps
+            # between two ticks of the source instead of polling.
             with contextlib.suppress(queue.Empty):
-                batch = self.ctx.reads.get(timeout=wait)
+                batch = self.ctx.reads.get(timeout=self.IDLE_WAIT)
         for message in batch.messages:
             generation = batch.generations.get(message.channel, 0)
             if message.msg_type == common_pb2.TimeTick:
@@ -5499,7 +5548,10 @@ class Applier:
             upto = done[-1].ts - 1
         if done or upto > (self.sent[-1].upto if self.sent else self.order.applied):
             size = self.outbox.size
-            self.sent.append(SentRound(self.outbox.send(), self.order.hand_out(done), upto, size))
+            futures = self.outbox.send()
+            for future in futures:
+                future.add_done_callback(lambda _: self.ctx.wake())  # the answer lets the checkpoint move on
+            self.sent.append(SentRound(futures, self.order.hand_out(done), upto, size))
             self._reached(Stage.SENT, upto)
         self._commit_sent(until_empty=False)
         return barrier

@@ -391,6 +391,22 @@ def test_a_busy_task_stores_its_checkpoint_once_per_interval():
     assert applier.durable == 800, "caught up again: stored at once"
 
 
+def test_an_idle_applier_sleeps_until_something_wakes_it():
+    """Issue 20: the applier looked at its queues 20 times a second whatever came. It sleeps now until the
+    reader hands it a batch, or the catalog thread, a call's answer or a stop wakes it."""
+    applier, ctx, events = caught_up_applier()
+    applier.ctx = ctx = dataclasses.replace(ctx, wake=lambda: ctx.reads.put_nowait(m.ReadBatch({}, [])))
+    applier.IDLE_WAIT = 60.0
+    ctx.catalog_reads.put((300, []))
+    receiving = threading.Thread(target=applier._receive, daemon=True)
+    receiving.start()
+    receiving.join(0.3)
+    assert receiving.is_alive(), "nothing in the read queue: it sleeps"
+    ctx.wake()
+    receiving.join(5)
+    assert not receiving.is_alive() and applier.catalog_fence == 300, "woken, it takes the catalog's promise"
+
+
 def test_a_stopping_applier_has_the_target_ticked_to_its_last_checkpoint():
     applier, ctx, events, asked = make_applier()
     applier.order.commit([], 150)
