@@ -1864,8 +1864,7 @@ def open_meta_store(settings: MetaStoreSettings) -> MetaStore:
 @functools.cache
 def etcd_messages() -> dict[str, Any]:  # message classes made at run time: mypy cannot see their fields
     """Protobuf classes the CDC declares itself: the few Milvus-internal etcd values it reads (not shipped by
-    pymilvus), and a projection of data messages. Made on first use, not at import: main() first keeps the
-    pymilvus package from loading its ORM (defer_pymilvus_package).
+    pymilvus), and a projection of data messages. Made on first use, not when the module is imported.
 
     Only the fields used are declared; protobuf skips the others. Enums are read as int32 (same wire format).
     """
@@ -2425,8 +2424,10 @@ class KafkaChannelReader(ChannelReader):
         """KafkaConsumer's arguments for sourceConfig.kafka as load_config leaves it: the reader's defaults, then
         the security protocol and SASL, then the consumer map's options, which win, as librdkafka's extra
         properties do in the Go CDC. Group and commits stay off whatever the map says: the reader seeks."""
-        # fetch_max_wait_ms: a broker holds a fetch that finds nothing new that long, and answers as soon as
-        # something comes: longer costs no latency, and an idle task asks twice a second, not twenty times
+        # fetch_max_wait_ms: how long a broker may hold a fetch that finds nothing new. Kafka answers as soon as
+        # something comes, but some Kafka-compatible brokers (Tansu, the tests' broker) hold it the whole wait:
+        # at 500 ms the source's ticks reached the tasks 0.15 s later on average. 100 ms bounds that delay; an
+        # idle server then fetches ten times a second instead of twice (the tail is one consumer per server).
         options: dict[str, Any] = {"bootstrap_servers": settings["address"].split(","), "fetch_max_bytes": 4 << 20,
                                    "max_partition_fetch_bytes": 4 << 20, "fetch_max_wait_ms": 100,
                                    "request_timeout_ms": 30000}
