@@ -230,7 +230,7 @@ class Soak:
                 continue
             last = figures[-1]
             cpu = statistics.fmean(f["cpu_pct"] for f in figures)
-            lines.append(f"| {start // 60}-{(start + window) // 60} | {pct(lags, 50):.2f} | {pct(lags, 99):.2f} | "
+            lines.append(f"| {start / 60:g}-{(start + window) / 60:g} | {pct(lags, 50):.2f} | {pct(lags, 99):.2f} | "
                          f"{max(lags):.2f} | {last['rss_mib']:.0f} | {last['threads']} | {last['sockets']} | "
                          f"{cpu:.0f} | {len(churns)} |")
         if self.samples:
