@@ -200,6 +200,10 @@ class Soak:
             lines = self.report(server, task_id)
         finally:
             server.stop()
+            for side in (self.source, self.target):
+                for name in side.list_collections():
+                    if name.startswith(f"soak_main_{self.suffix}") or name.startswith(f"soak_churn_{self.suffix}"):
+                        side.drop_collection(name)
         return lines
 
     def report(self, server: CdcServer, task_id: str) -> list[str]:
