@@ -964,8 +964,7 @@ class Metrics:
 
     def reached(self, stage: Stage, ts: int) -> None:
         """A stage moved up to source time ``ts``."""
-        from pymilvus.client.utils import hybridts_to_unixtime
-        self.stage_lag.labels(stage.value).observe(max(0.0, time.time() - hybridts_to_unixtime(ts)))
+        self.stage_lag.labels(stage.value).observe(max(0.0, time.time() - ts_seconds(ts)))
 
     def task(self, task_id: str) -> "TaskMetrics":
         return TaskMetrics(self, task_id)

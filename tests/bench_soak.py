@@ -35,14 +35,10 @@ from pymilvus import DataType, MilvusClient  # noqa: E402
 
 from bench_cdcs import RowWriter, count_rows, milvus_stub  # noqa: E402
 from bench_idle_tasks import cpu_seconds, sockets, status  # noqa: E402
+from bench_replication import pct  # noqa: E402
 from helpers import CdcServer, append_report, client, server_config, wait_until  # noqa: E402
 
 DIM = 16
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
 
 
 class Soak:
