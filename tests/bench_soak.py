@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pymilvus import DataType, MilvusClient  # noqa: E402
 
-from bench_cdcs import RowWriter, count_rows, milvus_stub  # noqa: E402
+from bench_cdcs import PythonCdc, RowWriter, count_rows, milvus_stub  # noqa: E402
 from bench_idle_tasks import cpu_seconds, sockets, status  # noqa: E402
-from bench_replication import pct  # noqa: E402
+from bench_replication import pct, stage_means  # noqa: E402
 from helpers import CdcServer, append_report, client, server_config, wait_until  # noqa: E402
 
 DIM = 16
@@ -154,12 +154,16 @@ class Soak:
         s.drop_partition(name, "p1")
         s.drop_collection(name)
 
-    def sample(self, pid: int) -> None:
+    def sample(self, server: CdcServer) -> None:
+        pid = server.proc.pid
+        scraper = PythonCdc.__new__(PythonCdc)  # only its metrics scrape: the server runs already
+        scraper.server = server
         cpu0, t0 = cpu_seconds(pid), time.monotonic()
         while not self.stop.wait(10.0):
-            cpu1, t1 = cpu_seconds(pid), time.monotonic()
+            cpu1, t1, stages1 = cpu_seconds(pid), time.monotonic(), scraper.stage_lags()
             figures = {"rss_mib": status(pid, "VmRSS") / 1024, "threads": status(pid, "Threads"),
-                       "sockets": sockets(pid), "cpu_pct": 100 * (cpu1 - cpu0) / (t1 - t0)}
+                       "sockets": sockets(pid), "cpu_pct": 100 * (cpu1 - cpu0) / (t1 - t0),
+                       "stages": stages1}
             cpu0, t0 = cpu1, t1
             with self.lock:
                 self.samples.append((t1 - self.started, figures))
@@ -181,7 +185,7 @@ class Soak:
                        what="the main collection's copy loaded")
             self.started = time.monotonic()
             threads = [threading.Thread(target=f, daemon=True) for f in (self.insert, self.measure_lag, self.churn)]
-            threads.append(threading.Thread(target=self.sample, args=(server.proc.pid,), daemon=True))
+            threads.append(threading.Thread(target=self.sample, args=(server,), daemon=True))
             for thread in threads:
                 thread.start()
             deadline = self.started + self.args.minutes * 60
@@ -219,8 +223,10 @@ class Soak:
         task = server.task(task_id)
         lines = [f"Soak, {args.minutes:g} min at {args.rate:,} rows/s with a churn collection a minute "
                  f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}):", "",
-                 "| minutes | lag p50 s | lag p99 s | lag max s | RSS MiB | threads | sockets | CPU % core | churns |",
-                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                 "| minutes | lag p50 s | lag p99 s | lag max s | RSS MiB | threads | sockets | CPU % core | churns "
+                 "| tick read / acknowledged / ticked, p50 behind the source s |",
+                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        previous: dict | None = None
         window = args.window * 60
         for start in range(0, int(args.minutes * 60), int(window)):
             lags = [lag for at, lag in self.lags if start <= at < start + window]
@@ -230,9 +236,13 @@ class Soak:
                 continue
             last = figures[-1]
             cpu = statistics.fmean(f["cpu_pct"] for f in figures)
+            stages = stage_means(previous, last["stages"]) if previous else {}
+            previous = last["stages"]
+            staged = " / ".join(f"{stages[s]['p50']:.2f}" if s in stages else "–"
+                                for s in ("tick_read", "acknowledged", "ticked"))
             lines.append(f"| {start / 60:g}-{(start + window) / 60:g} | {pct(lags, 50):.2f} | {pct(lags, 99):.2f} | "
                          f"{max(lags):.2f} | {last['rss_mib']:.0f} | {last['threads']} | {last['sockets']} | "
-                         f"{cpu:.0f} | {len(churns)} |")
+                         f"{cpu:.0f} | {len(churns)} | {staged} |")
         if self.samples:
             first, last = self.samples[0][1], self.samples[-1][1]
             lines += ["", f"RSS {first['rss_mib']:.0f} -> {last['rss_mib']:.0f} MiB "
