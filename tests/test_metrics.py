@@ -71,13 +71,12 @@ def test_metrics_follow_a_real_replication(stack, server, unique_name):
     assert value(samples, "milvus_cdc_api_requests_total", request_type="create", code="200") >= 1
     assert value(samples, "milvus_cdc_task_state", task_id=task_id, state="Running") == 1
     assert ("milvus_cdc_read_queue_batches", (("task_id", task_id),)) in samples
-    # Where the time goes (issue 20): every stage moved, each no earlier than the one before it on average.
-    means = []
-    for stage in ("tick_read", "ordered", "sent", "acknowledged", "checkpointed", "ticked"):
-        count = value(samples, "milvus_cdc_stage_lag_seconds_count", stage=stage)
-        assert count > 0, f"stage {stage} never observed"
-        means.append(value(samples, "milvus_cdc_stage_lag_seconds_sum", stage=stage) / count)
-    assert means[-1] >= means[0] > 0, means
+    # Where the time goes (issue 20): every stage moved. (Their means are not ordered: each stage is observed
+    # when it moves, and they move at different moments.)
+    for stage in ("tick_read", "catalog_promised", "operations_promised", "ordered", "sent", "acknowledged",
+                  "checkpointed", "ticked"):
+        assert value(samples, "milvus_cdc_stage_lag_seconds_count", stage=stage) > 0, f"stage {stage} never moved"
+        assert value(samples, "milvus_cdc_stage_lag_seconds_sum", stage=stage) > 0
     # Lag per channel: the figure get shows.
     shown = {c["channel"]: c["lag_seconds"] for c in server.task(task_id)["channels"]}
     gauges = {dict(ls)["channel"]: v for (n, ls), v in scrape(server).items()
