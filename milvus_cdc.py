@@ -4641,8 +4641,7 @@ class Replicator:
 
     def stop(self, timeout: float = 60.0) -> bool:
         """Stop the threads; True once they all ended (within ``timeout``)."""
-        self.stop_event.set()
-        self._wake_applier()
+        self._stopping()
         deadline = time.monotonic() + timeout
         joined: set[threading.Thread] = set()
         while unjoined := [t for t in self.threads if t not in joined and t is not threading.current_thread()]:
@@ -4682,8 +4681,7 @@ class Replicator:
     def _fail(self, reason: str) -> None:
         if not self.stop_event.is_set():
             self.failed, self.failure = True, reason
-            self.stop_event.set()
-            self._wake_applier()
+            self._stopping()
             log.error("task=%s paused by an error: %s", self.task.task_id, reason)
             # Recorded from a thread of its own: a pause or delete holding the manager's lock may be joining
             # this very thread.
@@ -4692,8 +4690,7 @@ class Replicator:
     def _lose(self, error: LeaseLost) -> None:
         """The target went to another server: stop at once, without a pause (the task goes on there)."""
         if not self.stop_event.is_set():
-            self.stop_event.set()
-            self._wake_applier()
+            self._stopping()
             log.warning("task=%s stops here: %s", self.task.task_id, error)
 
     def _hand_over(self, target: queue.Queue, item) -> None:
@@ -4853,6 +4850,11 @@ class Replicator:
             patience=self.patience, ask_reader=self.ask_reader, start_reading=self.start_reading,
             open_reader=lambda: open_channel_reader(self.config.source, self.tail),
             failed=lambda: self.failed, checkpoint=self.checkpoint, wake=self._wake_applier)
+
+    def _stopping(self) -> None:
+        """Every thread of the task is to end: the applier, asleep on its read queue, is woken to see it."""
+        self.stop_event.set()
+        self._wake_applier()
 
     def _wake_applier(self) -> None:
         """An empty batch in the read queue: the applier waits on that queue alone, and looks at everything

@@ -320,6 +320,32 @@ def keys_exact(client, name: str, first_id: int, count: int) -> tuple[bool, str]
 # The CDC servers under test
 # ---------------------------------------------------------------------------------------------------------
 
+def metrics_text(server: CdcServer) -> str | None:
+    """The server's /metrics, or None when it does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://{server.config['address']}/metrics", timeout=10) as answer:
+            return answer.read().decode()
+    except OSError:
+        return None
+
+
+def stage_lags(text: str | None) -> dict[str, dict[str, float]] | None:
+    """milvus_cdc_stage_lag_seconds in a /metrics text: per stage, its samples (``sum``, ``count``, and ``le=B``
+    per bucket)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    if text is None:
+        return None
+    found: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "milvus_cdc_stage_lag_seconds":
+            continue
+        for sample in family.samples:
+            values = found.setdefault(sample.labels["stage"], {})
+            kind = sample.name.rsplit("_", 1)[1]
+            values[f"le={sample.labels['le']}" if kind == "bucket" else kind] = sample.value
+    return found
+
+
 class CdcUnderTest:
     """One CDC server process with the task API both CDCs share (create `*`, pause, resume, get, delete)."""
 
@@ -400,11 +426,7 @@ class PythonCdc(CdcUnderTest):
         return self.server.log_text()[-chars:]
 
     def _metrics(self) -> str | None:
-        try:
-            with urllib.request.urlopen(f"http://{self.server.config['address']}/metrics", timeout=10) as answer:
-                return answer.read().decode()
-        except OSError:
-            return None
+        return metrics_text(self.server)
 
     def replicate_call_seconds(self) -> float | None:
         """milvus_cdc_target_call_seconds_sum{operation="ReplicateMessage"}: the applier's data writes (the
@@ -417,19 +439,7 @@ class PythonCdc(CdcUnderTest):
         return 0.0
 
     def stage_lags(self) -> dict[str, dict[str, float]] | None:
-        """milvus_cdc_stage_lag_seconds: per stage, its samples (``sum``, ``count``, and ``le=B`` per bucket)."""
-        from prometheus_client.parser import text_string_to_metric_families
-        if (text := self._metrics()) is None:
-            return None
-        found: dict[str, dict[str, float]] = {}
-        for family in text_string_to_metric_families(text):
-            if family.name != "milvus_cdc_stage_lag_seconds":
-                continue
-            for sample in family.samples:
-                values = found.setdefault(sample.labels["stage"], {})
-                kind = sample.name.rsplit("_", 1)[1]
-                values[f"le={sample.labels['le']}" if kind == "bucket" else kind] = sample.value
-        return found
+        return stage_lags(self._metrics())
 
 
 def confluent_librdkafka() -> Path:

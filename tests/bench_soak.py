@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pymilvus import DataType, MilvusClient  # noqa: E402
 
-from bench_cdcs import PythonCdc, RowWriter, count_rows, milvus_stub  # noqa: E402
+from bench_cdcs import RowWriter, count_rows, metrics_text, milvus_stub, stage_lags  # noqa: E402
 from bench_idle_tasks import cpu_seconds, sockets, status  # noqa: E402
 from bench_replication import pct, stage_means  # noqa: E402
 from helpers import CdcServer, append_report, client, server_config, wait_until  # noqa: E402
@@ -156,11 +156,12 @@ class Soak:
 
     def sample(self, server: CdcServer) -> None:
         pid = server.proc.pid
-        scraper = PythonCdc.__new__(PythonCdc)  # only its metrics scrape: the server runs already
-        scraper.server = server
+
+        def scrape() -> dict | None:
+            return stage_lags(metrics_text(server))
         cpu0, t0 = cpu_seconds(pid), time.monotonic()
         while not self.stop.wait(10.0):
-            cpu1, t1, stages1 = cpu_seconds(pid), time.monotonic(), scraper.stage_lags()
+            cpu1, t1, stages1 = cpu_seconds(pid), time.monotonic(), scrape()
             figures = {"rss_mib": status(pid, "VmRSS") / 1024, "threads": status(pid, "Threads"),
                        "sockets": sockets(pid), "cpu_pct": 100 * (cpu1 - cpu0) / (t1 - t0),
                        "stages": stages1}
